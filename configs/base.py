@@ -1,0 +1,108 @@
+"""Every config field diffjax knows, each with a one-line comment.
+
+Experiments import `get_base_config()`, override what they need, and return the
+result from their own `get_config(arg=None)`. Fields with no sensible default use
+`placeholder(type)` so they can still be set from the command line.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds params, data order and every per-step random draw.
+
+    # ---------------------------------------------------------------- data
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "digits"  # digits | tfds | folder | latents | arrays.
+    d.name = ""  # tfds dataset name (e.g. "cifar10"); unused by other sources.
+    d.data_dir = ""  # tfds data_dir, image-folder root, or latents file.
+    d.split = "train"  # Split to train on.
+    d.image_size = 8  # Spatial size H = W of the model input.
+    d.channels = 1  # Channels of the model input.
+    d.num_classes = 10  # Class count for conditioning; 0 = unconditional.
+    d.random_flip = False  # Random horizontal flip augmentation.
+    d.skip_corrupt = False  # Skip (and count) unreadable images instead of failing.
+    d.worker_count = 0  # grain worker processes (0 = in the main process).
+    d.shuffle_buffer = 0  # Unused by random-access sources; kept for streaming ones.
+    d.max_text_len = 16  # Token length of captions for text-conditioned configs.
+    d.caption_template = ""  # Caption template for sources that make captions from labels.
+
+    # ---------------------------------------------------------------- model
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "unet"  # Registry name: unet | dit.
+    m.kwargs = ml_collections.ConfigDict()  # Passed verbatim to the module constructor.
+    m.dtype = "float32"  # Compute dtype (float32 | bfloat16); params stay float32.
+    m.remat_policy = "none"  # none | full | dots_saveable | ... (jax.checkpoint policy).
+
+    # ---------------------------------------------------------------- diffusion
+    c.diffusion = f = ml_collections.ConfigDict()
+    f.schedule = "discrete_vp"  # discrete_vp | continuous_vp | edm | flow.
+    f.beta_schedule = "linear"  # discrete_vp: linear | scaled_linear | cosine.
+    f.beta_start = 1e-4  # discrete_vp: first beta.
+    f.beta_end = 0.02  # discrete_vp: last beta.
+    f.num_timesteps = 1000  # discrete_vp: number of training timesteps.
+    f.zero_terminal_snr = False  # discrete_vp: rescale betas so the last step has SNR 0.
+    f.prediction = "epsilon"  # What the network predicts: epsilon | x0 | v | flow.
+    f.loss_weighting = "eps_mse"  # eps_mse | snr | min_snr | edm | uniform.
+    f.min_snr_gamma = 5.0  # gamma for min_snr weighting.
+    f.sigma_data = 0.5  # edm: data standard deviation.
+    f.p_mean = -1.2  # edm: mean of log-sigma at training time.
+    f.p_std = 1.2  # edm: std of log-sigma at training time.
+    f.logit_normal_mean = 0.0  # flow: mean of the logit-normal training t.
+    f.logit_normal_std = 1.0  # flow: std of the logit-normal training t.
+    f.cond_dropout = 0.1  # Probability that a label/caption is replaced by the null one (CFG).
+    f.clip_x0 = True  # Clip predicted x0 to [-1, 1] when sampling pixel-space models.
+
+    # ---------------------------------------------------------------- training
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 1000  # Total optimizer steps.
+    t.batch_size = 128  # Global batch size (all devices, all processes).
+    t.grad_accum_steps = 1  # Micro-batches accumulated per optimizer step.
+    t.learning_rate = 1e-3  # Peak learning rate.
+    t.lr_schedule = "constant"  # constant | cosine (after warmup).
+    t.warmup_steps = 100  # Linear warmup steps.
+    t.weight_decay = 0.0  # AdamW decoupled weight decay.
+    t.b1 = 0.9  # Adam beta1.
+    t.b2 = 0.999  # Adam beta2.
+    t.eps = 1e-8  # Adam epsilon.
+    t.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+    t.ema_decay = 0.999  # EMA decay of the params used for sampling and export.
+    t.ema_warmup = True  # Use min(decay, (1+step)/(10+step)) so early EMA tracks the params.
+    t.log_every_steps = 50  # Metrics cadence (metrics.jsonl, TensorBoard, progress bar).
+    t.checkpoint_every_steps = 500  # Checkpoint cadence.
+    t.keep_checkpoints = 3  # How many recent checkpoints Orbax keeps.
+    t.sample_every_steps = 1000  # Sample-grid cadence (0 = only at the end).
+    t.skip_nonfinite = False  # Skip updates with non-finite loss/grads instead of stopping.
+    t.profile_steps = 0  # Trace this many steps with jax.profiler after warmup (0 = off).
+
+    # ---------------------------------------------------------------- sampling
+    c.sample = s = ml_collections.ConfigDict()
+    s.method = "ddim"  # Sampler name (see diffjax.diffusion.samplers.METHODS).
+    s.num_steps = 50  # Solver steps.
+    s.guidance = 1.0  # Classifier-free guidance scale (1 = conditional model only).
+    s.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023).
+    s.eta = 0.0  # DDIM eta (0 = deterministic).
+    s.num_images = 100  # Images in the training-time sample grid.
+    s.batch_size = 256  # Images sampled per device call.
+
+    # ---------------------------------------------------------------- evaluation
+    c.eval = e = ml_collections.ConfigDict()
+    e.num_samples = 1000  # Samples generated for evaluation.
+    e.batch_size = 500  # Samples generated per call.
+    e.every_steps = 0  # Evaluate during training every N steps (0 = off).
+    e.reference_stats = ""  # FID reference statistics (.npz with mu, sigma); "" = no FID.
+    e.inception_weights = ""  # Inception safetensors for FID.
+    e.digits_metrics = False  # Digits classifier accuracy + Frechet distance.
+
+    # ---------------------------------------------------------------- mesh
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Data-parallel axis size (-1 fills the remaining devices).
+    c.mesh.fsdp = 1  # FSDP axis size (-1 fills the remaining devices).
+    return c
+
+
+def optional(type_):
+    """A typed `None` default that can still be overridden from the command line."""
+    return config_dict.placeholder(type_)

@@ -1,0 +1,1 @@
+"""Training: state, optimizer chain, the pure train step and the loop."""

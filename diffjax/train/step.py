@@ -1,0 +1,166 @@
+"""The pure train step: loss, gradients (with accumulation), AdamW, EMA, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffjax.train.state import TrainState, ema_decay_at
+
+# Conditioning keys a batch may carry, and the model keyword each one feeds.
+COND_KEYS = {"label": "labels", "context": "context", "context_mask": "context_mask"}
+
+
+def drop_conditioning(
+    batch: dict[str, jax.Array], key: jax.Array, *, p: float, num_classes: int
+) -> dict[str, jax.Array]:
+    """Replaces each example's condition by the null one with probability `p` (CFG).
+
+    The null label is `num_classes`; the null caption is an all-False `context_mask`.
+    """
+    if p <= 0:
+        return batch
+    batch = dict(batch)
+    n = batch["image"].shape[0]
+    drop = jax.random.bernoulli(key, p, (n,))
+    if "label" in batch and num_classes > 0:
+        batch["label"] = jnp.where(drop, num_classes, batch["label"])
+    if "context_mask" in batch:
+        batch["context_mask"] = jnp.where(drop[:, None], False, batch["context_mask"])
+    return batch
+
+
+def model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The conditioning arguments of `model.apply` present in `batch`."""
+    return {kw: batch[k] for k, kw in COND_KEYS.items() if k in batch}
+
+
+def make_loss_fn(apply_fn: Callable, diffusion_loss: Callable, *, cond_dropout: float, num_classes: int):
+    """`loss_fn(params, batch, rng) -> (loss, aux)` for one (micro-)batch.
+
+    Args:
+      apply_fn: the Flax module's `apply`.
+      diffusion_loss: `loss(model_fn, x0, key) -> (per_example [B], aux)` from
+        `diffjax.diffusion.losses.make_loss`.
+      cond_dropout: probability of replacing the condition by the null one.
+      num_classes: class count (the null label's value).
+    """
+
+    def loss_fn(params, batch, rng):
+        k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
+        batch = drop_conditioning(batch, k_drop, p=cond_dropout, num_classes=num_classes)
+        cond = model_kwargs(batch)
+
+        def model_fn(x, t):
+            return apply_fn(
+                {"params": params}, x, t, train=True, rngs={"dropout": k_dropout}, **cond
+            )
+
+        per_example, _ = diffusion_loss(model_fn, batch["image"], k_loss)
+        return jnp.mean(per_example.astype(jnp.float32))
+
+    return loss_fn
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+    *,
+    ema_decay: float,
+    ema_warmup: bool = True,
+    grad_accum_steps: int = 1,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds `train_step(state, batch) -> (state, metrics)`; pure, ready for `jax.jit`.
+
+    A step whose loss or gradients are not finite leaves params, EMA and optimizer
+    state unchanged (the step counter still advances) and reports `finite = False`;
+    the loop decides whether to stop or carry on. So no NaN ever reaches the state.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def compute_grads(params, batch, rng):
+        if grad_accum_steps == 1:
+            return grad_fn(params, batch, rng)
+
+        def split(x):
+            # [B, ...] -> [A, B/A, ...] with micro-batch i = rows i, i+A, ...; every
+            # device keeps its own rows, so no data moves.
+            x = x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        micro = jax.tree.map(split, batch)
+
+        def body(carry, inputs):
+            loss_sum, grad_sum = carry
+            i, mb = inputs
+            loss, grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (loss_sum + loss, grad_sum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(grad_accum_steps), micro)
+        )
+        scale = 1.0 / grad_accum_steps
+        return loss_sum * scale, jax.tree.map(lambda g: g * scale, grad_sum)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, grads = compute_grads(state.params, batch, rng)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+        ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema_params=keep(ema, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(new_state.params),
+            "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def init_train_state(
+    key: jax.Array, init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, *, unbox: bool
+) -> TrainState:
+    """Initial state. `init_fn(key) -> params` (possibly logically boxed).
+
+    With `unbox=False` the boxes are kept, so `jax.eval_shape` of this function yields
+    the logical axis names of every leaf, optimizer moments included.
+    """
+    k_init, k_state = jax.random.split(key)
+    params = init_fn(k_init)
+    if unbox:
+        params = nn.meta.unbox(params)
+    ema = jax.tree.map(lambda p: p, params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=ema,
+        opt_state=tx.init(params),
+        rng=k_state,
+    )
