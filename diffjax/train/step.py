@@ -40,11 +40,19 @@ def model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {kw: batch[k] for k, kw in COND_KEYS.items() if k in batch}
 
 
-def make_loss_fn(apply_fn: Callable, diffusion_loss: Callable, *, cond_dropout: float, num_classes: int):
-    """`loss_fn(params, batch, rng) -> (loss, aux)` for one (micro-)batch.
+def make_loss_fn(
+    apply_fn: Callable,
+    diffusion_loss: Callable,
+    *,
+    precondition: Callable = lambda f: f,
+    cond_dropout: float,
+    num_classes: int,
+):
+    """`loss_fn(params, batch, rng) -> loss` for one (micro-)batch.
 
     Args:
       apply_fn: the Flax module's `apply`.
+      precondition: the schedule's `precondition` (EDM's c_skip/c_out/c_in/c_noise).
       diffusion_loss: `loss(model_fn, x0, key) -> (per_example [B], aux)` from
         `diffjax.diffusion.losses.make_loss`.
       cond_dropout: probability of replacing the condition by the null one.
@@ -56,12 +64,12 @@ def make_loss_fn(apply_fn: Callable, diffusion_loss: Callable, *, cond_dropout: 
         batch = drop_conditioning(batch, k_drop, p=cond_dropout, num_classes=num_classes)
         cond = model_kwargs(batch)
 
-        def model_fn(x, t):
+        def net_fn(x, t):
             return apply_fn(
                 {"params": params}, x, t, train=True, rngs={"dropout": k_dropout}, **cond
             )
 
-        per_example, _ = diffusion_loss(model_fn, batch["image"], k_loss)
+        per_example, _ = diffusion_loss(precondition(net_fn), batch["image"], k_loss)
         return jnp.mean(per_example.astype(jnp.float32))
 
     return loss_fn

@@ -1,0 +1,37 @@
+# diffjax: `make demo` trains the embedded default, `make test` runs the tests.
+# Both create .venv at the repo root on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/digits
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) launch/train.py --config=configs/digits.py --workdir=$(WORKDIR)
+	$(PY) launch/sample.py --workdir=$(WORKDIR) --num_samples=100 --out=$(WORKDIR)/samples/demo.npz
+	$(PY) launch/evaluate.py --workdir=$(WORKDIR)
+	@echo
+	@echo "Sample grid:  $(WORKDIR)/samples/demo.png"
+	@echo "Evaluation:   $$(ls -1 $(WORKDIR)/eval/step_*.json | tail -n 1)"
+	@cat $$(ls -1 $(WORKDIR)/eval/step_*.json | tail -n 1)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

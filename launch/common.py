@@ -1,0 +1,107 @@
+"""Shared pieces of the absl entry points: config flag, clean config errors, logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def config_flag(required: bool = True):
+    """`--config=configs/x.py[:arg]`, locked, with `--config.a.b=v` overrides."""
+    return config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Experiment config file (a Python file with get_config(arg)).",
+        lock_config=True,
+    )
+
+
+def override_flag():
+    """`--config.a.b=v` overrides without a `--config=` file (applied to a run's config).
+
+    The flag parses against the base config, which has every field, so unknown keys
+    and wrong types still fail at parse time.
+    """
+    from configs.base import get_base_config
+
+    return config_flags.DEFINE_config_dict(
+        "config", get_base_config(), "Overrides of the run's config.", lock_config=True
+    )
+
+
+def workdir_config(workdir: str, flag):
+    """The run's config.json with every `--config.*` given on the command line applied."""
+    from diffjax.train.loop import load_workdir_config
+
+    config = load_workdir_config(workdir)
+    for arg in sys.argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0].split(".")
+        src, dst = flag.value, config
+        for key in path[:-1]:
+            src, dst = src[key], dst[key]
+        dst[path[-1]] = src[path[-1]]
+    return config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns a bad `--config.x.y=v` into a message, not a traceback.
+
+    Pass as `app.run(main, flags_parser=parse_flags)`.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        detail = _explain_override(argv, bad) or str(e)
+        sys.stderr.write(f"error: {detail}\n")
+        sys.exit(2)
+
+
+def _explain_override(argv: list[str], overrides: list[str]) -> str | None:
+    """Names the first override whose key does not exist, with the valid keys there."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if not overrides:
+        return None
+    try:
+        if config_arg:
+            config = config_flags.config_flags._ConfigFileParser("config").parse(config_arg)  # noqa: SLF001
+        else:
+            from configs.base import get_base_config
+
+            config = get_base_config()
+    except Exception:  # noqa: BLE001 — the config file itself is broken; absl's message says why.
+        return None
+    for arg in overrides:
+        path = arg[len("--config.") :].split("=", 1)[0].split(".")
+        node = config
+        for i, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                where = "config" + "".join(f".{p}" for p in path[:i])
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                return (
+                    f"unknown config key '{'.'.join(path)}' in {arg!r}: {where} has no field "
+                    f"'{key}'. Valid fields of {where}: {', '.join(valid)}."
+                )
+            node = node[key]
+    return None
+
+
+def load_config(flag):
+    """The parsed config, or an error naming what is wrong with it."""
+    config = flag.value
+    if config is None:
+        raise flags.ValidationError("--config is required, e.g. --config=configs/digits.py")
+    return config
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,82 @@
+"""Data sources and the grain pipeline."""
+
+import numpy as np
+import pytest
+
+from diffjax import data
+
+
+def test_digits_source_shapes_and_range():
+    src = data.make_source("digits", image_size=8, channels=1)
+    assert len(src) == 1797
+    rec = src[0]
+    assert rec["image"].shape == (8, 8, 1) and rec["image"].dtype == np.float32
+    assert rec["image"].min() >= -1.0 and rec["image"].max() <= 1.0
+    assert set(np.unique(src.labels)) == set(range(10))
+
+
+def test_make_source_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="image_size"):
+        data.make_source("digits", image_size=32, channels=3)
+    with pytest.raises(ValueError, match="Unknown data.source"):
+        data.make_source("nope", image_size=8, channels=1)
+
+
+def _labels(it, n):
+    return np.concatenate([next(it)["label"] for _ in range(n)])
+
+
+def test_seeded_shuffle_is_deterministic_and_seed_dependent():
+    src = data.digits_source()
+    a = _labels(data.make_iterator(src, batch_size=64, seed=1), 3)
+    b = _labels(data.make_iterator(src, batch_size=64, seed=1), 3)
+    c = _labels(data.make_iterator(src, batch_size=64, seed=2), 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_process_shards_are_disjoint_and_cover_an_epoch():
+    images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
+    src = data.ArraySource(images, np.arange(40))
+    seen = []
+    for p in range(2):
+        it = data.make_iterator(src, batch_size=4, seed=0, process_index=p, process_count=2)
+        seen.append(set(np.concatenate([next(it)["label"] for _ in range(5)]).tolist()))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(40))
+    # Contiguous halves: process 0 reads records 0..19.
+    assert seen[0] == set(range(20))
+
+
+def test_iterator_state_resumes_at_the_next_batch():
+    src = data.digits_source()
+    it = data.make_iterator(src, batch_size=32, seed=0, random_flip=True)
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = data.make_iterator(src, batch_size=32, seed=0, random_flip=True)
+    resumed.set_state(state)
+    for e in expected:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["label"], e["label"])
+        np.testing.assert_array_equal(got["image"], e["image"])
+
+
+def test_random_flip_flips_some_images_horizontally():
+    img = np.zeros((16, 2, 2, 1), np.uint8)
+    img[:, :, 0] = 255  # left column white
+    src = data.ArraySource(img, np.zeros(16))
+    batch = next(data.make_iterator(src, batch_size=16, seed=0, random_flip=True, shuffle=False))
+    left_white = batch["image"][:, 0, 0, 0] > 0
+    assert 0 < left_white.sum() < 16
+    np.testing.assert_array_equal(batch["image"][~left_white][:, :, 1], 1.0)
+
+
+def test_bad_arrays_get_clear_errors():
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        data.ArraySource(np.zeros((4, 8, 8)))
+    with pytest.raises(ValueError, match="lie in"):
+        data.ArraySource(np.full((2, 2, 2, 1), 3.0))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.make_loader(data.ArraySource(np.zeros((3, 2, 2, 1), np.uint8)), batch_size=4, seed=0)
