@@ -1,0 +1,266 @@
+"""Diffusion Transformer (Peebles & Xie 2023) with optional text cross-attention.
+
+Patchify -> fixed 2D sin-cos positions -> adaLN-Zero blocks conditioned on
+(time + class) -> adaLN final layer -> unpatchify. Every residual gate and the
+final projection start at zero, so the network outputs exactly zero at
+initialisation. With `context_dim > 0` each block gets a (PixArt-alpha style)
+masked cross-attention to the text tokens between self-attention and the MLP.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.models import layers as L
+
+Array = jax.Array
+
+_XAVIER = nn.initializers.xavier_uniform()
+_ZERO = nn.initializers.zeros_init()
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2D sin-cos position table (MAE/DiT).
+
+    Half the channels encode the row, half the column, each as
+    `[sin(pos * w_i), cos(pos * w_i)]` with w_i = 10000^(-i / (dim/4)).
+
+    Returns:
+      [grid_h * grid_w, dim] float32, row-major over (row, column).
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position embedding needs dim % 4 == 0, got {dim}.")
+
+    def one_d(pos: np.ndarray, d: int) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb = np.concatenate([one_d(rows, dim // 2), one_d(cols, dim // 2)], axis=1)
+    return emb.astype(np.float32)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """adaLN: x [B, T, D] * (1 + scale [B, D]) + shift [B, D]."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Mlp(nn.Module):
+    """Dense -> GELU (tanh) -> Dense."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        h = L.dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=_XAVIER)(x)
+        h = nn.gelu(h, approximate=True)
+        return L.dense(d, ("mlp", "embed"), dtype=self.dtype, kernel_init=_XAVIER)(h)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block (+ optional masked cross-attention)."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    cross_attention: bool = False
+    attention_impl: str = ""
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: Array, c: Array, context: Array | None, context_mask: Array | None
+    ) -> Array:
+        """x [B, T, D], c [B, D], context [B, S, Dc], mask [B, S] -> [B, T, D]."""
+        d = x.shape[-1]
+        heads, head_dim = L.num_heads_for(d, self.num_heads, 0)
+        mod = L.dense(6 * d, ("embed", "mlp"), dtype=self.dtype, kernel_init=_ZERO, name="adaLN")(
+            nn.silu(c)
+        )
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        norm = functools.partial(L.layer_norm, dtype=self.dtype, affine=False, epsilon=1e-6)
+
+        h = modulate(norm(name="norm1")(x), shift1, scale1)
+        h = L.MultiHeadAttention(
+            heads,
+            head_dim,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            kernel_init=_XAVIER,
+            name="attn",
+        )(h)
+        x = x + gate1[:, None, :] * h
+
+        if self.cross_attention:
+            h = L.layer_norm(dtype=self.dtype, epsilon=1e-6, name="norm_cross")(x)
+            x = x + L.MultiHeadAttention(
+                heads,
+                head_dim,
+                zero_out=True,
+                attention_impl=self.attention_impl,
+                dtype=self.dtype,
+                kernel_init=_XAVIER,
+                name="cross_attn",
+            )(h, context, context_mask)
+
+        h = modulate(norm(name="norm2")(x), shift2, scale2)
+        h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
+        return x + gate2[:, None, :] * h
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a zero-initialised projection to patch pixels."""
+
+    out_features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array) -> Array:
+        """x [B, T, D], c [B, D] -> [B, T, out_features]."""
+        d = x.shape[-1]
+        shift, scale = jnp.split(
+            L.dense(2 * d, ("embed", "mlp"), dtype=self.dtype, kernel_init=_ZERO, name="adaLN")(
+                nn.silu(c)
+            ),
+            2,
+            axis=-1,
+        )
+        x = modulate(L.layer_norm(dtype=self.dtype, affine=False, name="norm")(x), shift, scale)
+        return L.dense(
+            self.out_features, ("embed", "mlp"), dtype=self.dtype, kernel_init=_ZERO, name="proj"
+        )(x)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer.
+
+    Attributes:
+      patch_size: p; H and W must be multiples of p.
+      hidden_size: token width D.
+      depth: number of blocks.
+      num_heads: attention heads.
+      mlp_ratio: MLP hidden width / D.
+      num_classes: class count (0 = unconditional); the table has a null row more.
+      learn_sigma: output 2C channels (epsilon and the variance interpolation v).
+      out_channels: output channels before learn_sigma doubling (0 = input channels).
+      time_scale: t is multiplied by this before the time embedding.
+      time_embedding: 'sinusoidal' | 'fourier'.
+      frequency_dim: width of the fixed time features (256 in DiT).
+      context_dim: text embedding width (0 = no text); > 0 adds cross-attention.
+      attention_impl: '' (auto) | 'xla' | 'cudnn'.
+      dtype: compute dtype string; params stay float32.
+      remat_policy: per-block rematerialisation ('none', 'full', or a
+        jax.checkpoint_policies name).
+    """
+
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    out_channels: int = 0
+    time_scale: float = 1.0
+    time_embedding: str = "sinusoidal"
+    frequency_dim: int = 256
+    context_dim: int = 0
+    attention_impl: str = ""
+    dtype: str = "float32"
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        labels: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+        train: bool = False,
+    ) -> Array:
+        """Predicts the configured target.
+
+        Args:
+          x: [B, H, W, C] noisy images or latents.
+          t: [B] float time in the schedule's convention (scaled by `time_scale`).
+          labels: [B] int32 in [0, num_classes]; `num_classes` is the null class;
+            None = null class for a class-conditional model.
+          context: [B, L, context_dim] text embeddings (None = null caption).
+          context_mask: [B, L] bool, True = real token.
+          train: unused (DiT has no dropout); kept for the common signature.
+
+        Returns:
+          [B, H, W, C_out] float32, C_out = (out_channels or C) * (2 if learn_sigma else 1).
+        """
+        del train
+        L.check_inputs(x, t)
+        L.check_remat_policy(self.remat_policy)
+        b, hh, ww, cin = x.shape
+        p = self.patch_size
+        if hh % p or ww % p:
+            raise ValueError(f"DiT with patch_size={p} needs H, W divisible by {p}, got {hh}x{ww}.")
+        dt = L.get_dtype(self.dtype)
+        d = self.hidden_size
+        labels = L.check_labels(labels, self.num_classes, b)
+        context, context_mask = L.check_context(context, context_mask, self.context_dim, b)
+        out_ch = (self.out_channels or cin) * (2 if self.learn_sigma else 1)
+
+        x = nn.Conv(
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dt,
+            param_dtype=jnp.float32,
+            # Glorot over the flattened (p*p*C -> D) patch projection, as in DiT.
+            kernel_init=L.partitioned(
+                nn.initializers.variance_scaling(
+                    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+                ),
+                (None, None, "conv_in", "conv_out"),
+            ),
+            bias_init=L.partitioned(_ZERO, ("conv_out",)),
+            name="patch_embed",
+        )(x.astype(dt))
+        gh, gw = hh // p, ww // p
+        x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_pos_embed_2d(d, gh, gw), dt)
+
+        c = L.TimestepEmbedding(
+            d,
+            self.frequency_dim,
+            kind=self.time_embedding,
+            time_scale=self.time_scale,
+            dtype=dt,
+            kernel_init=nn.initializers.normal(0.02),
+            name="time_embed",
+        )(t)
+        if labels is not None:
+            c = c + L.class_embedding(self.num_classes, d, init=nn.initializers.normal(0.02))(
+                labels
+            ).astype(c.dtype)
+
+        block = L.maybe_remat(DiTBlock, self.remat_policy)
+        for i in range(self.depth):
+            x = block(
+                self.num_heads,
+                self.mlp_ratio,
+                self.context_dim > 0,
+                self.attention_impl,
+                dt,
+                name=f"block{i}",
+            )(x, c, context, context_mask)
+
+        x = FinalLayer(p * p * out_ch, dt, name="final")(x, c)
+        # Unpatchify: token (i, j) holds a p x p x C_out patch, row-major.
+        x = x.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, hh, ww, out_ch).astype(jnp.float32)
