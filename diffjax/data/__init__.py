@@ -3,7 +3,23 @@
 from diffjax.data.pipeline import make_iterator, make_loader
 from diffjax.data.sources import ArraySource, digits_source, load_digits_arrays
 
-SOURCES = ("digits", "arrays")
+SOURCES = ("digits", "digits_text", "tfds", "folder", "latents")
+
+
+def _make_registered(source: str, split: str, image_size: int, channels: int, kwargs: dict):
+    # Imported on demand: tfds and the text tokenizer are slow to import and only the
+    # chosen source needs them.
+    if source == "tfds":
+        from diffjax.data.tfds_source import make_tfds_source as make
+    elif source == "folder":
+        from diffjax.data.folder import make_folder_source as make
+    elif source == "latents":
+        from diffjax.data.latents import make_latent_source as make
+    elif source == "digits_text":
+        from diffjax.data.captions import make_digits_text_source as make
+    else:
+        raise ValueError(f"Unknown data.source {source!r}; choose one of {SOURCES}.")
+    return make(split=split, image_size=image_size, channels=channels, **kwargs)
 
 
 def make_source(source: str, *, split: str = "train", image_size: int, channels: int, **kwargs):
@@ -19,7 +35,7 @@ def make_source(source: str, *, split: str = "train", image_size: int, channels:
     if source == "digits":
         src = digits_source(split)
     else:
-        raise ValueError(f"Unknown data.source {source!r}; choose one of {SOURCES}.")
+        src = _make_registered(source, split, image_size, channels, kwargs)
     shape = src[0]["image"].shape
     if shape != (image_size, image_size, channels):
         raise ValueError(

@@ -1,0 +1,341 @@
+"""A folder of image files as a random-access source, and the shared image helpers.
+
+Layout (`data.source='folder'`, `data.data_dir=ROOT`):
+
+    ROOT/cat/001.png  ROOT/cat/001.txt  ROOT/dog/a.jpg ...   class sub-folders -> labels
+    ROOT/001.png      ROOT/001.txt ...                       no sub-folders -> unlabelled
+
+Sorted sub-folder names become labels 0..K-1 (images inside a class folder are found
+recursively). A `.txt` file with the same stem beside an image is its caption; when
+any caption exists, every record carries `context` (int32 token ids [L]) and
+`context_mask` (bool [L]); an image without a caption gets the null caption (an
+all-False mask). Images are converted to `channels` (1 = L, 3 = RGB; transparency is
+composited onto white), resized so the shorter side is `image_size` (Pillow bicubic,
+antialiased when shrinking) and center-cropped to `image_size` x `image_size`.
+
+The file index is built once, sorted, so every process and every restart sees the
+same records in the same order. Each file is opened and `Image.verify()`-ed while
+indexing, so a corrupt file fails at start-up (naming it) rather than hours into a
+run; with `skip_corrupt=True` it is left out of the index instead, so the source
+length stays fixed, and the count is reported by `num_skipped` and a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+# What Pillow raises for unreadable or damaged files: bad headers and truncated data
+# raise OSError (UnidentifiedImageError is one), broken PNG chunks SyntaxError, some
+# decoders ValueError / EOFError / struct.error / zlib.error, huge images
+# DecompressionBombError.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+_MODES = {1: "L", 3: "RGB"}
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Converts a Pillow image to `L` (channels=1) or `RGB` (channels=3).
+
+    Transparent pixels are composited onto white (their stored colour is often
+    arbitrary), and 16-bit grayscale is scaled to 8 bits rather than clipped.
+    """
+    if channels not in _MODES:
+        raise ValueError(
+            f"Image sources produce 1 (grayscale) or 3 (RGB) channels, got channels={channels}."
+        )
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    mode = _MODES[channels]
+    return img if img.mode == mode else img.convert(mode)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resizes so the shorter side is `size` (bicubic), then crops the centre square.
+
+    An image whose shorter side already equals `size` is only cropped, so its pixels
+    are kept exactly. The crop offset is `(long - size) // 2`.
+    """
+    w, h = img.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        img = img.resize(new, resample=Image.Resampling.BICUBIC)
+        w, h = img.size
+    if (w, h) != (size, size):
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def uint8_to_float(arr: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] or [H, W, C] -> float32 [H, W, C] in [-1, 1] (v / 127.5 - 1)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return arr.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def prepare_image(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
+    """Pillow image -> float32 [image_size, image_size, channels] in [-1, 1]."""
+    img = resize_center_crop(to_mode(img, channels), image_size)
+    return uint8_to_float(np.asarray(img, dtype=np.uint8))
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_images(directory: str, recursive: bool) -> list[str]:
+    """Image paths under `directory`, sorted; hidden files and folders are skipped."""
+    if not recursive:
+        return sorted(
+            os.path.join(directory, n)
+            for n in os.listdir(directory)
+            if _is_image(n) and os.path.isfile(os.path.join(directory, n))
+        )
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, n) for n in filenames if _is_image(n))
+    return sorted(found)
+
+
+def class_folders(root: str) -> list[str]:
+    """Sorted names of the class sub-folders of `root` (label i = i-th name)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"Image folder {root!r} does not exist; set data.data_dir to a directory of "
+            "images (or of class sub-folders of images)."
+        )
+    return sorted(
+        n
+        for n in os.listdir(root)
+        if not n.startswith(".") and os.path.isdir(os.path.join(root, n))
+    )
+
+
+def _verify(path: str) -> str | None:
+    """None if Pillow can parse `path`, else the reason it cannot."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except _DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _caption_path(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
+class FolderSource:
+    """Random-access records from a folder of images (see the module docstring).
+
+    Args:
+      root: the folder.
+      image_size, channels: output shape [image_size, image_size, channels].
+      skip_corrupt: leave unreadable files out of the index (and count them) instead
+        of raising.
+      max_text_len: caption token length L (used only when captions exist).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        image_size: int,
+        channels: int,
+        skip_corrupt: bool = False,
+        max_text_len: int = 16,
+    ):
+        if channels not in _MODES:
+            raise ValueError(
+                f"data.source='folder' makes 1- or 3-channel images, got data.channels={channels}."
+            )
+        self._root = os.path.abspath(os.path.expanduser(root))
+        self._image_size = int(image_size)
+        self._channels = int(channels)
+        self._max_text_len = int(max_text_len)
+        self._skip_corrupt = bool(skip_corrupt)
+
+        classes = class_folders(self._root)
+        loose = _list_images(self._root, recursive=False)
+        if classes:
+            if loose:
+                raise ValueError(
+                    f"{self._root} has class sub-folders {classes[:5]} and also images directly "
+                    f"inside it (e.g. {os.path.basename(loose[0])}); move those into a class "
+                    "folder, or point data.data_dir at a folder with only one kind."
+                )
+            paths, labels = [], []
+            for label, name in enumerate(classes):
+                found = _list_images(os.path.join(self._root, name), recursive=True)
+                if not found:
+                    raise ValueError(
+                        f"Class folder {os.path.join(self._root, name)!r} holds no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images, since "
+                        "labels are numbered by sorted folder name."
+                    )
+                paths.extend(found)
+                labels.extend([label] * len(found))
+        else:
+            paths, labels = loose, []
+        if not paths:
+            raise ValueError(
+                f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {self._root}; set "
+                "data.data_dir to a folder of images or of class sub-folders."
+            )
+
+        keep = []
+        self._skipped: list[str] = []
+        for i, path in enumerate(paths):
+            reason = _verify(path)
+            if reason is None:
+                keep.append(i)
+            elif self._skip_corrupt:
+                self._skipped.append(path)
+            else:
+                raise ValueError(
+                    f"Cannot read image {path} ({reason}); delete or replace the file, or set "
+                    "data.skip_corrupt=True to skip unreadable images."
+                )
+        if self._skipped:
+            log.warning(
+                "Skipped %d unreadable image(s) in %s (first: %s).",
+                len(self._skipped),
+                self._root,
+                self._skipped[0],
+            )
+        if not keep:
+            raise ValueError(f"Every image in {self._root} is unreadable.")
+        self._paths = [paths[i] for i in keep]
+        self._labels = np.asarray([labels[i] for i in keep], np.int32) if classes else None
+        self._classes = classes
+        self._captioned = any(os.path.isfile(_caption_path(p)) for p in self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self._paths[index]
+        try:
+            with Image.open(path) as img:
+                img.draft(_MODES[self._channels], (self._image_size, self._image_size))
+                img.load()
+                image = prepare_image(img, image_size=self._image_size, channels=self._channels)
+        except _DECODE_ERRORS as e:
+            # Passed verify() at start-up but fails to decode (e.g. truncated pixel
+            # data): the index is fixed by now, so name the file and stop.
+            raise ValueError(
+                f"Cannot decode image {path} ({type(e).__name__}: {e}); delete or replace it "
+                "(data.skip_corrupt only skips files that fail the start-up check)."
+            ) from e
+        record: dict[str, Any] = {"image": image}
+        if self._labels is not None:
+            record["label"] = self._labels[index]
+        if self._captioned:
+            from diffjax.data.captions import tokenize
+
+            ids, mask = tokenize([self.caption(index)], self._max_text_len)
+            record["context"], record["context_mask"] = ids[0], mask[0]
+        return record
+
+    def __repr__(self) -> str:
+        return (
+            f"FolderSource(root={self._root!r}, n={len(self)}, classes={len(self._classes)}, "
+            f"image_size={self._image_size}, channels={self._channels}, "
+            f"captions={self._captioned}, max_text_len={self._max_text_len})"
+        )
+
+    def caption(self, index: int) -> str:
+        """The caption of record `index` ('' when it has none)."""
+        path = _caption_path(self._paths[index])
+        if not os.path.isfile(path):
+            return ""
+        with open(path, encoding="utf-8") as f:
+            return " ".join(f.read().split())
+
+    @property
+    def paths(self) -> list[str]:
+        """The indexed image files, in record order."""
+        return list(self._paths)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int32 [N] labels, or None for an unlabelled folder."""
+        return self._labels
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class folder names (label i is `class_names[i]`); [] if unlabelled."""
+        return list(self._classes)
+
+    @property
+    def captioned(self) -> bool:
+        return self._captioned
+
+    @property
+    def num_skipped(self) -> int:
+        """How many unreadable files `skip_corrupt=True` left out of the index."""
+        return len(self._skipped)
+
+    @property
+    def skipped(self) -> list[str]:
+        return list(self._skipped)
+
+
+def make_folder_source(
+    *,
+    data_dir: str,
+    image_size: int,
+    channels: int,
+    skip_corrupt: bool = False,
+    max_text_len: int = 16,
+    num_classes: int = 0,
+    **unused: Any,
+) -> FolderSource:
+    """`data.source='folder'`: builds a `FolderSource` from `config.data` fields.
+
+    Raises if the folder has more classes than `num_classes` (their labels would
+    collide with the null class).
+    """
+    del unused
+    if not data_dir:
+        raise ValueError("data.source='folder' needs data.data_dir=<image folder>.")
+    src = FolderSource(
+        data_dir,
+        image_size=image_size,
+        channels=channels,
+        skip_corrupt=skip_corrupt,
+        max_text_len=max_text_len,
+    )
+    k = len(src.class_names)
+    if num_classes > 0 and k > num_classes:
+        raise ValueError(
+            f"{src._root} has {k} class folders but data.num_classes={num_classes}; set "
+            f"data.num_classes={k} (and the model's num_classes)."
+        )
+    return src

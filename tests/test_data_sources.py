@@ -1,0 +1,321 @@
+"""Real dataset sources: tfds (ArrayRecord), image folders, latents, captions."""
+
+import logging
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from diffjax import data
+from diffjax.data import folder
+
+# ----------------------------------------------------------------------------- tfds
+
+_TFDS_TRAIN, _TFDS_TEST = 10, 4
+
+
+def _unit(v) -> np.ndarray:
+    """uint8 value(s) -> float32 in [-1, 1], in float32 arithmetic like the sources."""
+    return np.asarray(v, np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _tiny_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+    return images, (np.arange(n) % 3).astype(np.int64)
+
+
+class DiffjaxTestImages(tfds.core.GeneratorBasedBuilder):
+    """A 6x6 RGB, 3-class dataset written by the test; registered as 'diffjax_test_images'."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(6, 6, 3)),
+                    "label": tfds.features.ClassLabel(names=["ant", "bee", "cat"]),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_examples(_TFDS_TRAIN, 0),
+            "test": self._generate_examples(_TFDS_TEST, 1),
+        }
+
+    def _generate_examples(self, n, seed):
+        images, labels = _tiny_images(n, seed)
+        for i in range(n):
+            # Encoding an Image feature from numpy needs TensorFlow; a PIL image does not.
+            yield i, {"image": Image.fromarray(images[i]), "label": int(labels[i])}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds")
+    DiffjaxTestImages(data_dir=str(root), file_format="array_record").download_and_prepare()
+    return str(root)
+
+
+def _tfds(tfds_dir, **kwargs):
+    args = dict(name="diffjax_test_images", data_dir=tfds_dir, image_size=6, channels=3)
+    args.update(kwargs)
+    return data.make_source("tfds", **args)
+
+
+def test_tfds_array_record_round_trips_pixels_and_labels_exactly(tfds_dir):
+    src = _tfds(tfds_dir, split="train", num_classes=3, random_flip=False, worker_count=0)
+    assert len(src) == _TFDS_TRAIN and src.num_classes == 3
+    assert src.class_names == ["ant", "bee", "cat"]
+    images, labels = _tiny_images(_TFDS_TRAIN, 0)
+    expected = _unit(images)
+    matched = set()
+    # tfds shuffles records when writing, so match each record to its image by content.
+    for i in range(len(src)):
+        rec = src[i]
+        assert rec["image"].dtype == np.float32 and rec["image"].shape == (6, 6, 3)
+        assert rec["label"].dtype == np.int32
+        hits = [j for j in range(_TFDS_TRAIN) if np.array_equal(rec["image"], expected[j])]
+        assert len(hits) == 1
+        assert rec["label"] == labels[hits[0]]
+        matched.add(hits[0])
+    assert matched == set(range(_TFDS_TRAIN))
+    assert len(_tfds(tfds_dir, split="test")) == _TFDS_TEST
+    assert len(_tfds(tfds_dir, split="train[:50%]")) == _TFDS_TRAIN // 2
+
+
+def test_tfds_resizes_and_converts_channels(tfds_dir):
+    full = _tfds(tfds_dir)
+    small = _tfds(tfds_dir, image_size=4, channels=1)
+    rec = small[0]
+    assert rec["image"].shape == (4, 4, 1)
+    pixels = np.round((full[0]["image"] + 1) * 127.5).astype(np.uint8)
+    want = folder.prepare_image(Image.fromarray(pixels), image_size=4, channels=1)
+    np.testing.assert_array_equal(rec["image"], want)
+
+
+def test_tfds_repr_is_stable_and_iterator_resumes(tfds_dir):
+    src = _tfds(tfds_dir)
+    again = _tfds(tfds_dir)
+    assert repr(src) == repr(again)
+    assert "diffjax_test_images" in repr(src) and "'train'" in repr(src) and "n=10" in repr(src)
+    assert "0x" not in repr(src)
+    it = data.make_iterator(src, batch_size=3, seed=5)
+    next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]  # crosses an epoch boundary (10 records)
+    resumed = data.make_iterator(again, batch_size=3, seed=5)
+    resumed.set_state(state)
+    for e in expected:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], e["image"])
+        np.testing.assert_array_equal(got["label"], e["label"])
+    # Grain workers receive a pickled source; it reopens the tfds source lazily.
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[3]["image"], src[3]["image"])
+
+
+def test_tfds_missing_dataset_names_it_the_dir_and_the_fix(tmp_path):
+    empty = str(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError) as e:
+        data.make_source("tfds", name="cifar10", data_dir=empty, image_size=32, channels=3)
+    msg = str(e.value)
+    assert "'cifar10'" in msg and empty in msg
+    assert "tfds build cifar10 --file_format=array_record" in msg
+    with pytest.raises(FileNotFoundError, match="manual_dir"):
+        data.make_source("tfds", name="imagenet2012", data_dir=empty, image_size=64, channels=3)
+    with pytest.raises(FileNotFoundError, match="no_such_dataset_xyz"):
+        data.make_source(
+            "tfds", name="no_such_dataset_xyz", data_dir=empty, image_size=8, channels=1
+        )
+    # Nothing was downloaded or created.
+    assert not (tmp_path / "empty").exists()
+
+
+def test_tfds_bad_split_and_class_count(tfds_dir):
+    with pytest.raises(ValueError, match="data.split"):
+        _tfds(tfds_dir, split="validation")
+    with pytest.raises(ValueError, match="data.num_classes=3"):
+        _tfds(tfds_dir, num_classes=2)
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+def _save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_folder_class_dirs_labels_and_exact_center_crop(tmp_path):
+    # W=10, H=6: no resize for image_size=6, crop columns 2..7; R = column, G = row.
+    wide = np.zeros((6, 10, 3), np.uint8)
+    wide[..., 0] = np.arange(10)[None, :] * 20
+    wide[..., 1] = np.arange(6)[:, None] * 30
+    wide[..., 2] = 7
+    _save(tmp_path / "b_dogs" / "x.png", wide)
+    _save(tmp_path / "a_cats" / "sub" / "y.png", np.full((6, 6, 3), 9, np.uint8))
+    _save(tmp_path / "a_cats" / "z.bmp", np.full((12, 6, 3), 200, np.uint8))
+    (tmp_path / "a_cats" / "notes.md").write_text("not an image")
+    src = data.make_source("folder", data_dir=str(tmp_path), image_size=6, channels=3)
+    assert src.class_names == ["a_cats", "b_dogs"]
+    assert [p.rsplit("/", 2)[-2:] for p in src.paths] == [
+        ["sub", "y.png"],
+        ["a_cats", "z.bmp"],
+        ["b_dogs", "x.png"],
+    ]
+    np.testing.assert_array_equal(src.labels, [0, 0, 1])
+    rec = src[2]
+    assert rec["label"] == 1 and rec["label"].dtype == np.int32
+    assert set(rec) == {"image", "label"}
+    np.testing.assert_array_equal(rec["image"], _unit(wide[:, 2:8]))
+    assert "0x" not in repr(src) and repr(src) == repr(
+        data.make_source("folder", data_dir=str(tmp_path), image_size=6, channels=3)
+    )
+    # The 6-wide, 12-tall flat image is only cropped at size 6; at size 3 it is resized
+    # (to 3 x 6) and a flat colour must survive the bicubic filter exactly.
+    small = data.make_source("folder", data_dir=str(tmp_path), image_size=3, channels=3)
+    np.testing.assert_array_equal(small[1]["image"], np.full((3, 3, 3), _unit(200)))
+
+
+def test_folder_resize_is_bicubic_of_the_shorter_side(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # H=20, W=30
+    _save(tmp_path / "a.png", img)
+    src = folder.FolderSource(str(tmp_path), image_size=8, channels=3)
+    # Shorter side 20 -> 8, so 30 -> 12; then the centre 8 columns (offset 2).
+    want = np.asarray(Image.fromarray(img).resize((12, 8), Image.Resampling.BICUBIC))[:, 2:10]
+    np.testing.assert_array_equal(src[0]["image"], _unit(want))
+    assert src.labels is None and set(src[0]) == {"image"}
+
+
+def test_folder_channel_conversion_closed_forms(tmp_path):
+    _save(tmp_path / "red.png", np.tile(np.array([255, 0, 0], np.uint8), (4, 4, 1)))
+    rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black -> white
+    _save(tmp_path / "transparent.png", rgba)
+    _save(tmp_path / "gray.png", np.full((4, 4), 51, np.uint8))
+    gray = folder.FolderSource(str(tmp_path), image_size=4, channels=1)
+    rgb = folder.FolderSource(str(tmp_path), image_size=4, channels=3)
+    names = [p.rsplit("/", 1)[-1] for p in gray.paths]
+    assert names == ["gray.png", "red.png", "transparent.png"]
+    # ITU-R 601-2 luma: L = 0.299 R + 0.587 G + 0.114 B -> 255 * 0.299 = 76.2 -> 76.
+    np.testing.assert_array_equal(gray[1]["image"], np.full((4, 4, 1), _unit(76)))
+    np.testing.assert_array_equal(rgb[0]["image"], np.full((4, 4, 3), _unit(51)))
+    np.testing.assert_array_equal(rgb[2]["image"], np.ones((4, 4, 3), np.float32))
+
+
+def test_folder_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
+    good = np.full((4, 4, 3), 100, np.uint8)
+    for name in ("a.png", "c.jpg"):
+        _save(tmp_path / name, good)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not image data")
+    png = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "d.png").write_bytes(png[: len(png) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"b\.png.*skip_corrupt"):
+        data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
+    with caplog.at_level(logging.WARNING):
+        src = data.make_source(
+            "folder", data_dir=str(tmp_path), image_size=4, channels=3, skip_corrupt=True
+        )
+    assert src.num_skipped == 2 and len(src) == 2
+    assert [p.rsplit("/", 1)[-1] for p in src.skipped] == ["b.png", "d.png"]
+    assert "Skipped 2 unreadable" in caplog.text
+    assert "n=2" in repr(src)
+
+
+def test_folder_layout_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.make_source("folder", data_dir=str(tmp_path / "nope"), image_size=4, channels=3)
+    with pytest.raises(ValueError, match="No images"):
+        data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
+    _save(tmp_path / "k1" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    _save(tmp_path / "k2" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="data.num_classes=2"):
+        data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3, num_classes=1)
+    _save(tmp_path / "loose.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="loose.png"):
+        data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
+
+
+# ----------------------------------------------------------------------------- latents
+
+
+def _latent_arrays(n=6):
+    rng = np.random.default_rng(0)
+    return dict(
+        latents=rng.normal(size=(n, 4, 4, 2)).astype(np.float32),
+        labels=np.arange(n) % 3,
+        context=rng.normal(size=(n, 5, 7)).astype(np.float16),
+        context_mask=np.arange(5)[None, :] < (np.arange(n)[:, None] % 5 + 1),
+    )
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz_compressed", "npy_dir"])
+def test_latents_round_trip(tmp_path, kind):
+    arrays = _latent_arrays()
+    if kind == "npz":
+        path = tmp_path / "lat.npz"
+        np.savez(path, **arrays)
+    elif kind == "npz_compressed":
+        path = tmp_path / "lat.npz"
+        np.savez_compressed(path, **arrays)
+    else:
+        path = tmp_path / "lat"
+        path.mkdir()
+        for k, v in arrays.items():
+            np.save(path / f"{k}.npy", v)
+    src = data.make_source(
+        "latents", data_dir=str(path), image_size=4, channels=2, num_classes=3, max_text_len=16
+    )
+    assert len(src) == 6 and "0x" not in repr(src)
+    if kind != "npz_compressed":  # stored members and .npy files stay on disk
+        assert isinstance(src.arrays["latents"], np.memmap)
+    for i in range(6):
+        rec = src[i]
+        np.testing.assert_array_equal(rec["image"], arrays["latents"][i])
+        assert rec["label"] == arrays["labels"][i] and rec["label"].dtype == np.int32
+        assert rec["context"].dtype == np.float32
+        np.testing.assert_array_equal(rec["context"], arrays["context"][i].astype(np.float32))
+        np.testing.assert_array_equal(rec["context_mask"], arrays["context_mask"][i])
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[5]["image"], arrays["latents"][5])
+    with pytest.raises(ValueError, match=r"\(4, 4, 2\).*\(8, 8, 2\)"):
+        data.make_source("latents", data_dir=str(path), image_size=8, channels=2)
+
+
+def test_latents_refuse_pickled_object_arrays(tmp_path):
+    lat = np.empty(2, dtype=object)
+    lat[0], lat[1] = np.zeros((4, 4, 2)), np.zeros((4, 4, 2))
+    for path in (tmp_path / "obj.npz",):
+        np.savez(path, latents=lat)
+        with pytest.raises(ValueError, match="never unpickles"):
+            data.make_source("latents", data_dir=str(path), image_size=4, channels=2)
+    np.savez_compressed(tmp_path / "objc.npz", latents=lat)
+    with pytest.raises(ValueError, match="never unpickles"):
+        data.make_source("latents", data_dir=str(tmp_path / "objc.npz"), image_size=4, channels=2)
+    (tmp_path / "dir").mkdir()
+    np.save(tmp_path / "dir" / "latents.npy", lat, allow_pickle=True)
+    with pytest.raises(ValueError, match="never unpickles"):
+        data.make_source("latents", data_dir=str(tmp_path / "dir"), image_size=4, channels=2)
+
+
+def test_latents_bad_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.make_source("latents", data_dir=str(tmp_path / "x.npz"), image_size=4, channels=2)
+    np.savez(tmp_path / "nolat.npz", images=np.zeros((2, 4, 4, 2), np.float32))
+    with pytest.raises(FileNotFoundError, match="no 'latents'"):
+        data.make_source("latents", data_dir=str(tmp_path / "nolat.npz"), image_size=4, channels=2)
+    np.savez(tmp_path / "lab.npz", latents=np.zeros((2, 4, 4, 2), np.float32), labels=[0, 5])
+    with pytest.raises(ValueError, match="data.num_classes=6"):
+        data.make_source(
+            "latents", data_dir=str(tmp_path / "lab.npz"), image_size=4, channels=2, num_classes=3
+        )
+    assert zipfile.is_zipfile(tmp_path / "lab.npz")
