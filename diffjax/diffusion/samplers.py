@@ -281,7 +281,8 @@ def _build_tables(
             keep = s_d * np.sqrt(1.0 - e * e * frac)
             step["cx"] = keep / s_s
             step["c0"] = a_d - a_s * keep / s_s
-            step["cz"] = e * s_d * np.sqrt(frac)
+            if e > 0:
+                step["cz"] = e * s_d * np.sqrt(frac)
             if m.name == "heun":
                 # x'' = x' + a_d (sig_d - sig_s) / 2 (eps' - eps); infinite from SNR 0,
                 # where the first step is taken as Euler (see `sample`).
@@ -295,15 +296,28 @@ def _build_tables(
             inv_r = np.zeros_like(h)
             inv_r[1:] = h[1:] / h[:-1]  # 1/r = h / h_prev; 0 when h_prev = inf
             # Second-order (midpoint) correction p/(2r) (x0_i - x0_{i-1}).
-            step["cx"] = s_d / s_s * np.exp(-e * h)
+            step["cx"] = s_d / s_s * (np.exp(-e * h) if e > 0 else 1.0)
             step["c0"] = a_d * p * (1.0 + 0.5 * inv_r)
             step["c1"] = -a_d * p * 0.5 * inv_r
-            step["cz"] = s_d * np.sqrt(-np.expm1(-2.0 * e * h))
+            if e > 0:
+                step["cz"] = s_d * np.sqrt(-np.expm1(-2.0 * e * h))
         elif m.name == "dpmpp_3m":
             step["cx"] = s_d / s_s
             c0, c1, c2 = np.zeros_like(h), np.zeros_like(h), np.zeros_like(h)
             for i in range(h.size):
                 c0[i], c1[i], c2[i] = _dpm3_coeffs(h, i, a_d[i])
+            # A first-order step (the first one, and the one after an infinite step from
+            # SNR 0) has local error O(h^2), which would cap the global order at 2. Once
+            # x0 at its end point is known, correct that point with the trapezoid rule
+            # in w = exp(lambda - lambda_end) (x0 is smooth in w, also from SNR 0 where
+            # the interval in lambda is infinite): + a (1 - e^-h)/2 (x0_new - x0_old).
+            # Local error O(h^3), no extra evaluation (a UniC-style corrector).
+            first_order = [0] + ([1] if h.size > 1 and np.isinf(h[0]) else [])
+            for j in first_order:
+                if j + 1 < h.size:
+                    kc = 0.5 * a_d[j] * -np.expm1(-h[j])
+                    c0[j + 1] += step["cx"][j + 1] * kc
+                    c1[j + 1] -= step["cx"][j + 1] * kc
             step["c0"], step["c1"], step["c2"] = c0, c1, c2
         else:  # pragma: no cover - METHODS and this switch are kept in step
             raise AssertionError(m.name)
@@ -339,7 +353,7 @@ def _dpm3_coeffs(h: np.ndarray, i: int, a_d: float) -> tuple[float, float, float
         q = r0 / (r0 + r1)
         d1 = d1_0 + q * (d1_0 - d1_1)
         d2 = (d1_0 - d1_1) / (r0 + r1)
-        return a_d * (phi1 * m0 + phi2 * d1 - phi3 * d2)
+        return a_d * (phi1 * m0 + phi2 * d1 - 2.0 * phi3 * d2)
 
     return combo(1.0, 0.0, 0.0), combo(0.0, 1.0, 0.0), combo(0.0, 0.0, 1.0)
 
