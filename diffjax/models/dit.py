@@ -53,6 +53,21 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def patchify(x: Array, p: int) -> Array:
+    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]; token (i, j) holds pixels [i*p:(i+1)*p, j*p:(j+1)*p]."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: Array, p: int, grid_h: int, grid_w: int) -> Array:
+    """Inverse of `patchify`: [B, grid_h*grid_w, p*p*C] -> [B, grid_h*p, grid_w*p, C]."""
+    b, _, f = x.shape
+    c = f // (p * p)
+    x = x.reshape(b, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid_h * p, grid_w * p, c)
+
+
 class Mlp(nn.Module):
     """Dense -> GELU (tanh) -> Dense."""
 
@@ -261,6 +276,4 @@ class DiT(nn.Module):
             )(x, c, context, context_mask)
 
         x = FinalLayer(p * p * out_ch, dt, name="final")(x, c)
-        # Unpatchify: token (i, j) holds a p x p x C_out patch, row-major.
-        x = x.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, hh, ww, out_ch).astype(jnp.float32)
+        return unpatchify(x, p, gh, gw).astype(jnp.float32)
