@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.models import layers as L
+from diffjax.models import text as T
 
 Array = jax.Array
 
@@ -171,6 +172,11 @@ class DiT(nn.Module):
       time_embedding: 'sinusoidal' | 'fourier'.
       frequency_dim: width of the fixed time features (256 in DiT).
       context_dim: text embedding width (0 = no text); > 0 adds cross-attention.
+      text_vocab_size: > 0 gives the model its own trainable `TextEncoder`
+        (width context_dim); `context` is then int token ids [B, L] (see
+        diffjax.models.text), not embeddings.
+      text_depth: TextEncoder blocks.
+      text_heads: TextEncoder attention heads.
       attention_impl: '' (auto) | 'xla' | 'cudnn'.
       dtype: compute dtype string; params stay float32.
       remat_policy: per-block rematerialisation ('none', 'full', or a
@@ -189,9 +195,27 @@ class DiT(nn.Module):
     time_embedding: str = "sinusoidal"
     frequency_dim: int = 256
     context_dim: int = 0
+    text_vocab_size: int = 0
+    text_depth: int = 2
+    text_heads: int = 4
     attention_impl: str = ""
     dtype: str = "float32"
     remat_policy: str = "none"
+
+    def _encode_text(self, context, context_mask, batch):
+        if self.context_dim <= 0:
+            raise ValueError("text_vocab_size > 0 needs context_dim > 0 (the text encoder width).")
+        return T.encode_context(
+            context,
+            context_mask,
+            batch,
+            vocab_size=self.text_vocab_size,
+            width=self.context_dim,
+            depth=self.text_depth,
+            num_heads=self.text_heads,
+            attention_impl=self.attention_impl,
+            dtype=L.get_dtype(self.dtype),
+        )
 
     @nn.compact
     def __call__(
@@ -210,7 +234,8 @@ class DiT(nn.Module):
           t: [B] float time in the schedule's convention (scaled by `time_scale`).
           labels: [B] int32 in [0, num_classes]; `num_classes` is the null class;
             None = null class for a class-conditional model.
-          context: [B, L, context_dim] text embeddings (None = null caption).
+          context: [B, L, context_dim] text embeddings, or [B, L] int token ids
+            when text_vocab_size > 0 (None = null caption).
           context_mask: [B, L] bool, True = real token.
           train: unused (DiT has no dropout); kept for the common signature.
 
@@ -227,6 +252,8 @@ class DiT(nn.Module):
         dt = L.get_dtype(self.dtype)
         d = self.hidden_size
         labels = L.check_labels(labels, self.num_classes, b)
+        if self.text_vocab_size > 0:
+            context, context_mask = self._encode_text(context, context_mask, b)
         context, context_mask = L.check_context(context, context_mask, self.context_dim, b)
         out_ch = (self.out_channels or cin) * (2 if self.learn_sigma else 1)
 

@@ -29,7 +29,8 @@ def abstract_inputs(
     """Abstract model inputs (`jax.ShapeDtypeStruct`s) matching the model's conditioning.
 
     Labels are included when the model has `num_classes > 0`; a context of
-    `text_len` tokens (at least 1) when it has `context_dim > 0`.
+    `text_len` tokens (at least 1) when it has `context_dim > 0`: embeddings
+    [B, L, context_dim], or token ids [B, L] for a model with its own text encoder.
 
     Returns:
       {'x': [B, S, S, C], 't': [B], 'labels': [B] | None, 'context': [B, L, D] | None,
@@ -48,7 +49,10 @@ def abstract_inputs(
     }
     if context_dim > 0:
         length = max(int(text_len), 1)
-        inputs["context"] = sds((b, length, context_dim), jnp.float32)
+        if int(getattr(model, "text_vocab_size", 0) or 0) > 0:
+            inputs["context"] = sds((b, length), jnp.int32)  # token ids for the own encoder
+        else:
+            inputs["context"] = sds((b, length, context_dim), jnp.float32)
         inputs["context_mask"] = sds((b, length), jnp.bool_)
     return inputs
 

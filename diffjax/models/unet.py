@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models import layers as L
+from diffjax.models import text as T
 
 Array = jax.Array
 
@@ -233,6 +234,11 @@ class UNet(nn.Module):
       context_dim: text embedding width (0 = no text); > 0 turns attention blocks
         into spatial transformers with cross-attention.
       transformer_depth: transformer blocks per spatial transformer.
+      text_vocab_size: > 0 gives the model its own trainable `TextEncoder`
+        (width context_dim); `context` is then int token ids [B, L] (see
+        diffjax.models.text), not embeddings.
+      text_depth: TextEncoder blocks.
+      text_heads: TextEncoder attention heads.
       attention_impl: '' (auto) | 'xla' | 'cudnn'.
       dtype: compute dtype string; params stay float32.
       remat_policy: per-block rematerialisation ('none', 'full', or a
@@ -258,6 +264,9 @@ class UNet(nn.Module):
     time_embedding: str = "sinusoidal"
     context_dim: int = 0
     transformer_depth: int = 1
+    text_vocab_size: int = 0
+    text_depth: int = 2
+    text_heads: int = 4
     attention_impl: str = ""
     dtype: str = "float32"
     remat_policy: str = "none"
@@ -309,6 +318,21 @@ class UNet(nn.Module):
             )
         L.check_remat_policy(self.remat_policy)
 
+    def _encode_text(self, context, context_mask, batch):
+        if self.context_dim <= 0:
+            raise ValueError("text_vocab_size > 0 needs context_dim > 0 (the text encoder width).")
+        return T.encode_context(
+            context,
+            context_mask,
+            batch,
+            vocab_size=self.text_vocab_size,
+            width=self.context_dim,
+            depth=self.text_depth,
+            num_heads=self.text_heads,
+            attention_impl=self.attention_impl,
+            dtype=L.get_dtype(self.dtype),
+        )
+
     @nn.compact
     def __call__(
         self,
@@ -326,7 +350,8 @@ class UNet(nn.Module):
           t: [B] float time in the schedule's convention (scaled by `time_scale`).
           labels: [B] int32 in [0, num_classes]; `num_classes` is the null class;
             None = null class for a class-conditional model.
-          context: [B, L, context_dim] text embeddings (None = null caption).
+          context: [B, L, context_dim] text embeddings, or [B, L] int token ids
+            when text_vocab_size > 0 (None = null caption).
           context_mask: [B, L] bool, True = real token.
           train: enables dropout (needs rngs={'dropout': key}).
 
@@ -338,6 +363,8 @@ class UNet(nn.Module):
         dt = L.get_dtype(self.dtype)
         batch, res = x.shape[0], x.shape[1]
         labels = L.check_labels(labels, self.num_classes, batch)
+        if self.text_vocab_size > 0:
+            context, context_mask = self._encode_text(context, context_mask, batch)
         context, context_mask = L.check_context(context, context_mask, self.context_dim, batch)
         out_ch = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
         ch = self.base_channels
