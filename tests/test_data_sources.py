@@ -3,14 +3,16 @@
 import logging
 import pickle
 import zipfile
+import zlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffjax import data
-from diffjax.data import folder
+from diffjax.data import captions, folder
 
 # ----------------------------------------------------------------------------- tfds
 
@@ -319,3 +321,129 @@ def test_latents_bad_input_errors(tmp_path):
             "latents", data_dir=str(tmp_path / "lab.npz"), image_size=4, channels=2, num_classes=3
         )
     assert zipfile.is_zipfile(tmp_path / "lab.npz")
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _word_ids(text: str) -> list[int]:
+    """The word tokenizer's closed form: 1 + crc32(lower-cased word) % 4096."""
+    return [1 + zlib.crc32(w.encode()) % captions.NUM_BUCKETS for w in text.lower().split()]
+
+
+def test_digits_text_records_carry_tokenized_captions_and_labels():
+    src = data.make_source(
+        "digits_text",
+        image_size=8,
+        channels=1,
+        max_text_len=16,
+        caption_template="",
+        num_classes=10,
+    )
+    assert len(src) == 1797 and "0x" not in repr(src)
+    assert src.captions[7] == "a handwritten seven"
+    i = int(np.flatnonzero(src.labels == 7)[0])
+    rec = src[i]
+    assert set(rec) == {"image", "label", "context", "context_mask"}
+    assert rec["label"] == 7 and rec["context"].dtype == np.int32 and rec["context"].shape == (16,)
+    assert rec["context_mask"].dtype == bool
+    np.testing.assert_array_equal(rec["context"][:3], _word_ids("a handwritten seven"))
+    np.testing.assert_array_equal(rec["context"][3:], 0)
+    np.testing.assert_array_equal(rec["context_mask"], np.arange(16) < 3)
+    np.testing.assert_array_equal(rec["image"], data.digits_source()[i]["image"])
+    # The ten digit names land in ten different buckets: no two captions collide.
+    rows = {tuple(src[int(np.flatnonzero(src.labels == k)[0])]["context"]) for k in range(10)}
+    assert len(rows) == 10
+    custom = data.make_source(
+        "digits_text",
+        image_size=8,
+        channels=1,
+        max_text_len=4,
+        caption_template="digit {label} {name}",
+    )
+    assert custom.captions[3] == "digit 3 three"
+    np.testing.assert_array_equal(custom[0]["context"].shape, (4,))
+    batch = next(data.make_iterator(src, batch_size=32, seed=0))
+    assert batch["context"].shape == (32, 16) and batch["context_mask"].shape == (32, 16)
+    with pytest.raises(ValueError, match="caption_template"):
+        data.make_source("digits_text", image_size=8, channels=1, caption_template="{nme}")
+
+
+def _text_config(**data_fields):
+    from configs.base import get_base_config
+
+    c = get_base_config()
+    c.data.update(data_fields)
+    c.model.kwargs.context_dim = 32
+    c.model.kwargs.text_vocab_size = captions.TEXT_VOCAB_SIZE
+    return c
+
+
+def test_caption_condition_tokenizes_class_captions_for_sampling():
+    from diffjax import experiment
+
+    c = _text_config(source="digits_text", image_size=8, channels=1, num_classes=10)
+    labels = jnp.asarray([7, 0, 10, 3])  # 10 = the null class
+    cond = experiment.sampling_condition(c, labels)
+    assert set(cond) == {"context", "context_mask"}
+    assert cond["context"].shape == (4, 16) and cond["context"].dtype == jnp.int32
+    assert cond["context_mask"].shape == (4, 16) and cond["context_mask"].dtype == jnp.bool_
+    src = data.make_source("digits_text", image_size=8, channels=1)
+    seven = src[int(np.flatnonzero(src.labels == 7)[0])]
+    np.testing.assert_array_equal(cond["context"][0], seven["context"])
+    np.testing.assert_array_equal(cond["context_mask"][0], seven["context_mask"])
+    assert not cond["context_mask"][2].any()  # null caption
+    np.testing.assert_array_equal(cond["context"][3][:3], _word_ids("a handwritten three"))
+    with pytest.raises(ValueError, match=r"got \[11\]"):
+        captions.caption_condition(c, np.array([11]))
+    c.model.kwargs.text_vocab_size = 257
+    with pytest.raises(ValueError, match="TEXT_VOCAB_SIZE"):
+        captions.caption_condition(c, np.array([1]))
+
+
+def test_folder_sidecar_captions_and_class_captions(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    _save(tmp_path / "red_things" / "a.png", img)
+    (tmp_path / "red_things" / "a.txt").write_text("A  red\nApple!\n")
+    _save(tmp_path / "red_things" / "b.png", img)  # no caption -> null caption
+    _save(tmp_path / "blue_sky" / "c.png", img)
+    src = data.make_source(
+        "folder", data_dir=str(tmp_path), image_size=4, channels=3, max_text_len=5
+    )
+    assert src.captioned and src.caption(1) == "A red Apple!" and src.caption(2) == ""
+    rec = src[1]
+    assert rec["label"] == 1 and rec["context"].dtype == np.int32
+    np.testing.assert_array_equal(rec["context"], _word_ids("a red apple") + [0, 0])
+    np.testing.assert_array_equal(rec["context_mask"], [1, 1, 1, 0, 0])
+    assert not src[2]["context_mask"].any() and not src[0]["context_mask"].any()
+    c = _text_config(source="folder", data_dir=str(tmp_path), num_classes=2, max_text_len=5)
+    c.data.caption_template = "a photo of {name}"
+    cond = captions.caption_condition(c, np.array([1, 0]))
+    # The tokenizer splits the folder name "red_things" into the words red, things.
+    np.testing.assert_array_equal(cond["context"][0], _word_ids("a photo of red things")[:5])
+    np.testing.assert_array_equal(cond["context"][1][:4], _word_ids("a photo of blue"))
+
+
+def test_latents_class_embeddings_and_names_for_sampling(tmp_path):
+    rng = np.random.default_rng(0)
+    class_context = rng.normal(size=(3, 5, 32)).astype(np.float32)
+    path = tmp_path / "lat.npz"
+    np.savez(
+        path,
+        latents=np.zeros((4, 4, 4, 2), np.float32),
+        labels=np.array([0, 1, 2, 0]),
+        class_names=np.array(["ant", "bee", "cat"]),
+        class_context=class_context,
+        class_context_mask=np.arange(5)[None] < np.array([[2], [3], [5]]),
+    )
+    c = _text_config(source="latents", data_dir=str(path), num_classes=3)
+    c.model.kwargs.text_vocab_size = 0  # precomputed embeddings
+    cond = captions.caption_condition(c, np.array([2, 3, 0]))
+    assert cond["context"].shape == (3, 5, 32) and cond["context"].dtype == jnp.float32
+    np.testing.assert_array_equal(cond["context"][0], class_context[2])
+    np.testing.assert_array_equal(cond["context_mask"][0], [1, 1, 1, 1, 1])
+    assert not cond["context_mask"][1].any()  # null class 3
+    np.testing.assert_array_equal(cond["context_mask"][2], [1, 1, 0, 0, 0])
+    c.model.kwargs.text_vocab_size = captions.TEXT_VOCAB_SIZE
+    cond = captions.caption_condition(c, np.array([1]))
+    np.testing.assert_array_equal(cond["context"][0][:1], _word_ids("bee"))

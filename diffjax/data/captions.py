@@ -1,0 +1,243 @@
+"""Captions: tokenized text records, the captioned digits source, sampling-time captions.
+
+Raw captions (image-folder sidecar `.txt` files, captions made from labels) become
+`context` int32 token ids [L] and `context_mask` bool [L] (True = real token), with
+L = `data.max_text_len`, from the deterministic word tokenizer of
+`diffjax.models.text`; the model's own text encoder (`model.kwargs.text_vocab_size =
+TEXT_VOCAB_SIZE`) embeds them. An empty caption is the null caption,
+an all-False mask, the same one classifier-free guidance trains with.
+
+`data.source='digits_text'` is scikit-learn's digits with the caption
+`caption_template.format(name=...)` ("a handwritten seven") and the label kept for
+evaluation. `caption_condition(config, labels)` turns requested class labels into
+those class captions at sampling time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from diffjax.data.sources import digits_source
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_TEMPLATE = "a handwritten {name}"
+# The data pipeline tokenizes with a fixed tokenizer (the sources see only
+# `config.data`, not the model): words hashed into NUM_BUCKETS buckets.
+NUM_BUCKETS = 4096
+TEXT_VOCAB_SIZE = NUM_BUCKETS + 1  # the model's `text_vocab_size` for these ids
+
+
+def tokenize(texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captions -> (token ids int32 [N, max_len], mask bool [N, max_len]).
+
+    The word tokenizer of `diffjax.models.text` with `NUM_BUCKETS` buckets (ids
+    1..NUM_BUCKETS, 0 = padding), so a model that embeds these ids needs
+    `text_vocab_size = TEXT_VOCAB_SIZE`. Longer captions are truncated; a caption
+    with no words gives an all-False mask (the null caption).
+    """
+    from diffjax.models.text import WordTokenizer
+
+    return WordTokenizer(max_len, num_buckets=NUM_BUCKETS).encode(list(texts))
+
+
+def class_captions(template: str, names: Sequence[str]) -> list[str]:
+    """`template.format(name=names[i], label=i)` for every class i."""
+    try:
+        return [template.format(name=n, label=i) for i, n in enumerate(names)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"data.caption_template={template!r} is not a valid template ({e}); use the "
+            "fields {name} (class name) and {label} (class index)."
+        ) from e
+
+
+class DigitsTextSource:
+    """scikit-learn digits with label captions: image, label, context, context_mask.
+
+    Args:
+      split: `train`, `half0` or `half1` (as `digits_source`).
+      caption_template: str.format template with `{name}` (zero..nine) / `{label}`.
+      max_text_len: caption token length L.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        caption_template: str = DIGITS_TEMPLATE,
+        max_text_len: int = 16,
+    ):
+        self._digits = digits_source(split)
+        self._split = split
+        self._template = caption_template or DIGITS_TEMPLATE
+        self._max_text_len = int(max_text_len)
+        self._captions = class_captions(self._template, DIGIT_NAMES)
+        # Ten captions in all: tokenize them once.
+        self._ids, self._mask = tokenize(self._captions, self._max_text_len)
+
+    def __len__(self) -> int:
+        return len(self._digits)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._digits[index]
+        label = int(record["label"])
+        return {
+            "image": record["image"],
+            "label": record["label"],
+            "context": self._ids[label],
+            "context_mask": self._mask[label],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"DigitsTextSource(split={self._split!r}, n={len(self)}, "
+            f"template={self._template!r}, max_text_len={self._max_text_len})"
+        )
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._digits.labels
+
+    @property
+    def images(self) -> np.ndarray:
+        return self._digits.images
+
+    @property
+    def captions(self) -> list[str]:
+        """The caption of each class, index = label."""
+        return list(self._captions)
+
+
+def make_digits_text_source(
+    *,
+    split: str = "train",
+    caption_template: str = "",
+    max_text_len: int = 16,
+    **unused: Any,
+) -> DigitsTextSource:
+    """`data.source='digits_text'` from `config.data` fields."""
+    del unused
+    return DigitsTextSource(
+        split, caption_template=caption_template or DIGITS_TEMPLATE, max_text_len=max_text_len
+    )
+
+
+def class_names(source: str, *, name: str = "", data_dir: str = "") -> list[str]:
+    """The class names of `config.data`'s dataset, for captions made from labels.
+
+    digits / digits_text: zero..nine; tfds: the ClassLabel names; folder: the sorted
+    class folder names; latents: the file's `class_names` array.
+    """
+    if source in ("digits", "digits_text"):
+        return list(DIGIT_NAMES)
+    if source == "tfds":
+        from diffjax.data.tfds_source import class_names as tfds_class_names
+
+        return tfds_class_names(name, data_dir)
+    if source == "folder":
+        from diffjax.data.folder import class_folders
+
+        return class_folders(data_dir)
+    if source == "latents":
+        from diffjax.data.latents import load_arrays
+
+        arrays = load_arrays(data_dir)
+        if "class_names" not in arrays:
+            raise ValueError(
+                f"{data_dir} has no 'class_names' array, so class labels cannot be turned into "
+                "captions; save class_names=np.array([...]) (str) beside the latents."
+            )
+        return [str(n) for n in np.asarray(arrays["class_names"])]
+    raise ValueError(f"data.source={source!r} has no class names to make captions from.")
+
+
+def default_template(source: str) -> str:
+    return DIGITS_TEMPLATE if source in ("digits", "digits_text") else "{name}"
+
+
+def caption_condition(config, labels) -> dict[str, Any]:
+    """Model keyword arguments asking a text-conditioned model for classes `labels`.
+
+    Args:
+      config: the experiment ConfigDict (reads `data.*` and `model.kwargs`).
+      labels: int [N]; the value `data.num_classes` (the null class) gives the null
+        caption.
+
+    Returns:
+      `context` and `context_mask` as jnp arrays: int32 token ids [N, L] and bool
+      [N, L] (L = data.max_text_len) for a model with its own text encoder
+      (`model.kwargs.text_vocab_size > 0`, or `text_encoder=True`); for a model fed
+      precomputed embeddings (`context_dim > 0` only), float32 [N, L, D] and bool
+      [N, L] gathered from the latents file's `class_context` / `class_context_mask`.
+    """
+    import jax.numpy as jnp
+
+    d = config.data
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    kwargs = config.model.kwargs
+    vocab = int(kwargs.get("text_vocab_size", 0) or 0)
+    if vocab > 0 or kwargs.get("text_encoder", False):
+        if 0 < vocab < TEXT_VOCAB_SIZE:
+            raise ValueError(
+                f"model.kwargs.text_vocab_size={vocab} is smaller than the caption tokenizer's "
+                f"vocabulary; set it to diffjax.data.captions.TEXT_VOCAB_SIZE={TEXT_VOCAB_SIZE}."
+            )
+        names = class_names(d.source, name=d.name, data_dir=d.data_dir)
+        template = d.caption_template or default_template(d.source)
+        captions = class_captions(template, names) + [""]  # last row: the null caption
+        table_ids, table_mask = tokenize(captions, d.max_text_len)
+    elif kwargs.get("context_dim", 0) > 0:
+        table_ids, table_mask = _class_embeddings(d, int(kwargs["context_dim"]))
+    else:
+        raise ValueError(
+            "caption_condition needs a text-conditioned model (model.kwargs.text_vocab_size > 0 "
+            "for captions as token ids, or context_dim > 0 for precomputed embeddings)."
+        )
+    k = table_ids.shape[0] - 1  # real classes; row k is the null caption
+    null = (labels == d.num_classes) if d.num_classes > 0 else np.zeros(labels.shape, bool)
+    bad = ~null & ((labels < 0) | (labels >= k))
+    if bad.any():
+        raise ValueError(
+            f"labels must be class indices in [0, {k}) or the null class data.num_classes="
+            f"{d.num_classes}; got {labels[bad][:5].tolist()}."
+        )
+    rows = np.where(null, k, labels)
+    return {
+        "context": jnp.asarray(table_ids[rows]),
+        "context_mask": jnp.asarray(table_mask[rows]),
+    }
+
+
+def _class_embeddings(d, context_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class embeddings [K+1, L, D] + masks [K+1, L] (last row null) from a latents file."""
+    if d.source != "latents":
+        raise ValueError(
+            "A model fed precomputed text embeddings (context_dim > 0, text_vocab_size=0) can "
+            "only caption classes from a latents file with 'class_context'; set "
+            f"model.kwargs.text_vocab_size={TEXT_VOCAB_SIZE} to caption from text."
+        )
+    from diffjax.data.latents import load_arrays
+
+    arrays = load_arrays(d.data_dir)
+    if "class_context" not in arrays:
+        raise ValueError(
+            f"{d.data_dir} has no 'class_context' [K, L, D] array, so class labels cannot be "
+            "turned into text embeddings; save the embedding of each class caption there "
+            "(and 'class_context_mask' [K, L])."
+        )
+    ctx = np.asarray(arrays["class_context"], np.float32)
+    if ctx.ndim != 3 or ctx.shape[-1] != context_dim:
+        raise ValueError(
+            f"{d.data_dir}: 'class_context' must be [K, L, {context_dim}], got {ctx.shape}."
+        )
+    mask = np.asarray(arrays.get("class_context_mask", np.ones(ctx.shape[:2], bool)), bool)
+    if mask.shape != ctx.shape[:2]:
+        raise ValueError(
+            f"{d.data_dir}: 'class_context_mask' must be {ctx.shape[:2]}, got {mask.shape}."
+        )
+    null_ctx = np.zeros((1, *ctx.shape[1:]), np.float32)
+    null_mask = np.zeros((1, ctx.shape[1]), bool)
+    return np.concatenate([ctx, null_ctx]), np.concatenate([mask, null_mask])
