@@ -215,22 +215,34 @@ def test_folder_channel_conversion_closed_forms(tmp_path):
 
 
 def test_folder_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
-    good = np.full((4, 4, 3), 100, np.uint8)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # big enough to truncate
     for name in ("a.png", "c.jpg"):
-        _save(tmp_path / name, good)
+        _save(tmp_path / name, noise)
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not image data")
-    png = (tmp_path / "a.png").read_bytes()
-    (tmp_path / "d.png").write_bytes(png[: len(png) // 2])  # truncated
+    for good, bad in (("a.png", "d.png"), ("c.jpg", "e.jpg")):
+        raw = (tmp_path / good).read_bytes()
+        (tmp_path / bad).write_bytes(raw[: len(raw) // 2])  # truncated
     with pytest.raises(ValueError, match=r"b\.png.*skip_corrupt"):
         data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
     with caplog.at_level(logging.WARNING):
         src = data.make_source(
             "folder", data_dir=str(tmp_path), image_size=4, channels=3, skip_corrupt=True
         )
-    assert src.num_skipped == 2 and len(src) == 2
-    assert [p.rsplit("/", 1)[-1] for p in src.skipped] == ["b.png", "d.png"]
-    assert "Skipped 2 unreadable" in caplog.text
+    # The truncated JPEG passes Image.verify(); skip_corrupt's full decode catches it.
+    assert src.num_skipped == 3 and len(src) == 2
+    assert [p.rsplit("/", 1)[-1] for p in src.skipped] == ["b.png", "d.png", "e.jpg"]
+    assert [p.rsplit("/", 1)[-1] for p in src.paths] == ["a.png", "c.jpg"]
+    assert "Skipped 3 unreadable" in caplog.text
     assert "n=2" in repr(src)
+    # Without skip_corrupt, a JPEG that passes verify() but cannot be decoded fails
+    # when read, naming the file.
+    for name in ("b.png", "d.png"):
+        (tmp_path / name).unlink()
+    lazy = folder.FolderSource(str(tmp_path), image_size=4, channels=3)
+    assert len(lazy) == 3
+    with pytest.raises(ValueError, match=r"e\.jpg.*skip_corrupt"):
+        lazy[2]
 
 
 def test_folder_layout_errors(tmp_path):

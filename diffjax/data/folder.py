@@ -14,10 +14,16 @@ composited onto white), resized so the shorter side is `image_size` (Pillow bicu
 antialiased when shrinking) and center-cropped to `image_size` x `image_size`.
 
 The file index is built once, sorted, so every process and every restart sees the
-same records in the same order. Each file is opened and `Image.verify()`-ed while
-indexing, so a corrupt file fails at start-up (naming it) rather than hours into a
-run; with `skip_corrupt=True` it is left out of the index instead, so the source
-length stays fixed, and the count is reported by `num_skipped` and a warning.
+same records in the same order. Every file is checked while indexing (in a thread
+pool), so a bad file fails at start-up, naming it, rather than hours into a run:
+
+* by default with `Image.verify()`, which reads headers and checksums but not the
+  pixel data. It catches non-images and truncated PNG / WebP files; a truncated
+  JPEG or BMP passes and fails when its record is read (again naming the file).
+* with `skip_corrupt=True`, by decoding every file (JPEGs at reduced size via
+  `draft`, so this costs about one epoch of decoding). Files that fail are left out
+  of the index, so the length of the source is fixed before training starts and
+  every kept file is known to decode; `num_skipped` and a warning give the count.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -137,11 +144,19 @@ def class_folders(root: str) -> list[str]:
     )
 
 
-def _verify(path: str) -> str | None:
-    """None if Pillow can parse `path`, else the reason it cannot."""
+def _check_file(path: str, decode_mode: str | None, size: int) -> str | None:
+    """None if `path` passes the start-up check, else why it does not.
+
+    `decode_mode` None: `Image.verify()` only; else a full decode in that mode (JPEGs
+    drafted down towards `size`, which is how `__getitem__` decodes them too).
+    """
     try:
         with Image.open(path) as img:
-            img.verify()
+            if decode_mode is None:
+                img.verify()
+            else:
+                img.draft(decode_mode, (size, size))
+                img.load()
     except _DECODE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
     return None
@@ -209,10 +224,13 @@ class FolderSource:
                 "data.data_dir to a folder of images or of class sub-folders."
             )
 
+        # Pillow releases the GIL while it reads and decodes, so threads overlap I/O.
+        decode_mode = _MODES[self._channels] if self._skip_corrupt else None
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(lambda p: _check_file(p, decode_mode, self._image_size), paths))
         keep = []
         self._skipped: list[str] = []
-        for i, path in enumerate(paths):
-            reason = _verify(path)
+        for i, (path, reason) in enumerate(zip(paths, reasons, strict=True)):
             if reason is None:
                 keep.append(i)
             elif self._skip_corrupt:
@@ -247,11 +265,12 @@ class FolderSource:
                 img.load()
                 image = prepare_image(img, image_size=self._image_size, channels=self._channels)
         except _DECODE_ERRORS as e:
-            # Passed verify() at start-up but fails to decode (e.g. truncated pixel
-            # data): the index is fixed by now, so name the file and stop.
+            # Passed verify() at start-up but its pixel data is damaged (a truncated
+            # JPEG, say); the index is fixed by now, so name the file and stop.
             raise ValueError(
-                f"Cannot decode image {path} ({type(e).__name__}: {e}); delete or replace it "
-                "(data.skip_corrupt only skips files that fail the start-up check)."
+                f"Cannot decode image {path} ({type(e).__name__}: {e}); delete or replace it, "
+                "or set data.skip_corrupt=True to decode-check every file at start-up and "
+                "skip the bad ones."
             ) from e
         record: dict[str, Any] = {"image": image}
         if self._labels is not None:
