@@ -144,6 +144,26 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             num_classes=10,
         ),
     ),
+    # The digits U-Net with its own trainable word-level text encoder: `context`
+    # is WordTokenizer ids [B, L] (diffjax.models.text), captions like "a handwritten seven".
+    "unet_digits_text": (
+        "unet",
+        dict(
+            base_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=2,
+            attention_resolutions=(4,),
+            num_heads=4,
+            num_groups=8,
+            dropout=0.1,
+            scale_shift_norm=True,
+            num_classes=0,
+            context_dim=64,
+            text_vocab_size=4097,
+            text_depth=2,
+            text_heads=4,
+        ),
+    ),
     **_dit_presets(),
 }
 

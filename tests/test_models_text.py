@@ -1,0 +1,97 @@
+"""Tokenizers and the small text encoder, alone and inside a text-conditioned U-Net."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.models import build_preset
+from diffjax.models.text import ByteTokenizer, TextEncoder, WordTokenizer, make_tokenizer
+
+
+def test_word_tokenizer_is_stable_and_deterministic():
+    tok = WordTokenizer(max_len=6)
+    ids, mask = tok.encode(["a handwritten seven", "A Handwritten  SEVEN!", ""])
+    assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == (3, 6)
+    np.testing.assert_array_equal(ids[0], ids[1])  # case and punctuation do not matter
+    np.testing.assert_array_equal(mask[0], [1, 1, 1, 0, 0, 0])
+    assert not mask[2].any()  # the empty caption is the null caption
+    # CRC-32 buckets: these ids are fixed forever (a changed id would silently
+    # break every trained text model).
+    assert ids[0, 0] == 1 + 0xE8B7BE43 % 4096  # crc32(b"a") = 0xE8B7BE43
+    assert ids[0, :3].tolist() == [3652, 3586, 3437]
+    seven, three = tok.encode(["a handwritten seven", "a handwritten three"])[0]
+    assert seven[2] != three[2]
+    assert tok.vocab_size == 4097
+    long_ids, long_mask = tok.encode(["one two three four five six seven eight"])
+    assert long_mask.all() and long_ids.shape == (1, 6)  # truncated
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = make_tokenizer("byte", 24)
+    ids, mask = tok.encode(["a handwritten seven", "ß"])
+    assert tok.decode(ids) == ["a handwritten seven", "ß"]
+    assert mask.sum(1).tolist() == [19, 2]
+    with pytest.raises(TypeError, match="list of captions"):
+        tok.encode("a handwritten seven")
+    with pytest.raises(ValueError, match="Unknown tokenizer"):
+        make_tokenizer("bpe", 8)
+    assert isinstance(tok, ByteTokenizer)
+
+
+def test_text_encoder_masks_padding_and_handles_empty_captions():
+    tok = WordTokenizer(max_len=5)
+    ids, mask = tok.encode(["a handwritten seven", ""])
+    enc = TextEncoder(tok.vocab_size, width=16, depth=1, num_heads=2)
+    params = jax.jit(enc.init)(jax.random.key(0), ids, mask)
+    f = jax.jit(enc.apply)
+    out = f(params, ids, mask)
+    assert out.shape == (2, 5, 16) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+    assert float(jnp.abs(out[1]).max()) == 0.0  # empty caption -> zeros
+    assert float(jnp.abs(out[0, 3:]).max()) == 0.0  # padded positions -> zeros
+    # Whatever sits in padded slots does not leak into the real tokens.
+    junk = ids.copy()
+    junk[0, 3:] = [17, 99]
+    np.testing.assert_allclose(f(params, junk, mask)[0, :3], out[0, :3], atol=1e-6)
+
+
+def test_text_conditioned_unet_trains_its_encoder_end_to_end():
+    model = build_preset(
+        "unet_digits_text",
+        base_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        num_groups=4,
+        num_heads=2,
+        context_dim=16,
+        text_depth=1,
+        text_heads=2,
+    )
+    tok = WordTokenizer(max_len=4)
+    ids, mask = tok.encode(["a handwritten seven", ""])  # second row: caption dropout
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([10.0, 500.0])
+    abstract = jax.eval_shape(model.init, jax.random.key(1), x, t, None, ids, mask)["params"]
+    assert "text_encoder" in abstract
+    # Random weights: real init zeroes the output conv and the spatial
+    # transformer's proj_out, and two zeros in series block any text gradient.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32) * 0.2),
+        nn.meta.unbox(abstract),
+    )
+
+    def loss(p):
+        return jnp.mean((model.apply({"params": p}, x, t, None, ids, mask) - x) ** 2)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    # The diffusion loss reaches the token table through the cross-attention...
+    emb_grad = grads["text_encoder"]["token_emb"]["embedding"]
+    assert float(jnp.abs(emb_grad[ids[0, :3]]).min()) > 0
+    # ...and only the rows of real caption tokens (not padding, not unused ids).
+    unused = np.setdiff1d(np.arange(tok.vocab_size), ids[0, :3])
+    assert float(jnp.abs(emb_grad[unused]).max()) == 0.0
