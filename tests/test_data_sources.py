@@ -257,6 +257,9 @@ def test_folder_layout_errors(tmp_path):
     _save(tmp_path / "loose.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="loose.png"):
         data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
+    flat = tmp_path / "k1"  # images only: unlabelled, so a class-conditional config fails
+    with pytest.raises(ValueError, match="data.num_classes=0"):
+        data.make_source("folder", data_dir=str(flat), image_size=4, channels=3, num_classes=10)
 
 
 # ----------------------------------------------------------------------------- latents
@@ -333,6 +336,22 @@ def test_latents_bad_input_errors(tmp_path):
             "latents", data_dir=str(tmp_path / "lab.npz"), image_size=4, channels=2, num_classes=3
         )
     assert zipfile.is_zipfile(tmp_path / "lab.npz")
+    np.savez(tmp_path / "nolab.npz", latents=np.zeros((2, 4, 4, 2), np.float32))
+    with pytest.raises(ValueError, match="no 'labels'"):
+        data.make_source(
+            "latents", data_dir=str(tmp_path / "nolab.npz"), image_size=4, channels=2, num_classes=3
+        )
+    np.savez(
+        tmp_path / "tok.npz",
+        latents=np.zeros((2, 4, 4, 2), np.float32),
+        context=np.ones((2, 8), np.int32),
+    )
+    with pytest.raises(ValueError, match="data.max_text_len=8"):
+        data.make_source("latents", data_dir=str(tmp_path / "tok.npz"), image_size=4, channels=2)
+    tok = data.make_source(
+        "latents", data_dir=str(tmp_path / "tok.npz"), image_size=4, channels=2, max_text_len=8
+    )
+    assert tok[0]["context"].dtype == np.int32 and tok[0]["context_mask"].all()
 
 
 # ----------------------------------------------------------------------------- captions
@@ -434,6 +453,20 @@ def test_folder_sidecar_captions_and_class_captions(tmp_path):
     # The tokenizer splits the folder name "red_things" into the words red, things.
     np.testing.assert_array_equal(cond["context"][0], _word_ids("a photo of red things")[:5])
     np.testing.assert_array_equal(cond["context"][1][:4], _word_ids("a photo of blue"))
+
+
+def test_unlabelled_captioned_folder_samples_its_own_captions(tmp_path):
+    for i, text in enumerate(["a cat", "", "a dog", "a cat"]):
+        _save(tmp_path / f"{i}.png", np.zeros((4, 4, 3), np.uint8))
+        (tmp_path / f"{i}.txt").write_text(text)
+    src = data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
+    assert src.labels is None and set(src[0]) == {"image", "context", "context_mask"}
+    c = _text_config(source="folder", data_dir=str(tmp_path), num_classes=0, max_text_len=4)
+    cond = captions.caption_condition(c, np.array([1, 0, 1]))
+    np.testing.assert_array_equal(cond["context"][0], _word_ids("a dog") + [0, 0])
+    np.testing.assert_array_equal(cond["context"][1], _word_ids("a cat") + [0, 0])
+    with pytest.raises(ValueError, match=r"got \[2\]"):
+        captions.caption_condition(c, np.array([2]))  # only two distinct captions
 
 
 def test_latents_class_embeddings_and_names_for_sampling(tmp_path):

@@ -154,12 +154,35 @@ def class_names(source: str, *, name: str = "", data_dir: str = "") -> list[str]
     raise ValueError(f"data.source={source!r} has no class names to make captions from.")
 
 
+def _label_captions(d, labels: np.ndarray) -> list[str]:
+    """Caption of each class (index = label) for `config.data` `d`."""
+    if d.source == "folder":
+        from diffjax.data.folder import class_folders, folder_captions
+
+        if not class_folders(d.data_dir):
+            # Unlabelled but captioned: "label" i asks for the folder's i-th caption.
+            count = int(labels.max()) + 1 if labels.size else 1
+            found = folder_captions(d.data_dir, count)
+            if not found:
+                raise ValueError(
+                    f"{d.data_dir} has neither class sub-folders nor caption files, so there "
+                    "is nothing to caption samples with."
+                )
+            return found
+    names = class_names(d.source, name=d.name, data_dir=d.data_dir)
+    return class_captions(d.caption_template or default_template(d.source), names)
+
+
 def default_template(source: str) -> str:
     return DIGITS_TEMPLATE if source in ("digits", "digits_text") else "{name}"
 
 
 def caption_condition(config, labels) -> dict[str, Any]:
     """Model keyword arguments asking a text-conditioned model for classes `labels`.
+
+    Label i asks for the caption `data.caption_template.format(name=class_names[i])`
+    (see `class_names`); for an unlabelled, captioned image folder, for the folder's
+    i-th distinct caption.
 
     Args:
       config: the experiment ConfigDict (reads `data.*` and `model.kwargs`).
@@ -185,9 +208,7 @@ def caption_condition(config, labels) -> dict[str, Any]:
                 f"model.kwargs.text_vocab_size={vocab} is smaller than the caption tokenizer's "
                 f"vocabulary; set it to diffjax.data.captions.TEXT_VOCAB_SIZE={TEXT_VOCAB_SIZE}."
             )
-        names = class_names(d.source, name=d.name, data_dir=d.data_dir)
-        template = d.caption_template or default_template(d.source)
-        captions = class_captions(template, names) + [""]  # last row: the null caption
+        captions = _label_captions(d, labels) + [""]  # last row: the null caption
         table_ids, table_mask = tokenize(captions, d.max_text_len)
     elif kwargs.get("context_dim", 0) > 0:
         table_ids, table_mask = _class_embeddings(d, int(kwargs["context_dim"]))

@@ -326,6 +326,25 @@ class FolderSource:
         return list(self._skipped)
 
 
+def folder_captions(root: str, count: int) -> list[str]:
+    """The first `count` distinct non-empty captions of an unlabelled folder.
+
+    In record order (sorted file names); sampling from a caption-conditioned model
+    trained on such a folder asks for "label" i as the i-th of these captions.
+    """
+    found: list[str] = []
+    for path in _list_images(os.path.abspath(os.path.expanduser(root)), recursive=False):
+        cap = _caption_path(path)
+        if os.path.isfile(cap):
+            with open(cap, encoding="utf-8") as f:
+                text = " ".join(f.read().split())
+            if text and text not in found:
+                found.append(text)
+                if len(found) == count:
+                    break
+    return found
+
+
 def make_folder_source(
     *,
     data_dir: str,
@@ -339,7 +358,8 @@ def make_folder_source(
     """`data.source='folder'`: builds a `FolderSource` from `config.data` fields.
 
     Raises if the folder has more classes than `num_classes` (their labels would
-    collide with the null class).
+    collide with the null class), or none while `num_classes > 0` (a class-conditional
+    model would silently see only the null class).
     """
     del unused
     if not data_dir:
@@ -352,6 +372,12 @@ def make_folder_source(
         max_text_len=max_text_len,
     )
     k = len(src.class_names)
+    if num_classes > 0 and k == 0:
+        raise ValueError(
+            f"data.num_classes={num_classes} but {src._root} has no class sub-folders, so its "
+            "images are unlabelled; set data.num_classes=0 (unconditional or caption-"
+            "conditioned), or sort the images into one sub-folder per class."
+        )
     if num_classes > 0 and k > num_classes:
         raise ValueError(
             f"{src._root} has {k} class folders but data.num_classes={num_classes}; set "

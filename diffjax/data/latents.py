@@ -234,13 +234,19 @@ def make_latent_source(
 ) -> LatentSource:
     """`data.source='latents'`: builds a `LatentSource` from `config.data` fields.
 
-    Raises if a label is outside [0, num_classes) when the config is class-conditional.
+    Raises if a label is outside [0, num_classes) when the config is class-conditional,
+    or the file has no labels while `num_classes > 0`.
     """
     del unused
     if not data_dir:
         raise ValueError("data.source='latents' needs data.data_dir=<latents .npz or .npy dir>.")
     src = LatentSource(data_dir, max_text_len=max_text_len)
-    if num_classes > 0 and src.labels is not None and len(src.labels):
+    if num_classes > 0 and src.labels is None:
+        raise ValueError(
+            f"data.num_classes={num_classes} but {data_dir} has no 'labels' array; set "
+            "data.num_classes=0, or save labels [N] beside the latents."
+        )
+    if num_classes > 0 and len(src.labels):
         lo, hi = int(src.labels.min()), int(src.labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(

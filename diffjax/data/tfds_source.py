@@ -230,10 +230,15 @@ def make_tfds_source(
     """`data.source='tfds'`: builds a `TfdsSource` from `config.data` fields.
 
     Raises if the dataset has more classes than `num_classes` (their labels would
-    collide with the null class).
+    collide with the null class), or no label while `num_classes > 0`.
     """
     del unused
     src = TfdsSource(name, split=split, data_dir=data_dir, image_size=image_size, channels=channels)
+    if num_classes > 0 and src.num_classes == 0:
+        raise ValueError(
+            f"data.num_classes={num_classes} but tfds dataset {name!r} has no ClassLabel "
+            "feature; set data.num_classes=0 for an unconditional model."
+        )
     if num_classes > 0 and src.num_classes > num_classes:
         raise ValueError(
             f"tfds dataset {name!r} has {src.num_classes} classes but data.num_classes="
