@@ -140,7 +140,9 @@ def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return kwargs
 
 
-def sampling_condition(config: ml_collections.ConfigDict, labels: jax.Array) -> dict[str, jax.Array]:
+def sampling_condition(
+    config: ml_collections.ConfigDict, labels: jax.Array
+) -> dict[str, jax.Array]:
     """Model keyword arguments asking for `labels` [N] (an empty dict if unconditional)."""
     kind = conditioning_kind(config)
     if kind == "label":

@@ -48,8 +48,12 @@ class Sampler:
         config = _with_sampling(config, method, num_steps, guidance)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
         state, step, parts = load_state(config, workdir, mesh, step)
-        sample_fn = make_sample_fn(parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config))
-        return cls(config=config, params=state.ema_params, sample_fn=sample_fn, mesh=mesh, step=step)
+        sample_fn = make_sample_fn(
+            parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
+        )
+        return cls(
+            config=config, params=state.ema_params, sample_fn=sample_fn, mesh=mesh, step=step
+        )
 
     def generate(
         self,
@@ -72,7 +76,9 @@ class Sampler:
         if labels is not None and len(labels):
             labels = np.resize(np.asarray(labels, np.int32), num_samples)
             if k and (labels.min() < 0 or labels.max() >= k):
-                raise ValueError(f"labels must lie in [0, {k - 1}], got {sorted(set(labels.tolist()))}.")
+                raise ValueError(
+                    f"labels must lie in [0, {k - 1}], got {sorted(set(labels.tolist()))}."
+                )
         else:
             labels = np.asarray(cycle_labels(num_samples, k))
         shape = experiment.image_shape(self.config)
@@ -110,7 +116,9 @@ def _with_sampling(config, method, num_steps, guidance):
     return config
 
 
-def save_samples(path: str, imgs: np.ndarray, labels: np.ndarray, ncols: int | None = None) -> tuple[str, str]:
+def save_samples(
+    path: str, imgs: np.ndarray, labels: np.ndarray, ncols: int | None = None
+) -> tuple[str, str]:
     """Writes `images`/`labels` to `path` (.npz) and a PNG grid beside it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path[: -len(".npz")] + ".tmp.npz"

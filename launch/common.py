@@ -99,6 +99,32 @@ def load_config(flag):
     return config
 
 
+def run(main) -> None:
+    """`app.run(main)` with clean flag errors, and user errors printed without a traceback.
+
+    Errors that name the problem and its fix (missing files, a workdir of another model,
+    corrupt checkpoints, bad values, a non-finite loss) exit 1 with that message; set
+    DIFFJAX_TRACEBACK=1 to see the traceback too.
+    """
+    import os
+
+    from absl import app
+
+    def wrapped(argv):
+        from diffjax.checkpoint import CheckpointError
+        from diffjax.train.loop import NonFiniteError
+
+        try:
+            return main(argv)
+        except (FileNotFoundError, ValueError, CheckpointError, NonFiniteError) as e:
+            if os.environ.get("DIFFJAX_TRACEBACK"):
+                raise
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(1)
+
+    app.run(wrapped, flags_parser=parse_flags)
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True

@@ -12,9 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from launch.common import override_flag, parse_flags, setup_logging, workdir_config  # noqa: E402
+from launch.common import override_flag, run, setup_logging, workdir_config  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

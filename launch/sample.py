@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from launch.common import parse_flags, setup_logging  # noqa: E402
+from launch.common import run, setup_logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to sample from (EMA params).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export directory to sample from.")
@@ -44,10 +44,12 @@ def main(argv):
         sampler = generate.Sampler.from_workdir(_WORKDIR.value, step=_STEP.value, **overrides)
     else:
         sampler = generate.Sampler.from_export(_EXPORT_DIR.value, **overrides)
-    images, labels = sampler.generate(_NUM.value, seed=_SEED.value, labels=labels, batch_size=_BATCH.value)
+    images, labels = sampler.generate(
+        _NUM.value, seed=_SEED.value, labels=labels, batch_size=_BATCH.value
+    )
     npz, png = generate.save_samples(_OUT.value, images, labels, ncols=sampler.num_classes or None)
     print(f"Wrote {len(images)} samples to {npz} and a grid to {png}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

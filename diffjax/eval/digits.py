@@ -76,7 +76,9 @@ def digits_metrics(images_uint8: np.ndarray, labels: np.ndarray | None) -> dict[
     ref = reference()
     clf = ref["classifier"]
     out = {
-        "frechet_distance": float(frechet_distance(*_stats(clf.features(images_uint8)), *ref["real_stats"])),
+        "frechet_distance": float(
+            frechet_distance(*_stats(clf.features(images_uint8)), *ref["real_stats"])
+        ),
         "frechet_real_halves": ref["frechet_real_halves"],
         "classifier_heldout_accuracy": ref["classifier_heldout_accuracy"],
         "num_samples": int(len(images_uint8)),

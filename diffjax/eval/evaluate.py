@@ -12,7 +12,9 @@ import numpy as np
 from diffjax import experiment
 
 
-def evaluate_sampler(sampler, *, num_samples: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+def evaluate_sampler(
+    sampler, *, num_samples: int, batch_size: int, seed: int = 0
+) -> dict[str, Any]:
     """Generates `num_samples` images with `sampler` and computes the configured metrics.
 
     Args:
@@ -40,11 +42,15 @@ def evaluate_sampler(sampler, *, num_samples: int, batch_size: int, seed: int = 
 
         metrics.update(digits_metrics(images, labels if conditional else None))
     if config.eval.reference_stats:
-        metrics.update(fid_metrics(images, config.eval.reference_stats, config.eval.inception_weights))
+        metrics.update(
+            fid_metrics(images, config.eval.reference_stats, config.eval.inception_weights)
+        )
     return metrics
 
 
-def fid_metrics(images: np.ndarray, reference_stats: str, inception_weights: str) -> dict[str, float]:
+def fid_metrics(
+    images: np.ndarray, reference_stats: str, inception_weights: str
+) -> dict[str, float]:
     """FID of uint8 `images` against a pytorch-fid style statistics file."""
     from diffjax.eval import fid
 

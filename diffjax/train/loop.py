@@ -19,7 +19,7 @@ import numpy as np
 
 from diffjax import data as data_lib
 from diffjax import experiment, images, models, parallel
-from diffjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from diffjax.checkpoint import Checkpointer, abstract_with_shardings
 from diffjax.sampling import cycle_labels, make_sample_fn
 from diffjax.train.state import TrainState, make_optimizer
 from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
@@ -57,12 +57,16 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: b
         os.replace(tmp, path)
 
 
-def check_same_model(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_same_model(
+    saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str
+) -> None:
     """Raises WorkdirMismatchError naming every differing field."""
     current = experiment.model_fingerprint(config)
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diffs)
+        detail = "; ".join(
+            f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diffs
+        )
         raise WorkdirMismatchError(
             f"The workdir {workdir} holds checkpoints of a different model ({detail}). "
             "Nothing was changed there. Use a new --workdir, or the config that trained it."
@@ -102,7 +106,9 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
         eps=tc.eps,
         grad_clip=tc.grad_clip,
     )
-    init = functools.partial(init_train_state, init_fn=experiment.make_init_fn(model, config), tx=tx)
+    init = functools.partial(
+        init_train_state, init_fn=experiment.make_init_fn(model, config), tx=tx
+    )
     key = jax.random.key(config.seed)
     boxed = jax.eval_shape(functools.partial(init, unbox=False), key)
     return Components(
@@ -212,7 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # -- mesh
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     per_process_batch = parallel.check_batch_size(tc.batch_size, mesh, tc.grad_accum_steps)
-    log.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.size, jax.process_count())
+    log.info(
+        "Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.size, jax.process_count()
+    )
 
     # -- data
     source = data_lib.make_source(**config.data.to_dict())
@@ -311,14 +319,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     scalars["compile_seconds"] = compile_seconds
                     first_log = False
                 writer.write(step, scalars)
-                progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['img_per_sec']:.0f}")
+                progress.set_postfix(
+                    loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['img_per_sec']:.0f}"
+                )
                 window_loss, window_start, window_steps = [], time.perf_counter(), 0
             progress.update(1)
 
             if step % tc.checkpoint_every_steps == 0 or step == tc.num_steps:
                 save(step)
             if sample_grid and (
-                (tc.sample_every_steps and step % tc.sample_every_steps == 0) or step == tc.num_steps
+                (tc.sample_every_steps and step % tc.sample_every_steps == 0)
+                or step == tc.num_steps
             ):
                 sample_grid(state.ema_params, step)
             if preemption.any_process():
@@ -372,7 +383,9 @@ def _make_grid_sampler(config, model, schedule, workdir: str):
     def grid(params, step: int) -> str:
         x = sample_fn(params, noise, cond, jax.random.fold_in(key, 1))
         path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-        images.save_grid(images.to_uint8(jax.device_get(x)), path, ncols=config.data.num_classes or None)
+        images.save_grid(
+            images.to_uint8(jax.device_get(x)), path, ncols=config.data.num_classes or None
+        )
         return path
 
     return grid

@@ -89,9 +89,7 @@ def make_optimizer(
     if grad_clip and grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
     parts.append(
-        optax.adamw(
-            schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask
-        )
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
     )
     return optax.chain(*parts), schedule
 

@@ -153,7 +153,11 @@ def make_train_step(
 
 
 def init_train_state(
-    key: jax.Array, init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, *, unbox: bool
+    key: jax.Array,
+    init_fn: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    *,
+    unbox: bool,
 ) -> TrainState:
     """Initial state. `init_fn(key) -> params` (possibly logically boxed).
 
