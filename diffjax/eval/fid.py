@@ -345,12 +345,15 @@ def load_npz_images(path: str | os.PathLike, key: str = "images") -> np.ndarray:
     if not os.path.exists(path):
         raise FileNotFoundError(f"Image file {path!r} not found.")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if key not in data.files:
-                raise ValueError(f"{path!r} has no {key!r} array (found {data.files}).")
-            images = data[key]
-    except (OSError, EOFError) as e:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as e:
         raise ValueError(f"{path!r} is not a readable .npz file: {e}") from e
+    if not hasattr(data, "files"):
+        raise ValueError(f"{path!r} is a single .npy array; save images with np.savez(images=...).")
+    with data:
+        if key not in data.files:
+            raise ValueError(f"{path!r} has no {key!r} array (found {data.files}).")
+        images = data[key]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
             f"{path!r}: {key!r} must be uint8 [N, H, W, C] with C in (1, 3), got "

@@ -109,17 +109,20 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             "`python launch/fid_stats.py --images=... --inception_weights=... --out=...`."
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("mu", "sigma") if k not in data.files]
-            if missing:
-                raise ValueError(
-                    f"{path!r} has no {missing} (found {data.files}); an FID statistics file "
-                    "holds 'mu' [D] and 'sigma' [D, D]."
-                )
-            mu = np.asarray(data["mu"], np.float64)
-            sigma = np.asarray(data["sigma"], np.float64)
-    except (OSError, EOFError) as e:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as e:
         raise ValueError(f"{path!r} is not a readable .npz file: {e}") from e
+    with data:
+        if not hasattr(data, "files"):
+            raise ValueError(f"{path!r} is a single .npy array, not an .npz with mu and sigma.")
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(
+                f"{path!r} has no {missing} (found {data.files}); an FID statistics file "
+                "holds 'mu' [D] and 'sigma' [D, D]."
+            )
+        mu = np.asarray(data["mu"], np.float64)
+        sigma = np.asarray(data["sigma"], np.float64)
     _check_shapes(mu, sigma, path)
     return mu, sigma
 
