@@ -145,7 +145,7 @@ def test_fid_stats_cli_npz_end_to_end(tmp_path, weights_file, gray_images, strea
     with np.load(out) as data:
         assert int(data["num_images"]) == len(gray_images)
         # Another device count and batch size than in-process: same numbers to rounding.
-        for got, want in zip((data["mu"], data["sigma"]), streamed_stats):
+        for got, want in zip((data["mu"], data["sigma"]), streamed_stats, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
