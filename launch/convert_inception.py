@@ -5,7 +5,11 @@
 
 The .pth is pytorch-fid's release file
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-(the TF 2015-12-05 Inception used by the original FID code, ported to PyTorch). This is
+(the TF 2015-12-05 Inception used by the original FID code, ported to PyTorch). Its
+SHA-256 starts with 6726825d (the file-name suffix, which torch.hub checks); the full
+digest recorded in `inception.FID_WEIGHTS_SHA256` comes from a third-party record of the
+same file, not from pytorch-fid itself. A file whose digest does not start with
+6726825d is refused unless --allow_unknown_checksum is given. This is
 the only place diffjax reads a torch file: it needs torch (`pip install
 'diffjax[torch]'`) and loads with `weights_only=True`, so no pickled code runs. The
 output holds flat Flax names (`params/Mixed_5b/branch1x1/conv/kernel`, ...) with conv

@@ -24,6 +24,22 @@ def test_streaming_equals_batch_statistics(offset):
     np.testing.assert_allclose(stats.sigma, np.cov(ref, rowvar=False), rtol=1e-9, atol=1e-9)
 
 
+def test_merge_equals_one_stream():
+    rng = np.random.default_rng(3)
+    feats = rng.standard_normal((50, 5)) + 3.0
+    parts = [RunningStats(5) for _ in range(3)]
+    for p, chunk in zip(parts, (feats[:1], feats[1:20], feats[20:]), strict=True):
+        p.update(chunk)
+    merged = RunningStats(5)
+    for p in parts + [RunningStats(5)]:  # An empty one merges as a no-op.
+        merged.merge(p)
+    assert merged.count == 50
+    np.testing.assert_allclose(merged.mu, feats.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(merged.sigma, np.cov(feats, rowvar=False), rtol=1e-11)
+    with pytest.raises(ValueError, match="dim"):
+        merged.merge(RunningStats(4))
+
+
 def test_single_batch_is_exactly_pytorch_fid():
     rng = np.random.default_rng(1)
     feats = rng.uniform(0, 5, (40, 8))

@@ -9,7 +9,8 @@ Feature extraction is data parallel: each fixed-size batch is split over the loc
 devices (a one-axis mesh), the last batch is padded and the padding dropped, and
 features stream into float64 `RunningStats`, so any number of images fits in memory.
 In a multi-process job each process computes the statistics of the images it is
-given; merge per-process `RunningStats` or feed all images to one process.
+given; combine per-process `RunningStats` with `merge`, or feed all images to one
+process.
 
 Typical use:
 

@@ -516,6 +516,8 @@ def save_params(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
     """Writes Inception variables (nested or flat) to safetensors with flat names."""
     from safetensors.numpy import save_file
 
+    if not variables:
+        raise ValueError("No Inception variables to save.")
     flat = variables if "/" in next(iter(variables)) else flatten_variables(variables)
     arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
     save_file(arrays, os.fspath(path), metadata={"format": "diffjax-fid-inception-v3"})

@@ -41,8 +41,7 @@ class RunningStats:
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"Expected features of shape [B, {self.dim}], got {x.shape}.")
-        n_b = x.shape[0]
-        if n_b == 0:
+        if x.shape[0] == 0:
             return
         if not np.isfinite(x).all():
             raise ValueError(
@@ -50,12 +49,22 @@ class RunningStats:
             )
         mean_b = x.mean(axis=0)
         centered = x - mean_b
-        m2_b = centered.T @ centered
+        self._combine(x.shape[0], mean_b, centered.T @ centered)
+
+    def merge(self, other: RunningStats) -> None:
+        """Adds the features another `RunningStats` has seen (e.g. another process's)."""
+        if other.dim != self.dim:
+            raise ValueError(f"Cannot merge RunningStats of dim {other.dim} into dim {self.dim}.")
+        if other.count:
+            self._combine(other.count, other._mean, other._m2)
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        # Chan et al.'s pairwise update of (count, mean, M2).
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self._mean
-        self._mean += delta * (n_b / n)
-        self._m2 += m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
         self.count = n
 
     @property
