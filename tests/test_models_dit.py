@@ -133,7 +133,7 @@ def test_patchify_layout_and_roundtrip():
     np.testing.assert_array_equal(unpatchify(tok, 4, 2, 3), x)
 
 
-TEXT = dict(context_dim=16, num_classes=0)
+TEXT = dict(context_dim=16, num_classes=0, depth=1)
 
 
 @functools.cache

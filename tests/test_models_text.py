@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax.models import build_preset
+from diffjax.models import build_model, build_preset
 from diffjax.models.text import ByteTokenizer, TextEncoder, WordTokenizer, make_tokenizer
 
 
@@ -57,15 +57,31 @@ def test_text_encoder_masks_padding_and_handles_empty_captions():
     np.testing.assert_allclose(f(params, junk, mask)[0, :3], out[0, :3], atol=1e-6)
 
 
-def test_text_conditioned_unet_trains_its_encoder_end_to_end():
-    model = build_preset(
-        "unet_digits_text",
-        base_channels=8,
-        channel_mult=(1,),
-        num_res_blocks=1,
-        num_groups=4,
+def test_unet_digits_text_preset_takes_token_ids():
+    model = build_preset("unet_digits_text")
+    ids, mask = WordTokenizer(max_len=16).encode(["a handwritten seven", ""])
+    x = jnp.zeros((2, 8, 8, 1))
+    t = jnp.zeros(2)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, None, ids, mask)["params"]
+    assert params["text_encoder"]["token_emb"]["embedding"].value.shape == (4097, 64)
+    out = jax.eval_shape(
+        lambda p: model.apply({"params": p}, x, t, None, ids, mask), nn.meta.unbox(params)
+    )
+    assert out.shape == (2, 8, 8, 1)
+    with pytest.raises(ValueError, match="integer token ids"):
+        jax.eval_shape(model.init, jax.random.key(0), x, t, None, jnp.zeros((2, 16)), mask)
+
+
+def test_text_conditioned_model_trains_its_encoder_end_to_end():
+    model = build_model(
+        "dit",
+        patch_size=2,
+        hidden_size=16,
+        depth=1,
         num_heads=2,
+        num_classes=0,
         context_dim=16,
+        text_vocab_size=4097,
         text_depth=1,
         text_heads=2,
     )
@@ -74,9 +90,8 @@ def test_text_conditioned_unet_trains_its_encoder_end_to_end():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     t = jnp.array([10.0, 500.0])
     abstract = jax.eval_shape(model.init, jax.random.key(1), x, t, None, ids, mask)["params"]
-    assert "text_encoder" in abstract
-    # Random weights: real init zeroes the output conv and the spatial
-    # transformer's proj_out, and two zeros in series block any text gradient.
+    # Random weights: real init zeroes the adaLN gates, the cross-attention output
+    # and the final layer, which would block any gradient to the text encoder.
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32) * 0.2),
