@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.linen import partitioning as nn_partitioning
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from diffjax.models import LOGICAL_AXIS_RULES, build_model
+from diffjax.models import LOGICAL_AXIS_RULES, build_model, build_preset, param_shardings
 from diffjax.models import layers as L
 
 
@@ -143,3 +145,28 @@ def test_logical_axis_rules_shard_at_most_one_dim_on_fsdp():
         tuple(specs["block0"]["mlp"]["Dense_0"]["kernel"]), LOGICAL_AXIS_RULES
     )
     assert tuple(mlp) == (None, "fsdp")
+
+
+def test_param_shardings_split_only_divisible_dims():
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs the 8 simulated devices of conftest")
+    mesh = Mesh(devices.reshape(1, 8), ("data", "fsdp"))
+    model = build_preset("unet_digits")
+    boxed = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1))
+    )["params"]
+    shardings = param_shardings(boxed, mesh)
+    abstract = nn.meta.unbox(boxed)
+    # The 1-channel input/output convs fall back to their 32-channel side.
+    assert shardings["conv_in"]["kernel"].spec == P(None, None, None, "fsdp")
+    assert shardings["conv_out"]["kernel"].spec == P(None, None, "fsdp", None)
+    assert shardings["conv_out"]["bias"].spec == P(None)  # [1]: replicated
+    assert shardings["label_emb"]["embedding"].spec == P(None, "fsdp")  # 11 rows x 128
+    # JAX accepts every sharding (it refuses uneven splits).
+    zeros = jax.jit(
+        lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract),
+        out_shardings=shardings,
+    )()
+    sharded = [a for a in jax.tree.leaves(zeros) if not a.sharding.is_fully_replicated]
+    assert sum(a.size for a in sharded) > 0.95 * sum(a.size for a in jax.tree.leaves(zeros))

@@ -9,6 +9,7 @@ out = model.apply({'params': p}, x, t, labels=None, context=None,
 
 from diffjax.models.dit import DiT
 from diffjax.models.layers import LOGICAL_AXIS_RULES, REMAT_POLICIES
+from diffjax.models.partitioning import param_partition_specs, param_shardings
 from diffjax.models.registry import (
     MODELS,
     PRESETS,
@@ -30,6 +31,8 @@ __all__ = [
     "UNet",
     "build_model",
     "build_preset",
+    "param_partition_specs",
+    "param_shardings",
     "model_fields",
     "preset",
     "preset_kwargs",
