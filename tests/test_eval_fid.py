@@ -134,6 +134,30 @@ def weights_file(tmp_path_factory, variables):
     return str(path)
 
 
+def test_fid_from_images_wiring(tmp_path, weights_file, gray_images, streamed_stats, monkeypatch):
+    from diffjax.eval.stats import save_statistics
+
+    stats = tmp_path / "ref.npz"
+    with pytest.raises(FileNotFoundError, match="fid_stats.py"):
+        fid.fid_from_images(gray_images, stats, weights_file)
+    ref_mu, ref_sigma = streamed_stats[0] + 1.0, 2.0 * streamed_stats[1]
+    save_statistics(stats, ref_mu, ref_sigma)
+    # The distance itself is tested in test_eval_frechet (at D=2048 it costs ~10 s of
+    # CPU); here: the right statistics reach it, in the right order, with the method.
+    calls = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda *a, **k: calls.append((a, k)) or 42.0)
+    got = fid.fid_from_images(
+        gray_images, stats, weights_file, 4, "eigh", devices=jax.devices()[:N_DEV]
+    )
+    assert got == 42.0 and len(calls) == 1
+    (mu, sigma, mu_r, sigma_r), kwargs = calls[0]
+    assert kwargs == {"method": "eigh"}
+    np.testing.assert_allclose(mu, streamed_stats[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sigma, streamed_stats[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(mu_r, ref_mu)
+    np.testing.assert_array_equal(sigma_r, ref_sigma)
+
+
 def test_fid_stats_cli_npz_end_to_end(tmp_path, weights_file, gray_images, streamed_stats):
     npz = tmp_path / "samples.npz"
     np.savez(npz, images=gray_images, labels=np.zeros(len(gray_images), np.int32))

@@ -308,14 +308,19 @@ def compute_fid(
     batch_size: int = DEFAULT_BATCH_SIZE,
     *,
     devices: Sequence[Any] | None = None,
+    method: str = "sqrtm",
 ) -> float:
-    """FID between images and reference statistics (a stats .npz path or (mu, sigma))."""
+    """FID between images and reference statistics (a stats .npz path or (mu, sigma)).
+
+    `method` is `frechet_distance`'s: 'sqrtm' (pytorch-fid's algorithm, tens of seconds
+    at D=2048 on a small CPU) or 'eigh' (same value to rounding, several times faster).
+    """
     if isinstance(reference, (str, os.PathLike)):
         ref_mu, ref_sigma = load_statistics(reference)
     else:
         ref_mu, ref_sigma = reference
     mu, sigma = compute_statistics(images, variables, batch_size, devices=devices)
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
 
 
 def fid_from_images(
@@ -323,6 +328,9 @@ def fid_from_images(
     reference_stats: str | os.PathLike,
     inception_weights: str | os.PathLike,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    method: str = "sqrtm",
+    *,
+    devices: Sequence[Any] | None = None,
 ) -> float:
     """FID of images against a statistics .npz, loading the Inception safetensors.
 
@@ -331,10 +339,12 @@ def fid_from_images(
       reference_stats: .npz with `mu`, `sigma` (fid_stats.py or pytorch-fid output).
       inception_weights: safetensors from launch/convert_inception.py.
       batch_size: images per device call.
+      method: `frechet_distance`'s method ('sqrtm' as pytorch-fid, or the faster 'eigh').
+      devices: devices to shard over (default: local devices).
     """
     ref = load_statistics(reference_stats)  # Fail on a bad path before any compute.
     variables = inception.load_params(inception_weights)
-    return compute_fid(images, variables, ref, batch_size)
+    return compute_fid(images, variables, ref, batch_size, devices=devices, method=method)
 
 
 # ----------------------------------------------------------------------------- image sources
