@@ -120,7 +120,7 @@ def test_tfds_repr_is_stable_and_iterator_resumes(tfds_dir):
         got = next(resumed)
         np.testing.assert_array_equal(got["image"], e["image"])
         np.testing.assert_array_equal(got["label"], e["label"])
-    # Grain workers receive a pickled source; it reopens the tfds source lazily.
+    # Grain workers (worker_count > 0) receive a pickled copy of the source.
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone[3]["image"], src[3]["image"])
 

@@ -115,9 +115,6 @@ def _feature_keys(builder) -> tuple[str, str | None]:
 class TfdsSource:
     """Random-access records of a prepared tfds dataset (see the module docstring).
 
-    The tfds data source is opened lazily in each process (so the source pickles
-    cheaply into grain workers).
-
     Args:
       name: tfds builder name (`cifar10`, `mnist`, `imagenet2012`, `name/config:1.0.0`).
       split: tfds split string.
@@ -157,23 +154,11 @@ class TfdsSource:
             ) from e
         self._len = len(self._source)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_source"] = None
-        return state
-
-    def _data(self):
-        if self._source is None:
-            self._source = load_builder(self._name, self._data_dir).as_data_source(
-                split=self._split
-            )
-        return self._source
-
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self._data()[index]
+        example = self._source[index]
         pixels = np.asarray(example[self._image_key])
         if pixels.ndim == 2:
             pixels = pixels[..., None]
