@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from diffjax.models import build_model, build_preset, preset_kwargs
+from diffjax.models import layers as L
+from diffjax.models.unet import AttentionBlock, ResBlock
 
 TINY = dict(
     base_channels=16,
@@ -131,23 +133,46 @@ def test_variants_trace_to_the_right_shape(kw, c_out):
     assert out.shape == (2, 8, 8, c_out) and out.dtype == jnp.float32
 
 
-def test_remat_gradients_equal_plain():
-    # One level keeps the two gradient compiles cheap; it still has res and attention blocks.
-    small = dict(channel_mult=(1,), attention_resolutions=(8,))
-    m = _tiny(**small)
-    p = _random_params(m, X.shape)
-    y = jnp.array([0, 10])
+def test_remat_gradients_equal_plain_with_dropout():
+    # Block level keeps compiles cheap; train=True checks that the recomputed
+    # forward redraws the same dropout mask (static `train` argument of nn.remat).
+    h = jax.random.normal(jax.random.key(2), (2, 4, 4, 16))
+    emb = jax.random.normal(jax.random.key(3), (2, 32))
+    rngs = {"dropout": jax.random.key(4)}
 
-    def grads(model):
+    class Net(nn.Module):
+        policy: str
+
+        @nn.compact
+        def __call__(self, h, emb):
+            res = L.maybe_remat(ResBlock, self.policy, static_argnums=(3,))(
+                32, 0.3, True, "down", 4, name="res"
+            )
+            attn = L.maybe_remat(AttentionBlock, self.policy)(2, 0, 4, name="attn")
+            return attn(res(h, emb, True), None, None)
+
+    def grads(policy):
+        net = Net(policy)
+        p = _random_params_of(net, h, emb)
+
         def loss(p):
-            return jnp.mean(model.apply({"params": p}, X, T, y) ** 2)
+            return jnp.mean(net.apply({"params": p}, h, emb, rngs=rngs) ** 2)
 
         return jax.jit(jax.grad(loss))(p)
 
-    g0 = grads(m)
-    g1 = grads(_tiny(**small, remat_policy="dots_saveable"))
+    g0 = grads("none")
+    g1 = grads("dots_saveable")
     assert jax.tree.structure(g0) == jax.tree.structure(g1)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
+
+
+def _random_params_of(module, *args):
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape).astype(np.float32) * 0.1),
+        nn.meta.unbox(abstract),
+    )
 
 
 def test_bfloat16_close_to_float32():
