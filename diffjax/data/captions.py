@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from diffjax.data.sources import digits_source
@@ -154,7 +157,7 @@ def class_names(source: str, *, name: str = "", data_dir: str = "") -> list[str]
     raise ValueError(f"data.source={source!r} has no class names to make captions from.")
 
 
-def _label_captions(d, labels: np.ndarray) -> list[str]:
+def _label_captions(d: ml_collections.ConfigDict, labels: np.ndarray) -> list[str]:
     """Caption of each class (index = label) for `config.data` `d`."""
     if d.source == "folder":
         from diffjax.data.folder import class_folders, folder_captions
@@ -177,7 +180,9 @@ def default_template(source: str) -> str:
     return DIGITS_TEMPLATE if source in ("digits", "digits_text") else "{name}"
 
 
-def caption_condition(config, labels) -> dict[str, Any]:
+def caption_condition(
+    config: ml_collections.ConfigDict, labels: np.ndarray | jax.Array
+) -> dict[str, jax.Array]:
     """Model keyword arguments asking a text-conditioned model for classes `labels`.
 
     Label i asks for the caption `data.caption_template.format(name=class_names[i])`
@@ -196,8 +201,6 @@ def caption_condition(config, labels) -> dict[str, Any]:
       precomputed embeddings (`context_dim > 0` only), float32 [N, L, D] and bool
       [N, L] gathered from the latents file's `class_context` / `class_context_mask`.
     """
-    import jax.numpy as jnp
-
     d = config.data
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     kwargs = config.model.kwargs
@@ -232,7 +235,9 @@ def caption_condition(config, labels) -> dict[str, Any]:
     }
 
 
-def _class_embeddings(d, context_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _class_embeddings(
+    d: ml_collections.ConfigDict, context_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-class embeddings [K+1, L, D] + masks [K+1, L] (last row null) from a latents file."""
     if d.source != "latents":
         raise ValueError(
