@@ -307,13 +307,14 @@ def attention(
       k: [B, S, N, H] keys.
       v: [B, S, N, H] values.
       mask: optional [B, S] bool, True = real key.
-      implementation: '' (let JAX choose), 'xla' or 'cudnn' (fused flash
+      implementation: '' or None (let JAX choose), 'xla' or 'cudnn' (fused flash
         attention on NVIDIA GPUs; needs bfloat16/float16 and head_dim <= 128, a
         multiple of 8).
 
     Returns:
       [B, T, N, H] in q's dtype.
     """
+    implementation = implementation or ""  # None (JAX's own default) is the same as ''.
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             "attention expects [batch, seq, heads, head_dim] arrays, got "
