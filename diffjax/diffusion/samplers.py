@@ -159,7 +159,9 @@ class Method:
         of the underlying scheme, informational).
       stochastic: whether it injects noise (needs `key`).
       evals_per_step: 1, or 2 for Heun-type methods (whose last step needs one).
-      default_placement: placement used when `placement=None` (docs/samplers.md).
+      placement_discrete: default placement on discrete-time schedules.
+      placement_continuous: default placement on continuous ones (not flow, where
+        every method defaults to `trailing`; see `default_placement`).
       description: one line for docs and errors.
     """
 
@@ -167,7 +169,8 @@ class Method:
     order: int
     stochastic: bool
     evals_per_step: int
-    default_placement: str
+    placement_discrete: str
+    placement_continuous: str
     description: str
 
     def nfe(self, num_steps: int) -> int:
@@ -178,17 +181,30 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ddpm", 1, True, 1, "trailing", "ancestral sampling (posterior variance)"),
-        Method("ddim", 1, False, 1, "trailing", "DDIM with eta (0 = deterministic)"),
-        Method("dpmpp_2m", 2, False, 1, "logsnr", "DPM-Solver++(2M), multistep"),
-        Method("dpmpp_3m", 3, False, 1, "logsnr", "DPM-Solver++(3M), multistep"),
-        Method("dpmpp_2m_sde", 2, True, 1, "logsnr", "SDE-DPM-Solver++(2M), midpoint"),
-        Method("euler", 1, False, 1, "karras", "EDM Euler in sigma/alpha, with churn"),
-        Method("heun", 2, False, 2, "karras", "EDM Heun in sigma/alpha, with churn"),
-        Method("flow_euler", 1, False, 1, "trailing", "Euler in the flow time"),
-        Method("flow_heun", 2, False, 2, "trailing", "Heun in the flow time"),
+        Method("ddpm", 1, True, 1, "trailing", "logsnr", "ancestral (posterior variance)"),
+        Method("ddim", 1, False, 1, "trailing", "logsnr", "DDIM with eta (0: deterministic)"),
+        Method("dpmpp_2m", 2, False, 1, "logsnr", "logsnr", "DPM-Solver++(2M), multistep"),
+        Method("dpmpp_3m", 3, False, 1, "logsnr", "logsnr", "DPM-Solver++(3M), multistep"),
+        Method("dpmpp_2m_sde", 2, True, 1, "logsnr", "logsnr", "SDE-DPM-Solver++(2M), midpoint"),
+        Method("euler", 1, False, 1, "trailing", "karras", "EDM Euler in sigma/alpha, churn"),
+        Method("heun", 2, False, 2, "trailing", "karras", "EDM Heun in sigma/alpha, churn"),
+        Method("flow_euler", 1, False, 1, "trailing", "logsnr", "Euler in the flow time"),
+        Method("flow_heun", 2, False, 2, "linspace", "logsnr", "Heun in the flow time"),
     )
 }
+
+
+def default_placement(method: str, schedule: Schedule) -> str:
+    """The placement `sample` uses for `method` on `schedule` when none is given.
+
+    Chosen by `benchmarks/samplers.py --study` (docs/samplers.md): on the flow
+    schedule `trailing` (uniform in t) for every method; on discrete schedules
+    `Method.placement_discrete`; on other continuous ones `Method.placement_continuous`.
+    """
+    m = _method(method)
+    if schedule.name == "flow":
+        return "trailing"
+    return m.placement_discrete if schedule.is_discrete else m.placement_continuous
 
 
 def nfe(method: str, num_steps: int) -> int:
@@ -420,8 +436,8 @@ def sample(
       num_steps: solver steps N (network evaluations: `nfe(method, N)`).
       prediction: what `model_fn` predicts: `epsilon` | `x0` | `v` | `flow`.
       key: PRNG key, required by stochastic methods and churn.
-      placement: step placement (`step_times`); None uses the method's default
-        (`METHODS[method].default_placement`).
+      placement: step placement (`step_times`); None uses
+        `default_placement(method, schedule)`.
       eta: DDIM eta (default 0) or SDE-DPM-Solver++ eta (default 1); other methods
         refuse it.
       rho: Karras placement exponent.
@@ -446,7 +462,7 @@ def sample(
     m = _method(method)
     parametrizations.check_prediction(prediction)
     if placement is None:
-        placement = m.default_placement
+        placement = default_placement(method, schedule)
     if eta is None:
         eta = {"ddim": 0.0, "dpmpp_2m_sde": 1.0}.get(m.name, 0.0)
     elif m.name not in ("ddim", "dpmpp_2m_sde"):
