@@ -15,7 +15,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     c.data = d = ml_collections.ConfigDict()
-    d.source = "digits"  # digits | tfds | folder | latents | arrays.
+    d.source = "digits"  # digits | digits_text | tfds | folder | latents.
     d.name = ""  # tfds dataset name (e.g. "cifar10"); unused by other sources.
     d.data_dir = ""  # tfds data_dir, image-folder root, or latents file.
     d.split = "train"  # Split to train on.

@@ -26,9 +26,16 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def conditioning_kind(config: ml_collections.ConfigDict) -> str:
     """'text' for caption-conditioned models, 'label' for class-conditional, else ''."""
     kwargs = config.model.kwargs
-    if kwargs.get("context_dim", 0) or kwargs.get("text_encoder", False):
+    if kwargs.get("context_dim", 0) or kwargs.get("text_vocab_size", 0):
         return "text"
-    return "label" if config.data.num_classes > 0 else ""
+    return "label" if config.data.num_classes > 0 and kwargs.get("num_classes", 0) else ""
+
+
+def condition_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The batch keys that condition this model (others, e.g. a captioned set's labels, are not fed)."""
+    return {"label": ("label",), "text": ("context", "context_mask"), "": ()}[
+        conditioning_kind(config)
+    ]
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -84,7 +91,7 @@ def dummy_condition(config: ml_collections.ConfigDict, batch: int) -> dict[str, 
     if kind == "text":
         length = config.data.max_text_len
         dim = config.model.kwargs.get("context_dim", 0)
-        if config.model.kwargs.get("text_encoder", False):
+        if config.model.kwargs.get("text_vocab_size", 0):
             return {
                 "context": jnp.zeros((batch, length), jnp.int32),
                 "context_mask": jnp.ones((batch, length), bool),

@@ -68,11 +68,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
     """Mesh shardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes.
 
-    The returned tree has the structure of the *unboxed* tree. Leaves without logical
-    names are replicated.
+    Each logical axis name maps to a mesh axis by `rules`. A mesh axis is used at most
+    once per array, on the largest dimension it divides evenly; dimensions it does not
+    divide stay replicated (a bias of size 10 on fsdp=4, say). Leaves without logical
+    names are replicated. The returned tree has the structure of the *unboxed* tree.
     """
-    specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    rules = dict(rules)
+    logical = nn.get_partition_spec(boxed_tree)
+    shapes = nn.meta.unbox(boxed_tree)
+
+    def one(spec: PartitionSpec, leaf: Any) -> NamedSharding:
+        shape = getattr(leaf, "shape", ())
+        assigned: list[Any] = [None] * len(shape)
+        names = tuple(spec) + (None,) * (len(shape) - len(spec))
+        by_size = sorted(range(len(shape)), key=lambda i: -shape[i])
+        used = set()
+        for i in by_size:
+            axis = rules.get(names[i]) if isinstance(names[i], str) else None
+            if axis is None or axis in used or shape[i] % mesh.shape[axis]:
+                continue
+            assigned[i] = axis
+            used.add(axis)
+        return NamedSharding(mesh, PartitionSpec(*assigned))
+
+    return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

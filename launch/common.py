@@ -125,9 +125,28 @@ def run(main) -> None:
     app.run(wrapped, flags_parser=parse_flags)
 
 
+def enable_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache (reruns and resumes skip compiling).
+
+    The directory is $JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/diffjax/xla;
+    DIFFJAX_COMPILATION_CACHE=0 turns it off.
+    """
+    import os
+
+    import jax
+
+    if os.environ.get("DIFFJAX_COMPILATION_CACHE") == "0":
+        return
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        path = os.path.join(os.path.expanduser("~"), ".cache", "diffjax", "xla")
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    enable_compilation_cache()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -14,8 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "--config=configs/digits.py:quick"
 
 
+# One compilation cache for every subprocess of this module: the first run compiles,
+# the rest (resume, sample, evaluate) load the executables.
+_CACHE = tempfile.mkdtemp(prefix="diffjax-xla-")
+
+
 def _env(devices=1):
     env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"

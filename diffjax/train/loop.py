@@ -264,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             precondition=parts.schedule.precondition,
             cond_dropout=config.diffusion.cond_dropout,
             num_classes=config.data.num_classes,
+            cond_keys=experiment.condition_keys(config),
         ),
         parts.tx,
         parts.lr_fn,

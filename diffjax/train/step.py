@@ -35,9 +35,9 @@ def drop_conditioning(
     return batch
 
 
-def model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The conditioning arguments of `model.apply` present in `batch`."""
-    return {kw: batch[k] for k, kw in COND_KEYS.items() if k in batch}
+def model_kwargs(batch: dict[str, jax.Array], keys: tuple[str, ...]) -> dict[str, jax.Array]:
+    """The conditioning arguments of `model.apply` for the batch keys `keys`."""
+    return {COND_KEYS[k]: batch[k] for k in keys}
 
 
 def make_loss_fn(
@@ -47,6 +47,7 @@ def make_loss_fn(
     precondition: Callable = lambda f: f,
     cond_dropout: float,
     num_classes: int,
+    cond_keys: tuple[str, ...] = (),
 ):
     """`loss_fn(params, batch, rng) -> loss` for one (micro-)batch.
 
@@ -57,12 +58,13 @@ def make_loss_fn(
         `diffjax.diffusion.losses.make_loss`.
       cond_dropout: probability of replacing the condition by the null one.
       num_classes: class count (the null label's value).
+      cond_keys: batch keys fed to the model (`experiment.condition_keys`).
     """
 
     def loss_fn(params, batch, rng):
         k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
         batch = drop_conditioning(batch, k_drop, p=cond_dropout, num_classes=num_classes)
-        cond = model_kwargs(batch)
+        cond = model_kwargs(batch, cond_keys)
 
         def net_fn(x, t):
             return apply_fn(
