@@ -187,6 +187,12 @@ def test_remat_gradients_equal_plain():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
 
 
+def test_remat_and_dtype_keep_the_param_tree():
+    base = jax.tree.map(lambda a: (a.shape, a.dtype), nn.meta.unbox(_abstract(_tiny())))
+    other = nn.meta.unbox(_abstract(_tiny(remat_policy="full", dtype="bfloat16")))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), other) == base
+
+
 def test_bfloat16_close_to_float32():
     m = _tiny()
     p = _random_params(m)

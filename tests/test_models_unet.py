@@ -188,6 +188,14 @@ def test_bfloat16_close_to_float32():
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nn.meta.unbox(p16)))
 
 
+def test_remat_and_dtype_keep_the_param_tree():
+    # Checkpoints must restore whichever remat policy or compute dtype a run picks.
+    base = jax.tree.map(lambda a: (a.shape, a.dtype), nn.meta.unbox(_abstract(_tiny(), X.shape)))
+    for kw in (dict(remat_policy="full"), dict(dtype="bfloat16", remat_policy="dots_saveable")):
+        other = nn.meta.unbox(_abstract(_tiny(**kw), X.shape))
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), other) == base
+
+
 def test_params_carry_logical_axes():
     boxed = _abstract(_tiny(), X.shape)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
