@@ -1,10 +1,21 @@
 """Diffusion backbones (Flax linen): U-Net, DiT, a small text encoder, and a registry.
 
-model = diffjax.models.build_model('unet', **config.model.kwargs,
-                                   dtype=config.model.dtype,
-                                   remat_policy=config.model.remat_policy)
-out = model.apply({'params': p}, x, t, labels=None, context=None,
-                  context_mask=None, train=False, rngs={'dropout': key})
+    model = diffjax.models.build_model(config.model.name, **config.model.kwargs,
+                                       dtype=config.model.dtype,
+                                       remat_policy=config.model.remat_policy)
+    out = model.apply({'params': p}, x, t, labels=None, context=None,
+                      context_mask=None, train=False, rngs={'dropout': key})
+
+* Presets: `PRESETS` / `preset_kwargs(name)` give plain kwargs dicts for
+  'ddpm_cifar10', 'adm_imagenet64', 'unet_digits', 'unet_digits_text' and
+  'DiT-{S,B,L,XL}/{2,4,8}'; `build_preset(name, **overrides)` builds one.
+* Sharding: params carry logical axis names; `LOGICAL_AXIS_RULES` maps the
+  large ones to the 'fsdp' mesh axis; `param_shardings(boxed, mesh)` applies
+  the rules only where a dimension divides by the mesh axis.
+* Cost: `diffjax.models.summary.model_summary` (params, forward GFLOPs per
+  image, activation memory), computed abstractly.
+* Text: `diffjax.models.text` (tokenizers, `TextEncoder`); a model built with
+  `text_vocab_size > 0` takes token ids as `context` and trains its own encoder.
 """
 
 from diffjax.models.dit import DiT
