@@ -55,6 +55,50 @@ class Sampler:
             config=config, params=state.ema_params, sample_fn=sample_fn, mesh=mesh, step=step
         )
 
+    @classmethod
+    def from_export(
+        cls,
+        export_dir: str,
+        *,
+        method: str | None = None,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        serialized: bool = False,
+    ) -> Sampler:
+        """An export's params, with the model and sampler rebuilt from its config.json.
+
+        Gives the same images as `from_workdir` on the exported run for the same seed.
+        With `serialized=True` the `jax.export` artifact runs instead of diffjax's code
+        (one device; the method and step count are those it was exported with).
+        """
+        from diffjax import export
+
+        meta, config = export.read_export(export_dir)
+        config = _with_sampling(config, method, num_steps, guidance)
+        model = experiment.build_model(config)
+        params = export.load_params(export_dir, config, model)
+        if serialized:
+            if method is not None or num_steps is not None:
+                raise ValueError(
+                    "The serialized sampler has its method and step count built in; drop "
+                    "--method/--steps or sample without --serialized."
+                )
+            exported = export.load_serialized(export_dir, meta)
+            scale = jnp.float32(config.sample.guidance)
+
+            def sample_fn(params, noise, cond, key):
+                return exported.call(params, noise, cond, scale, jax.random.key_data(key))
+
+        else:
+            schedule = experiment.build_schedule(config)
+            sample_fn = make_sample_fn(model.apply, schedule, **experiment.sampler_kwargs(config))
+        mesh = (
+            parallel.make_mesh(1, 1, devices=jax.local_devices()[:1])
+            if serialized
+            else (parallel.make_mesh(config.mesh.data, config.mesh.fsdp))
+        )
+        return cls(config=config, params=params, sample_fn=sample_fn, mesh=mesh, step=meta["step"])
+
     def generate(
         self,
         num_samples: int,

@@ -32,6 +32,7 @@ def make_sample_fn(
     guidance: float = 1.0,
     guidance_rescale: float = 0.0,
     num_classes: int = 0,
+    jit: bool = True,
     **sampler_kwargs: Any,
 ) -> Callable[[Any, jax.Array, dict[str, jax.Array], jax.Array], jax.Array]:
     """Builds `sample_fn(params, noise, cond, key) -> images`, jitted once per shape.
@@ -40,9 +41,11 @@ def make_sample_fn(
       apply_fn: the Flax module's `apply`.
       schedule: a `diffjax.diffusion.schedules` schedule.
       method, num_steps, prediction: the sampler (see `diffjax.diffusion.samplers`).
-      guidance: classifier-free guidance scale; 1 uses the conditional model alone.
+      guidance: classifier-free guidance scale; a Python 1.0 uses the conditional model
+        alone (one network call per evaluation), an array is always applied.
       guidance_rescale: guidance rescale factor.
       num_classes: value of the null label.
+      jit: return the function jitted (False for embedding in a larger traced fn).
       **sampler_kwargs: passed to `samplers.sample` (eta, clip_x0, ...).
 
     `cond` holds the model's conditioning keywords (`labels`, or `context` and
@@ -61,7 +64,7 @@ def make_sample_fn(
 
         cond_model_fn = schedule.precondition(net_fn)
 
-        if cond and guidance != 1.0:
+        if cond and not (isinstance(guidance, (int, float)) and guidance == 1.0):
             model_fn = guidance_lib.classifier_free(
                 cond_model_fn,
                 cond,
@@ -84,7 +87,7 @@ def make_sample_fn(
             **sampler_kwargs,
         )
 
-    return jax.jit(sample_fn)
+    return jax.jit(sample_fn) if jit else sample_fn
 
 
 def cycle_labels(n: int, num_classes: int) -> jnp.ndarray:

@@ -27,6 +27,11 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "CFG scale (default: the run's 
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _LABELS = flags.DEFINE_list("labels", None, "Class labels to draw (cycled to --num_samples).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per device call.")
+_SERIALIZED = flags.DEFINE_bool(
+    "serialized",
+    False,
+    "With --export_dir: run the exported jax.export sampler, not diffjax's code.",
+)
 
 
 def main(argv):
@@ -43,7 +48,9 @@ def main(argv):
     if _WORKDIR.value:
         sampler = generate.Sampler.from_workdir(_WORKDIR.value, step=_STEP.value, **overrides)
     else:
-        sampler = generate.Sampler.from_export(_EXPORT_DIR.value, **overrides)
+        sampler = generate.Sampler.from_export(
+            _EXPORT_DIR.value, serialized=_SERIALIZED.value, **overrides
+        )
     images, labels = sampler.generate(
         _NUM.value, seed=_SEED.value, labels=labels, batch_size=_BATCH.value
     )

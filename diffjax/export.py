@@ -1,0 +1,235 @@
+"""Export of trained EMA params for sampling elsewhere, and loading exports back.
+
+An export directory holds
+
+* `params.safetensors`: the EMA params under flat `/`-joined names (float32);
+* `config.json`: everything needed to rebuild model, schedule and sampler (the run's
+  config under `config`), the data shape, class count, diffjax version, the step, and
+  the SHA-256 of the params file;
+* `sampler.jax_export`: the whole guided sampler serialized with `jax.export` for the
+  platforms that lowered (`config.json` lists them), so a consumer with only `jax`,
+  `numpy` and `safetensors` can draw samples:
+
+      exp = jax.export.deserialize(open("sampler.jax_export", "rb").read())
+      images = exp.call(params, noise, cond, guidance, key_data)   # see README
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+import diffjax
+from diffjax import experiment
+from diffjax.sampling import make_sample_fn
+
+FORMAT_VERSION = 1
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+class ExportError(ValueError):
+    """An export directory is missing, corrupt, or does not match its config."""
+
+
+def flatten_params(params: Any) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _serialized_sampler(
+    config, model, schedule, params, *, platforms
+) -> tuple[bytes | None, list[str], str]:
+    """jax.export of `(params, noise, cond, guidance, key_data) -> images`, batch symbolic."""
+    kwargs = experiment.sampler_kwargs(config)
+    kwargs["guidance"] = 1.0  # Replaced by the traced `guidance` argument below.
+    kind = experiment.conditioning_kind(config)
+
+    def fn(params, noise, cond, guidance, key_data):
+        key = jax.random.wrap_key_data(key_data)
+        sample = make_sample_fn(
+            model.apply, schedule, **dict(kwargs, guidance=guidance if kind else 1.0), jit=False
+        )
+        return sample(params, noise, cond, key)
+
+    (b,) = jax.export.symbolic_shape("b")
+    shape = experiment.image_shape(config)
+    noise = jax.ShapeDtypeStruct((b, *shape), jnp.float32)
+    cond = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype),
+        experiment.sampling_condition(config, np.zeros((1,), np.int32)),
+    )
+    args = (
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+        noise,
+        cond,
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    errors = []
+    for plats in [tuple(platforms)] + [(p,) for p in platforms]:
+        try:
+            exported = jax.export.export(jax.jit(fn), platforms=plats)(*args)
+            return bytes(exported.serialize()), list(plats), ""
+        except Exception as e:  # noqa: BLE001 — a platform without lowering rules is skipped.
+            errors.append(f"{plats}: {type(e).__name__}: {str(e)[:200]}")
+    return None, [], "; ".join(errors)
+
+
+def export_params(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    schedule: Any,
+    params: Any,
+    out_dir: str,
+    *,
+    step: int,
+    platforms: tuple[str, ...] = PLATFORMS,
+) -> dict[str, Any]:
+    """Writes an export of `params` to `out_dir` and returns its config.json content."""
+    os.makedirs(out_dir, exist_ok=True)
+    params_path = os.path.join(out_dir, "params.safetensors")
+    tmp = params_path + ".tmp"
+    save_file(flatten_params(params), tmp)
+    os.replace(tmp, params_path)
+
+    blob, lowered_for, error = _serialized_sampler(
+        config, model, schedule, params, platforms=platforms
+    )
+    if blob is not None:
+        with open(os.path.join(out_dir, "sampler.jax_export.tmp"), "wb") as f:
+            f.write(blob)
+        os.replace(
+            os.path.join(out_dir, "sampler.jax_export.tmp"),
+            os.path.join(out_dir, "sampler.jax_export"),
+        )
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "diffjax_version": diffjax.__version__,
+        "step": int(step),
+        "model": {
+            "name": config.model.name,
+            "kwargs": config.model.kwargs.to_dict(),
+            "dtype": config.model.dtype,
+        },
+        "schedule": {"name": config.diffusion.schedule, "prediction": config.diffusion.prediction},
+        "sampler_defaults": experiment.sampler_kwargs(config),
+        "image_shape": list(experiment.image_shape(config)),
+        "num_classes": int(config.data.num_classes),
+        "conditioning": experiment.conditioning_kind(config),
+        "params_sha256": _sha256(params_path),
+        "serialized_sampler": {
+            "file": "sampler.jax_export" if blob is not None else None,
+            "platforms": lowered_for,
+            "arguments": "(params, noise [B,H,W,C] f32, cond dict, guidance f32 scalar, key_data uint32[2])",
+            "error": error,
+        },
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    path = os.path.join(out_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=list)
+    os.replace(path + ".tmp", path)
+    return meta
+
+
+def read_export(export_dir: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
+    """(config.json content, the run config) of an export, verified."""
+    path = os.path.join(export_dir, "config.json")
+    params_path = os.path.join(export_dir, "params.safetensors")
+    for p in (path, params_path):
+        if not os.path.exists(p):
+            raise ExportError(
+                f"{p} is missing: {export_dir} is not a diffjax export (make one with "
+                "python launch/export.py --workdir=RUN --out=DIR)."
+            )
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e}); re-export the run.") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{export_dir} has export format {meta.get('format_version')}, this diffjax reads "
+            f"{FORMAT_VERSION}; re-export with this version."
+        )
+    digest = _sha256(params_path)
+    if digest != meta.get("params_sha256"):
+        raise ExportError(
+            f"{params_path} does not match its config.json (SHA-256 {digest[:12]}... vs "
+            f"{str(meta.get('params_sha256'))[:12]}...): the file is corrupt or from another "
+            "export. Re-export the run."
+        )
+    return meta, ml_collections.ConfigDict(meta["config"])
+
+
+def load_params(export_dir: str, config: ml_collections.ConfigDict, model: Any) -> Any:
+    """The export's params as the model's pytree, checked name by name and shape by shape."""
+    flat = load_file(os.path.join(export_dir, "params.safetensors"))
+    abstract = jax.eval_shape(experiment.make_init_fn(model, config), jax.random.key(0))
+    import flax.linen as nn
+
+    expected = traverse_util.flatten_dict(nn.meta.unbox(abstract), sep="/")
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(flat) if tuple(flat[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:5]}")
+        if unexpected:
+            detail.append(f"unexpected {unexpected[:5]}")
+        if wrong:
+            detail.append(
+                "wrong shape "
+                + ", ".join(f"{k}: {flat[k].shape} vs {expected[k].shape}" for k in wrong[:5])
+            )
+        raise ExportError(
+            f"params.safetensors in {export_dir} does not fit the model in its config.json "
+            f"({'; '.join(detail)}). The export is mismatched; re-export the run."
+        )
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+
+
+def load_serialized(export_dir: str, meta: dict[str, Any]) -> jax.export.Exported:
+    """The deserialized sampler of an export, checked against this machine's platform."""
+    info = meta.get("serialized_sampler") or {}
+    if not info.get("file"):
+        raise ExportError(
+            f"{export_dir} has no serialized sampler ({info.get('error') or 'not exported'}); "
+            "sample without --serialized."
+        )
+    platform = jax.default_backend()
+    if platform not in info.get("platforms", []) and not (
+        platform == "gpu" and "cuda" in info.get("platforms", [])
+    ):
+        raise ExportError(
+            f"The serialized sampler in {export_dir} was lowered for {info['platforms']}, not "
+            f"{platform}; re-export with --platforms={platform}."
+        )
+    with open(os.path.join(export_dir, info["file"]), "rb") as f:
+        try:
+            return jax.export.deserialize(bytearray(f.read()))
+        except Exception as e:  # noqa: BLE001 — flatbuffer errors have assorted types.
+            raise ExportError(
+                f"{export_dir}/{info['file']} is corrupt ({e}); re-export the run."
+            ) from e
