@@ -1,13 +1,14 @@
 """Prints one JSON object describing a config's model: parameters, forward cost, memory.
 
     python launch/inspect_model.py --config=configs/digits.py
-    python launch/inspect_model.py --config=configs/imagenet256_dit.py:XL/2 --memory=false
+    python launch/inspect_model.py --config=configs/imagenet256_dit.py:XL/2 --batch_size=32
 
 Fields: `params` (count), `forward_gflops` (per image, XLA flops of the jitted
 forward = multiply-adds x 2 plus elementwise work), `forward_gmacs` (half of
-that), `activation_memory_bytes` (XLA temp buffers of the compiled
-forward+backward at `batch_size` on this backend: saved activations and
-workspace, without params and gradients; -1 with --memory=false). Nothing is
+that), `activation_memory_bytes` (activations the training forward saves for
+the backward pass at `batch_size`, from the jaxpr: respects remat_policy, the
+same on every backend), and with --compile_memory `xla_temp_bytes` (XLA's temp
+buffers of the compiled forward+backward on this backend). Nothing is
 allocated: the model is built with `jax.eval_shape`.
 """
 
@@ -23,10 +24,15 @@ from launch.common import config_flag, load_config, run  # noqa: E402
 
 _CONFIG = config_flag()
 _BATCH = flags.DEFINE_integer(
-    "batch_size", 0, "Batch for the activation-memory estimate (0 = config.train.batch_size)."
+    "batch_size",
+    0,
+    "Batch of the activation-memory estimate (0 = config.train.batch_size, the global "
+    "batch; pass the per-device batch to size one accelerator).",
 )
-_MEMORY = flags.DEFINE_bool(
-    "memory", True, "Compile forward+backward for activation memory (slow for big models on CPU)."
+_COMPILE_MEMORY = flags.DEFINE_bool(
+    "compile_memory",
+    False,
+    "Also compile forward+backward and report XLA's temp bytes (slow for big models on CPU).",
 )
 
 
@@ -51,7 +57,7 @@ def main(argv):
         channels=config.data.channels,
         text_len=config.data.max_text_len,
         batch_size=batch,
-        memory=_MEMORY.value,
+        compile_memory=_COMPILE_MEMORY.value,
     )
     summary.update(
         model=config.model.name,

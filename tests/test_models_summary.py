@@ -11,9 +11,11 @@ from diffjax.models import build_model
 from diffjax.models.summary import (
     abstract_inputs,
     abstract_variables,
+    compiled_train_memory,
+    count_params,
     forward_flops,
     model_summary,
-    train_step_memory,
+    saved_activation_bytes,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,23 +34,37 @@ def test_forward_flops_are_per_batch_and_linear_in_batch():
     # Everything but a few batch-independent constants (the frequency vector of
     # the time embedding) scales with the batch.
     assert abs(four / one - 4) < 1e-3
-    s = model_summary(model, image_size=8, channels=4, memory=False)
-    assert (
-        abs(s["forward_gflops"] * 1e9 - one) < 1 and s["forward_gmacs"] == s["forward_gflops"] / 2
-    )
-    assert s["activation_memory_bytes"] == -1 and s["param_bytes"] == 4 * s["params"]
+    s = model_summary(model, image_size=8, channels=4, batch_size=4)
+    assert abs(s["forward_gflops"] * 1e9 - one) < 1
+    assert s["forward_gmacs"] == s["forward_gflops"] / 2
+    assert s["param_bytes"] == 4 * s["params"] and "xla_temp_bytes" not in s
+    assert s["activation_memory_bytes"] == saved_activation_bytes(model, params, _inputs(model, 4))
 
 
-def test_activation_memory_grows_with_batch_and_shrinks_with_remat():
-    small = {**TINY, "depth": 1}
-    plain = build_model("dit", **small)
-    remat = build_model("dit", **small, remat_policy="full")
-    params = abstract_variables(plain, _inputs(plain, 1))["params"]
-    m8 = train_step_memory(plain, params, _inputs(plain, 8))["activation_memory_bytes"]
-    m32 = train_step_memory(plain, params, _inputs(plain, 32))["activation_memory_bytes"]
-    r32 = train_step_memory(remat, params, _inputs(remat, 32))["activation_memory_bytes"]
-    assert 0 < m8 < m32
-    assert r32 < m32  # recomputing blocks in the backward pass saves activations
+def test_saved_activations_scale_with_batch_and_shrink_with_remat():
+    def saved(batch, **kw):
+        model = build_model("dit", **{**TINY, **kw})
+        params = abstract_variables(model, _inputs(model, 1))["params"]
+        return saved_activation_bytes(model, params, _inputs(model, batch))
+
+    none4, none8 = saved(4), saved(8)
+    assert none4 > 0 and none8 == 2 * none4  # every saved activation has a batch dim
+    dots, full = saved(8, remat_policy="dots_saveable"), saved(8, remat_policy="full")
+    assert full < dots < none8
+    # With full remat one more block keeps exactly its input tokens, float32
+    # [B, T, D] (the conditioning vector it also reads is shared by all blocks).
+    b, tokens, d = 8, (8 // 2) ** 2, TINY["hidden_size"]
+    assert saved(8, depth=3, remat_policy="full") - full == b * tokens * d * 4
+    assert saved(8, depth=3) - none8 > 10 * b * tokens * d * 4
+
+
+def test_compiled_train_memory_reports_xla_buffers():
+    model = build_model("dit", **{**TINY, "depth": 1})
+    params = abstract_variables(model, _inputs(model, 1))["params"]
+    mem = compiled_train_memory(model, params, _inputs(model, 4))
+    assert mem["temp_bytes"] > 0
+    assert mem["argument_bytes"] >= 4 * count_params(params)  # params are arguments
+    assert mem["output_bytes"] >= 4 * count_params(params)  # and so are the gradients
 
 
 def test_text_model_inputs():
@@ -66,7 +82,7 @@ def test_inspect_model_prints_one_json_object():
             sys.executable,
             "launch/inspect_model.py",
             "--config=configs/digits.py:quick",
-            "--memory=false",
+            "--batch_size=16",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -86,8 +102,8 @@ def test_inspect_model_prints_one_json_object():
         dtype=config.model.dtype,
         remat_policy=config.model.remat_policy,
     )
-    want = model_summary(model, image_size=8, channels=1, memory=False)
+    want = model_summary(model, image_size=8, channels=1, batch_size=16)
     assert out["params"] == want["params"] > 0
     assert abs(out["forward_gflops"] - want["forward_gflops"]) < 1e-9
-    assert out["batch_size"] == config.train.batch_size
-    assert out["activation_memory_bytes"] == -1
+    assert out["batch_size"] == 16
+    assert out["activation_memory_bytes"] == want["activation_memory_bytes"] > 0

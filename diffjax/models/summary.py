@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,12 +107,54 @@ def forward_flops(model: nn.Module, params: Any, inputs: dict[str, Any]) -> floa
     return float(cost["flops"])
 
 
-def train_step_memory(model: nn.Module, params: Any, inputs: dict[str, Any]) -> dict[str, int]:
-    """Memory of a compiled forward+backward (gradient of a mean-square loss) on this backend.
+def saved_activation_bytes(model: nn.Module, params: Any, inputs: dict[str, Any]) -> int:
+    """Bytes of the activations a training forward keeps for the backward pass.
+
+    These are the residuals of `jax.vjp` of the (train-mode) forward with respect
+    to the params, not counting the params and inputs themselves: exactly what
+    `remat_policy` trades against recomputation. Computed from the jaxpr (no
+    compile, no allocation), so it is the same on every backend. It is an upper
+    bound on what XLA keeps (fusion may recompute cheap elementwise residuals)
+    and leaves out transient workspace inside the backward pass.
+
+    Args:
+      model: the model.
+      params: (abstract) params.
+      inputs: (abstract) inputs from `abstract_inputs`, at the batch of interest.
+    """
+    f = _forward(model, train=True)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    p_leaves, p_tree = jax.tree.flatten(nn.meta.unbox(params))
+    in_leaves, in_tree = jax.tree.flatten((inputs, rng))
+
+    def residuals(*leaves):
+        p = jax.tree.unflatten(p_tree, leaves[: len(p_leaves)])
+        args, key = jax.tree.unflatten(in_tree, leaves[len(p_leaves) :])
+        _, vjp_fn = jax.vjp(lambda p: f(p, **args, rng=key), p)
+        return jax.tree.leaves(vjp_fn)
+
+    jaxpr = jax.make_jaxpr(residuals)(*p_leaves, *in_leaves).jaxpr
+    known = set(jaxpr.invars) | set(jaxpr.constvars)
+    seen: set[Any] = set()
+    total = 0
+    for v in jaxpr.outvars:
+        # Literals (constants) and vars that are params/inputs cost nothing extra.
+        if not isinstance(v, jex_core.Var) or v in known or v in seen:
+            continue
+        seen.add(v)
+        total += int(np.prod(v.aval.shape, dtype=np.int64)) * v.aval.dtype.itemsize
+    return total
+
+
+def compiled_train_memory(model: nn.Module, params: Any, inputs: dict[str, Any]) -> dict[str, int]:
+    """XLA's memory analysis of a compiled forward+backward on this backend.
+
+    Backend specific: XLA:CPU, for one, drops the optimisation barriers that keep
+    rematerialisation from being undone, so remat savings show up on GPU/TPU only.
 
     Returns:
-      {'activation_memory_bytes': XLA temp buffers (saved activations and
-       workspace; excludes params and gradients), 'argument_bytes', 'output_bytes'}.
+      {'temp_bytes': temp buffers (activations and workspace), 'argument_bytes',
+       'output_bytes'}.
     """
     f = _forward(model, train=True)
 
@@ -129,7 +172,7 @@ def train_step_memory(model: nn.Module, params: Any, inputs: dict[str, Any]) -> 
     )
     mem = compiled.memory_analysis()
     return {
-        "activation_memory_bytes": int(mem.temp_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
     }
@@ -142,7 +185,7 @@ def model_summary(
     channels: int,
     text_len: int = 0,
     batch_size: int = 1,
-    memory: bool = True,
+    compile_memory: bool = False,
 ) -> dict[str, Any]:
     """Parameter count, forward cost per image and training activation memory.
 
@@ -151,38 +194,32 @@ def model_summary(
       image_size: H = W of the input.
       channels: C of the input.
       text_len: caption length for text-conditioned models.
-      batch_size: batch for the activation-memory estimate.
-      memory: compile the forward+backward for `activation_memory_bytes` (slow
-        for large models on CPU); False reports -1.
+      batch_size: batch of the activation-memory estimate.
+      compile_memory: also compile the forward+backward and report XLA's temp
+        buffer size on this backend (slow for big models on CPU).
 
     Returns:
-      {'params': int, 'forward_gflops': per image, XLA flops / 1e9 (multiply-adds x 2),
-       'forward_gmacs': per image (half of that), 'activation_memory_bytes': int,
-       'batch_size': int, 'param_bytes': float32 params}.
+      {'params': int, 'param_bytes': float32 params,
+       'forward_gflops': per image, XLA flops / 1e9 (multiply-adds x 2 plus elementwise),
+       'forward_gmacs': per image, half of that,
+       'activation_memory_bytes': activations saved for the backward pass at
+         `batch_size` (see `saved_activation_bytes`),
+       'batch_size': int, and with compile_memory 'xla_temp_bytes'}.
     """
-    one = abstract_inputs(
-        model, batch_size=1, image_size=image_size, channels=channels, text_len=text_len
-    )
+    kw = dict(image_size=image_size, channels=channels, text_len=text_len)
+    one = abstract_inputs(model, batch_size=1, **kw)
     params = abstract_variables(model, one)["params"]
     n = count_params(params)
     flops = forward_flops(model, params, one)
+    batch = abstract_inputs(model, batch_size=batch_size, **kw)
     out: dict[str, Any] = {
         "params": n,
         "param_bytes": 4 * n,
         "forward_gflops": flops / 1e9,
         "forward_gmacs": flops / 2e9,
         "batch_size": int(batch_size),
-        "activation_memory_bytes": -1,
+        "activation_memory_bytes": saved_activation_bytes(model, params, batch),
     }
-    if memory:
-        batch = abstract_inputs(
-            model,
-            batch_size=batch_size,
-            image_size=image_size,
-            channels=channels,
-            text_len=text_len,
-        )
-        out["activation_memory_bytes"] = train_step_memory(model, params, batch)[
-            "activation_memory_bytes"
-        ]
+    if compile_memory:
+        out["xla_temp_bytes"] = compiled_train_memory(model, params, batch)["temp_bytes"]
     return out
