@@ -110,9 +110,11 @@ def test_one_model_call_per_sampler_step():
 
     cond, null = {"labels": jnp.zeros(2, jnp.int32)}, {"labels": jnp.full(2, 10)}
     model_fn = guidance.classifier_free(f, cond, null, 5.0)
-    out = samplers.sample(
-        model_fn, jnp.ones((2, 3)), schedule=schedules.discrete_vp(), method="ddim", num_steps=7
-    )
+    out = jax.jit(
+        lambda x: samplers.sample(
+            model_fn, x, schedule=schedules.discrete_vp(), method="ddim", num_steps=7
+        )
+    )(jnp.ones((2, 3)))
     jax.block_until_ready(out)
     assert len(calls) == 7
 

@@ -9,18 +9,15 @@ x0-space MSE `|x0_hat - x0|^2`, which is the same objective whatever the network
 predicts; it is converted into the weight on the prediction-space MSE by dividing by
 `|pred_hat - pred|^2 / |x0_hat - x0|^2`, which is `SNR` for epsilon, 1 for x0,
 `(alpha^2 + sigma^2)^2 / sigma^2` for v (`SNR + 1` in VP) and `(alpha + sigma)^2 / sigma^2`
-for flow (`SNR = alpha^2 / sigma^2`):
+for flow (`SNR = alpha^2 / sigma^2`). The resulting weight on the prediction MSE (VP
+values):
 
-=========  ==================  ==========================  ===========================
-weighting  w_x0                epsilon / x0                v (VP)
-=========  ==================  ==========================  ===========================
-eps_mse    (see below)         1 / 1                       1
-snr        SNR                 1 / SNR                     SNR / (SNR + 1)
-min_snr    min(SNR, gamma)     min(SNR,g)/SNR / min(SNR,g) min(SNR, g) / (SNR + 1)
-edm        SNR + 1/sigma_d^2   1 + 1/(sigma_d^2 SNR) / ..  (SNR + 1/sigma_d^2)/(SNR+1)
-uniform    1                   1/SNR / 1                   1 / (SNR + 1)
-=========  ==================  ==========================  ===========================
-
+* `snr` (`w_x0 = SNR`): epsilon 1, x0 SNR, v SNR/(SNR+1).
+* `min_snr` (`w_x0 = min(SNR, gamma)`): epsilon min(SNR, gamma)/SNR, x0 min(SNR, gamma),
+  v min(SNR, gamma)/(SNR+1).
+* `edm` (`w_x0 = SNR + 1/sigma_d^2`): epsilon 1 + 1/(sigma_d^2 SNR), x0 SNR + 1/sigma_d^2,
+  v (SNR + 1/sigma_d^2)/(SNR+1).
+* `uniform` (`w_x0 = 1`): epsilon 1/SNR, x0 1, v 1/(SNR+1).
 * `eps_mse`: the plain, unweighted MSE on whatever is predicted (weight 1), i.e. the
   standard loss of each prediction type: Ho et al.'s L_simple for epsilon
   (`w_x0 = SNR`), plain x0 regression for x0 (`w_x0 = 1`), v-MSE for v
@@ -159,7 +156,8 @@ def make_loss(
             f"sigma_data={sigma_data} differs from the EDM schedule's {schedule.sigma_data}; "
             "pass the same value to both"
         )
-    reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
+    with jax.ensure_compile_time_eval():  # make_loss may be called inside a jit trace
+        reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
     if reaches_snr0 and prediction == "epsilon" and weighting in ("uniform", "edm"):
         raise ValueError(
             f"weighting {weighting!r} with epsilon prediction is infinite at the zero-SNR "

@@ -226,6 +226,7 @@ class _Tables:
     """Float64 per-point and per-step coefficients, built at trace time."""
 
     ev: dict[str, np.ndarray]  # per evaluation point i in [0, K): where the model runs
+    ev_grid: dict[str, np.ndarray]  # the same at the un-churned grid points
     step: dict[str, np.ndarray]  # per transition i -> i+1, i in [0, K-1)
 
 
@@ -273,17 +274,25 @@ def _build_tables(
 
     # Where an epsilon network would be asked at SNR 0, ask it at the schedule's noisiest
     # finite log-SNR instead (module docstring).
-    t_ev, a_ev, s_ev = t_src.copy(), a_src.copy(), s_src.copy()
-    if prediction == "epsilon" and np.any(a_src == 0):
+    shift = None
+    if prediction == "epsilon" and (np.any(a_src == 0) or np.any(a == 0)):
         t_shift = float(_np_eval(schedule.t_from_logsnr, schedule.logsnr_range[0]))
         ash, ssh = (float(v) for v in _np_eval(schedule.alpha_sigma, t_shift))
         if ash <= 0:
             raise ValueError(f"{schedule!r}: its finite log-SNR range starts at SNR 0")
-        zero = a_src == 0
-        t_ev[zero], a_ev[zero], s_ev[zero] = t_shift, ash, ssh
-    ev = dict(
-        t=t_ev, a_ev=a_ev, s_ev=s_ev, a_pt=a_src, s_pt=s_src, churn_x=churn_x, churn_z=churn_z
-    )
+        shift = (t_shift, ash, ssh)
+
+    def eval_info(t: np.ndarray, a_pt: np.ndarray, s_pt: np.ndarray) -> dict[str, np.ndarray]:
+        t_ev, a_ev, s_ev = t.copy(), a_pt.copy(), s_pt.copy()
+        if shift is not None:
+            zero = a_pt == 0
+            t_ev[zero], a_ev[zero], s_ev[zero] = shift
+        return dict(t=t_ev, a_ev=a_ev, s_ev=s_ev, a_pt=a_pt, s_pt=s_pt)
+
+    # Evaluations at the (churned) start of each step, and at the grid points themselves
+    # (Heun's second evaluation lands on the next grid point, not on a churned one).
+    ev = dict(**eval_info(t_src, a_src, s_src), churn_x=churn_x, churn_z=churn_z)
+    ev_grid = eval_info(ts.copy(), a, s)
 
     # Transitions i -> i+1 between evaluation points (the last, to clean, is x = x0).
     a_d, s_d, lam_d = a[1:], s[1:], lam[1:]
@@ -337,13 +346,13 @@ def _build_tables(
             step["c0"], step["c1"], step["c2"] = c0, c1, c2
         else:  # pragma: no cover - METHODS and this switch are kept in step
             raise AssertionError(m.name)
-    for name, arr in {**ev, **step}.items():
+    for name, arr in {**ev, **step, **{f"grid_{n}": v for n, v in ev_grid.items()}}.items():
         if not np.all(np.isfinite(arr)):
             raise ValueError(
                 f"non-finite {name} coefficients for method {m.name!r} on {schedule!r} "
                 f"at times {ts}; choose another placement"
             )
-    return _Tables(ev=ev, step=step)
+    return _Tables(ev=ev, ev_grid=ev_grid, step=step)
 
 
 def _dpm3_coeffs(h: np.ndarray, i: int, a_d: float) -> tuple[float, float, float]:
@@ -520,10 +529,10 @@ def sample(
     else:
         x = s0 * noise
     x = x.astype(dtype)
-    recompute_eps = (
-        clip_x0 or dynamic_threshold is not None or bool(np.any(tab.ev["a_ev"] != tab.ev["a_pt"]))
-    )
+    shifted = any(bool(np.any(e["a_ev"] != e["a_pt"])) for e in (tab.ev, tab.ev_grid))
+    recompute_eps = clip_x0 or dynamic_threshold is not None or shifted
     ev = {n: jnp.asarray(v, dtype) for n, v in tab.ev.items()}
+    ev_grid = {n: jnp.asarray(v, dtype) for n, v in tab.ev_grid.items()}
     st = {n: jnp.asarray(v, dtype) for n, v in tab.step.items()}
 
     def denoise(x: Array, e: dict[str, Array]) -> tuple[Array, Array]:
@@ -581,7 +590,7 @@ def sample(
     first = 0
     if m.name == "heun" and k > 1 and tab.ev["a_pt"][0] == 0:
         # Heun's trapezoid needs a finite first step; from SNR 0 take it as Euler.
-        xs0 = (at(ev, 0), at(st, 0), at(ev, 1), None if keys is None else keys[0])
+        xs0 = (at(ev, 0), at(st, 0), at(ev_grid, 1), None if keys is None else keys[0])
         carry, y = step(carry, xs0, second_order=False)
         first = 1
         if return_trajectory:
@@ -590,7 +599,7 @@ def sample(
         xs = (
             {n: v[first : k - 1] for n, v in ev.items()},
             {n: v[first:] for n, v in st.items()},
-            {n: v[first + 1 : k] for n, v in ev.items()},
+            {n: v[first + 1 : k] for n, v in ev_grid.items()},
             None if keys is None else keys[first : k - 1],
         )
         carry, ys = jax.lax.scan(step, carry, xs)

@@ -289,8 +289,9 @@ def continuous_vp(
     def sample_t(key: Array, shape: tuple[int, ...]) -> Array:
         return jax.random.uniform(key, shape, jnp.float32, train_t_min, 1.0)
 
-    lam_lo = float(logsnr(jnp.float32(1.0)))
-    lam_hi = float(logsnr(jnp.float32(t_min)))
+    with jax.ensure_compile_time_eval():  # factories may run inside a jit trace
+        lam_lo = float(logsnr(jnp.float32(1.0)))
+        lam_hi = float(logsnr(jnp.float32(t_min)))
     return Schedule(
         name="continuous_vp",
         alpha_sigma=alpha_sigma,
