@@ -88,6 +88,22 @@ def test_attention_impl_validation():
         L.attention(x, x, x, implementation="cudnn")
 
 
+def test_cudnn_gets_a_full_length_mask(monkeypatch):
+    # cuDNN (absent on CPU) converts the mask into a bias whose query length must
+    # equal T; check what we hand it.
+    seen = {}
+
+    def fake(q, k, v, mask=None, implementation=None, **kw):
+        seen.update(mask=mask.shape, implementation=implementation)
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    q = jnp.ones((2, 5, 3, 8), jnp.bfloat16)
+    kv = jnp.ones((2, 7, 3, 8), jnp.bfloat16)
+    L.attention(q, kv, kv, jnp.ones((2, 7), bool), implementation="cudnn")
+    assert seen == {"mask": (2, 1, 5, 7), "implementation": "cudnn"}
+
+
 def test_norms_closed_form():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) * 3 + 1
     gn = L.group_norm(2, 8, dtype=jnp.float32)

@@ -339,7 +339,11 @@ def attention(
     # Rows without any real key get a dummy full mask so no implementation sees
     # an all -inf softmax; their output is then replaced by zeros.
     safe = mask | ~has_key[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=safe[:, None, None, :], implementation=impl)
+    mask4 = safe[:, None, None, :]  # [B, 1, 1, S], broadcast over heads and queries
+    if implementation == "cudnn":
+        # cuDNN turns the mask into a bias and requires its query length to be T.
+        mask4 = jnp.broadcast_to(mask4, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation=impl)
     return jnp.where(has_key[:, None, None, None], out, jnp.zeros_like(out))
 
 
