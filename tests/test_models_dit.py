@@ -102,13 +102,13 @@ def _apply(model):
 
 def test_output_is_exactly_zero_at_init_adaln_zero():
     m = _tiny(depth=1)
-    params = jax.jit(m.init)(jax.random.key(0), X, T, jnp.array([1, 2]))["params"]
-    out = _apply(m)({"params": nn.meta.unbox(params)}, X, T, jnp.array([1, 2]))
+    out, variables = jax.jit(m.init_with_output)(jax.random.key(0), X, T, jnp.array([1, 2]))
     assert out.shape == (2, 8, 8, 8) and out.dtype == jnp.float32  # learned sigma: 2C
     assert float(jnp.max(jnp.abs(out))) == 0.0
     # ...while the gates and the final projection are the only zeros.
-    p = nn.meta.unbox(params)
+    p = nn.meta.unbox(variables["params"])
     assert float(jnp.abs(p["block0"]["attn"]["query"]["kernel"]).max()) > 0
+    assert float(jnp.abs(p["block0"]["adaLN"]["kernel"]).max()) == 0.0
     assert float(jnp.abs(p["final"]["proj"]["kernel"]).max()) == 0.0
 
 

@@ -17,11 +17,12 @@ from diffjax.models import build_model, build_preset, preset_kwargs
 from diffjax.models import layers as L
 from diffjax.models.unet import AttentionBlock, ResBlock
 
+# One level keeps compiles cheap; resampling paths are traced in the variants test.
 TINY = dict(
     base_channels=16,
-    channel_mult=(1, 2),
+    channel_mult=(1,),
     num_res_blocks=1,
-    attention_resolutions=(4,),
+    attention_resolutions=(8,),
     num_heads=2,
     num_groups=4,
     dropout=0.5,
@@ -123,6 +124,7 @@ def test_dropout_only_in_training():
         (dict(scale_shift_norm=False, conv_resample=False, learn_sigma=False), 1),
         (dict(attention_resolutions=(), mid_attention=False, head_channels=8), 2),
         (dict(channel_mult=(1, 2, 2), out_channels=3, num_classes=0), 6),
+        (dict(channel_mult=(1, 2), attention_resolutions=(4,)), 2),
     ],
 )
 def test_variants_trace_to_the_right_shape(kw, c_out):
@@ -210,7 +212,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="t must be"):
         jax.eval_shape(m.init, jax.random.key(0), X, jnp.ones(3))
     with pytest.raises(ValueError, match="divisible"):
-        _abstract(m, (2, 7, 7, 1))
+        _abstract(_tiny(channel_mult=(1, 2)), (2, 7, 7, 1))
     with pytest.raises(ValueError, match="num_classes=0"):
         jax.eval_shape(_tiny(num_classes=0).init, jax.random.key(0), X, T, jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match="context_dim=0"):
