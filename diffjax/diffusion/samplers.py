@@ -174,7 +174,10 @@ class Method:
     description: str
 
     def nfe(self, num_steps: int) -> int:
-        """Network evaluations for `num_steps` steps (Heun: 2N - 1)."""
+        """Network evaluations for `num_steps` steps (Heun-type: 2N - 1).
+
+        `heun` started at SNR 0 takes its first step as Euler and uses 2N - 2.
+        """
         return self.evals_per_step * num_steps - (self.evals_per_step - 1)
 
 
@@ -186,7 +189,7 @@ METHODS: dict[str, Method] = {
         Method("dpmpp_2m", 2, False, 1, "logsnr", "logsnr", "DPM-Solver++(2M), multistep"),
         Method("dpmpp_3m", 3, False, 1, "logsnr", "logsnr", "DPM-Solver++(3M), multistep"),
         Method("dpmpp_2m_sde", 2, True, 1, "logsnr", "logsnr", "SDE-DPM-Solver++(2M), midpoint"),
-        Method("euler", 1, False, 1, "trailing", "karras", "EDM Euler in sigma/alpha, churn"),
+        Method("euler", 1, False, 1, "trailing", "logsnr", "EDM Euler in sigma/alpha, churn"),
         Method("heun", 2, False, 2, "trailing", "karras", "EDM Heun in sigma/alpha, churn"),
         Method("flow_euler", 1, False, 1, "trailing", "logsnr", "Euler in the flow time"),
         Method("flow_heun", 2, False, 2, "linspace", "logsnr", "Heun in the flow time"),
