@@ -63,8 +63,10 @@ def _checksums_and_finite(tree: Any) -> tuple[Any, jax.Array]:
 
 def tree_checksums(tree: Any) -> tuple[dict[str, int], bool]:
     """Per-leaf checksums keyed by path, and whether every float leaf is finite."""
-    sums, finite = _checksums_and_finite(tree)
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(sums))[0]
+    from diffjax.parallel import host_value
+
+    sums, finite = host_value(_checksums_and_finite(tree))
+    flat = jax.tree_util.tree_flatten_with_path(sums)[0]
     return {jax.tree_util.keystr(p): int(v) for p, v in flat}, bool(finite)
 
 

@@ -15,7 +15,9 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, ncols: int | None = None, min_tile: int = 32, pad: int = 1) -> np.ndarray:
+def make_grid(
+    images: np.ndarray, ncols: int | None = None, min_tile: int = 32, pad: int = 1
+) -> np.ndarray:
     """Tiles uint8 images [N, H, W, C] into one [rows*H', cols*W', C] image.
 
     Tiles smaller than `min_tile` pixels are enlarged by an integer factor (nearest
@@ -23,7 +25,9 @@ def make_grid(images: np.ndarray, ncols: int | None = None, min_tile: int = 32, 
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"make_grid expects uint8 [N, H, W, C], got {images.dtype} {images.shape}.")
+        raise ValueError(
+            f"make_grid expects uint8 [N, H, W, C], got {images.dtype} {images.shape}."
+        )
     n, h, w, c = images.shape
     scale = max(1, math.ceil(min_tile / max(h, w)))
     if scale > 1:

@@ -2,7 +2,8 @@
 
 The mesh has two axes, `data` and `fsdp`. Batches are split over both (every device
 sees a distinct slice of the global batch); parameters and optimizer state are split
-over `fsdp` by logical-axis rules, so `fsdp=1` is pure data parallelism.
+over `fsdp` by logical-axis rules (`diffjax.models.param_shardings`), so `fsdp=1` is
+pure data parallelism.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -65,35 +65,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """Mesh shardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes.
-
-    Each logical axis name maps to a mesh axis by `rules`. A mesh axis is used at most
-    once per array, on the largest dimension it divides evenly; dimensions it does not
-    divide stay replicated (a bias of size 10 on fsdp=4, say). Leaves without logical
-    names are replicated. The returned tree has the structure of the *unboxed* tree.
-    """
-    rules = dict(rules)
-    logical = nn.get_partition_spec(boxed_tree)
-    shapes = nn.meta.unbox(boxed_tree)
-
-    def one(spec: PartitionSpec, leaf: Any) -> NamedSharding:
-        shape = getattr(leaf, "shape", ())
-        assigned: list[Any] = [None] * len(shape)
-        names = tuple(spec) + (None,) * (len(shape) - len(spec))
-        by_size = sorted(range(len(shape)), key=lambda i: -shape[i])
-        used = set()
-        for i in by_size:
-            axis = rules.get(names[i]) if isinstance(names[i], str) else None
-            if axis is None or axis in used or shape[i] % mesh.shape[axis]:
-                continue
-            assigned[i] = axis
-            used.add(axis)
-        return NamedSharding(mesh, PartitionSpec(*assigned))
-
-    return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles per-process batches into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
@@ -101,6 +72,21 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def host_value(tree: Any) -> Any:
+    """numpy copies of (replicated or process-local) arrays, on every process.
+
+    A replicated output of a multi-process computation is not fully addressable, so
+    `jax.device_get` refuses it; any local shard holds the whole value.
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> int:

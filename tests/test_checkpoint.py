@@ -23,7 +23,9 @@ def _state(seed=0):
 
 
 def _abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 def _save(tmp_path, steps, max_to_keep=5):
@@ -127,7 +129,11 @@ def test_restore_reshards_8_devices_onto_4(tmp_path):
     ckpt.save(1, {"x": x})
     ckpt.wait()
     mesh4 = make_mesh(data=4, fsdp=1, devices=jax.devices()[:4])
-    target = {"x": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh4, PartitionSpec("data")))}
+    target = {
+        "x": jax.ShapeDtypeStruct(
+            (16, 4), jnp.float32, sharding=NamedSharding(mesh4, PartitionSpec("data"))
+        )
+    }
     restored, _ = ckpt.restore_latest(target)
     assert restored["x"].sharding.mesh.devices.size == 4
     np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(64.0).reshape(16, 4))

@@ -35,17 +35,25 @@ def test_seeded_shuffle_is_deterministic_and_seed_dependent():
     assert not np.array_equal(a, c)
 
 
-def test_process_shards_are_disjoint_and_cover_an_epoch():
+def test_global_batches_do_not_depend_on_the_process_count():
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
     src = data.ArraySource(images, np.arange(40))
-    seen = []
-    for p in range(2):
-        it = data.make_iterator(src, batch_size=4, seed=0, process_index=p, process_count=2)
-        seen.append(set(np.concatenate([next(it)["label"] for _ in range(5)]).tolist()))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(40))
-    # Contiguous halves: process 0 reads records 0..19.
-    assert seen[0] == set(range(20))
+    one = data.make_iterator(src, batch_size=8, seed=0, random_flip=True)
+    procs = [
+        data.make_iterator(
+            src, batch_size=2, seed=0, process_index=p, process_count=4, random_flip=True
+        )
+        for p in range(4)
+    ]
+    epoch = []
+    for _ in range(12):  # 2.4 epochs: crosses epoch boundaries
+        glob = next(one)
+        local = [next(it) for it in procs]
+        for key in ("label", "image"):
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), glob[key])
+        epoch.extend(glob["label"].tolist())
+    assert sorted(epoch[:40]) == list(range(40))  # each epoch is a permutation
+    assert epoch[:40] != epoch[40:80]  # reshuffled every epoch
 
 
 def test_iterator_state_resumes_at_the_next_batch():
@@ -78,5 +86,5 @@ def test_bad_arrays_get_clear_errors():
         data.ArraySource(np.zeros((4, 8, 8)))
     with pytest.raises(ValueError, match="lie in"):
         data.ArraySource(np.full((2, 2, 2, 1), 3.0))
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        data.make_loader(data.ArraySource(np.zeros((3, 2, 2, 1), np.uint8)), batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        data.make_dataset(data.ArraySource(np.zeros((3, 2, 2, 1), np.uint8)), batch_size=4, seed=0)

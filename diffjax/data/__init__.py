@@ -1,6 +1,6 @@
 """Data sources and the grain pipeline."""
 
-from diffjax.data.pipeline import make_iterator, make_loader
+from diffjax.data.pipeline import make_dataset, make_iterator
 from diffjax.data.sources import ArraySource, digits_source, load_digits_arrays
 
 SOURCES = ("digits", "digits_text", "tfds", "folder", "latents")
@@ -51,6 +51,6 @@ __all__ = [
     "digits_source",
     "load_digits_arrays",
     "make_iterator",
-    "make_loader",
+    "make_dataset",
     "make_source",
 ]

@@ -1,20 +1,27 @@
-"""The grain pipeline: seeded shuffle, per-process shard, augment, batch, state.
+"""The grain pipeline: seeded shuffle, per-process slice, augment, batch, state.
 
-One interface for every source: `make_iterator(source, ...)` returns a grain
-`DataLoader` iterator whose `get_state()` / `set_state()` resume at exactly the next
-batch, and which Orbax saves beside the train state.
+One interface for every source: `make_iterator(source, ...)` returns a grain dataset
+iterator whose `get_state()` / `set_state()` resume at exactly the next batch, and
+which Orbax saves beside the train state.
+
+The global stream of examples is defined once, independent of the process count: a
+seeded permutation of the records, reshuffled every epoch, cut into global batches.
+Process p of P loads only its 1/P slice of each global batch. So the global batch at
+step n holds the same examples whether 1 or 8 hosts train, and a run resumed on
+another number of hosts sees the same data (with the iterator position carried over).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-import grain.python as grain
+import grain
 import numpy as np
 
 
-class RandomFlip(grain.RandomMapTransform):
-    """Horizontal flip of `image` with probability 1/2 (seeded per record by grain)."""
+class RandomFlip(grain.transforms.RandomMap):
+    """Horizontal flip of `image` with probability 1/2 (seeded per example by grain)."""
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if rng.random() < 0.5:
@@ -23,7 +30,32 @@ class RandomFlip(grain.RandomMapTransform):
         return element
 
 
-def make_loader(
+class _ProcessSlice(grain.MapDataset):
+    """Local example i of process p = global example (i // L) * G + p * L + i % L."""
+
+    def __init__(
+        self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int
+    ):
+        super().__init__(parent)
+        self._global = global_batch
+        self._local = global_batch // process_count
+        self._offset = process_index * self._local
+
+    def __len__(self) -> int:
+        n = len(self._parents[0])
+        return n if n >= sys.maxsize // 2 else n // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, k = divmod(index, self._local)
+        return self._parents[0][batch * self._global + self._offset + k]
+
+    def __str__(self) -> str:
+        return f"ProcessSlice(global={self._global}, local={self._local}, offset={self._offset})"
+
+
+def make_dataset(
     source,
     *,
     batch_size: int,
@@ -35,48 +67,45 @@ def make_loader(
     random_flip: bool = False,
     worker_count: int = 0,
     drop_remainder: bool = True,
-) -> grain.DataLoader:
-    """A grain DataLoader yielding per-process batches.
+) -> grain.IterDataset:
+    """A grain dataset of per-process batches.
 
     Args:
       source: a random-access source (see `diffjax.data.sources`).
       batch_size: examples per batch on this process (the global batch divided by the
         process count).
       seed: shuffle and augmentation seed.
-      process_index, process_count: which contiguous slice of the records this process
-        reads.
-      shuffle: reshuffle every epoch.
+      process_index, process_count: which slice of each global batch this process loads.
+      shuffle: a seeded permutation, new every epoch.
       num_epochs: None repeats forever.
       random_flip: horizontal flip augmentation.
       worker_count: grain worker processes (0 = in this process).
       drop_remainder: drop the last partial batch (training), or keep it (evaluation).
     """
-    if len(source) < process_count * (batch_size if drop_remainder else 1):
+    global_batch = batch_size * process_count
+    if len(source) < global_batch and drop_remainder:
         raise ValueError(
-            f"The data source {source!r} has {len(source)} records, fewer than one batch "
-            f"({batch_size} per process x {process_count} processes); lower train.batch_size."
+            f"The data source {source!r} has {len(source)} records, fewer than one global "
+            f"batch ({batch_size} per process x {process_count} processes); lower train.batch_size."
         )
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardOptions(
-            shard_index=process_index, shard_count=process_count, drop_remainder=True
-        ),
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed,
-    )
-    operations: list[Any] = []
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count}).")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
     if random_flip:
-        operations.append(RandomFlip())
-    operations.append(grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder))
-    return grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=operations,
-        worker_count=worker_count,
-    )
+        # Before slicing, so an example's flip depends on its global position only.
+        ds = ds.random_map(RandomFlip(), seed=seed + 1)
+    if process_count > 1:
+        ds = _ProcessSlice(ds, global_batch, process_index, process_count)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    it = ds.to_iter_dataset()
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
+    return it
 
 
 def make_iterator(source, **kwargs):
-    """`iter(make_loader(source, **kwargs))`: a checkpointable batch iterator."""
-    return iter(make_loader(source, **kwargs))
+    """`iter(make_dataset(source, **kwargs))`: a checkpointable batch iterator."""
+    return iter(make_dataset(source, **kwargs))

@@ -15,7 +15,9 @@ import numpy as np
 class ArraySource:
     """Records from in-memory arrays: `images` uint8 or float [N, H, W, C]."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, *, name: str = "arrays"):
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray | None = None, *, name: str = "arrays"
+    ):
         images = np.asarray(images)
         if images.ndim != 4:
             raise ValueError(

@@ -119,7 +119,7 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
         lr_fn=lr_fn,
         init=init,
         abstract_state=jax.eval_shape(functools.partial(init, unbox=True), key),
-        state_sharding=parallel.logical_shardings(boxed, mesh, models.LOGICAL_AXIS_RULES),
+        state_sharding=models.param_shardings(boxed, mesh),
     )
 
 
@@ -287,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     compile_seconds = time.perf_counter() - t0
     log.info("Train step compiled in %.1f s.", compile_seconds)
 
-    sample_grid = _make_grid_sampler(config, model, schedule, workdir) if is_main else None
+    # Every process runs the sampler (params are global arrays); process 0 writes.
+    sample_grid = _make_grid_sampler(config, model, schedule, workdir, mesh, write=is_main)
     meta = {"model": fingerprint}
 
     def save(step: int) -> None:
@@ -312,7 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 window_loss.append(_check_finite(pending, config, ckpt))
                 pending = None
                 elapsed = time.perf_counter() - window_start
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                scalars = {
+                    k: float(v) for k, v in parallel.host_value(metrics).items() if k != "finite"
+                }
                 scalars["loss"] = float(np.mean(window_loss))
                 scalars["steps_per_sec"] = window_steps / elapsed
                 scalars["img_per_sec"] = window_steps * tc.batch_size / elapsed
@@ -328,12 +331,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
             if step % tc.checkpoint_every_steps == 0 or step == tc.num_steps:
                 save(step)
-            if sample_grid and (
-                (tc.sample_every_steps and step % tc.sample_every_steps == 0)
-                or step == tc.num_steps
-            ):
+            if (
+                tc.sample_every_steps and step % tc.sample_every_steps == 0
+            ) or step == tc.num_steps:
                 sample_grid(state.ema_params, step)
-            if preemption.any_process():
+            # Across processes the flag is agreed at log steps (a collective); alone, every step.
+            multi = jax.process_count() > 1
+            if (not multi or step % tc.log_every_steps == 0) and preemption.any_process():
                 log.warning("SIGTERM received: saving a checkpoint at step %d and exiting.", step)
                 save(step)
                 break
@@ -351,6 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _check_finite(pending: tuple[int, dict[str, jax.Array]], config, ckpt: Checkpointer) -> float:
     """Returns the step's loss; stops the run on a non-finite step unless skipping."""
     step, metrics = pending
+    metrics = parallel.host_value({"finite": metrics["finite"], "loss": metrics["loss"]})
     finite = bool(metrics["finite"])
     loss = float(metrics["loss"])
     if not finite:
@@ -373,20 +378,26 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
 
 
-def _make_grid_sampler(config, model, schedule, workdir: str):
+def _make_grid_sampler(config, model, schedule, workdir: str, mesh, *, write: bool):
     """`grid(params, step)` writes workdir/samples/step_XXXXXXXX.png from fixed noise."""
     sample_fn = make_sample_fn(model.apply, schedule, **experiment.sampler_kwargs(config))
     n = config.sample.num_images
     key = jax.random.key(config.seed + 1)
-    noise = jax.random.normal(key, (n, *experiment.image_shape(config)), jnp.float32)
-    cond = experiment.sampling_condition(config, cycle_labels(n, config.data.num_classes))
+    rep = parallel.replicated(mesh)
+    sample = jax.jit(sample_fn, out_shardings=rep)
+    noise = jax.jit(
+        lambda k: jax.random.normal(k, (n, *experiment.image_shape(config)), jnp.float32),
+        out_shardings=rep,
+    )(key)
+    labels = cycle_labels(n, config.data.num_classes)
+    cond = jax.jit(lambda y: experiment.sampling_condition(config, y), out_shardings=rep)(labels)
 
-    def grid(params, step: int) -> str:
-        x = sample_fn(params, noise, cond, jax.random.fold_in(key, 1))
+    def grid(params, step: int) -> str | None:
+        x = parallel.host_value(sample(params, noise, cond, jax.random.fold_in(key, 1)))
+        if not write:
+            return None
         path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-        images.save_grid(
-            images.to_uint8(jax.device_get(x)), path, ncols=config.data.num_classes or None
-        )
+        images.save_grid(images.to_uint8(x), path, ncols=config.data.num_classes or None)
         return path
 
     return grid
