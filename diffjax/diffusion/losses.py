@@ -35,14 +35,16 @@ the schedule can draw (epsilon prediction with `uniform` or `edm`) are refused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax.diffusion import parametrizations
-from diffjax.diffusion.schedules import Schedule
+from diffjax.diffusion.schedules import Schedule, discrete_alphas_cumprod
 
 Array = jax.Array
 WEIGHTINGS = ("eps_mse", "snr", "min_snr", "edm", "uniform")
@@ -124,6 +126,8 @@ def make_loss(
     weighting: str = "eps_mse",
     min_snr_gamma: float = 5.0,
     sigma_data: float = 0.5,
+    learned_sigma: bool = False,
+    vlb_weight: float = 1.0,
 ) -> Callable[..., tuple[Array, dict[str, Array]]]:
     """Builds the denoising loss for `schedule`.
 
@@ -134,6 +138,11 @@ def make_loss(
       weighting: `eps_mse` | `snr` | `min_snr` | `edm` | `uniform` (module docstring).
       min_snr_gamma: gamma of `min_snr` (> 0).
       sigma_data: data standard deviation for `edm` (> 0); must match an EDM schedule's.
+      learned_sigma: the network outputs 2C channels, the prediction and a variance
+        interpolation `v` (Nichol & Dhariwal 2021); the loss adds `vlb_weight` times the
+        variational bound term (`vlb_term`), which trains only `v`. Discrete VP with
+        epsilon prediction only, as in ADM and DiT.
+      vlb_weight: weight of the bound (1.0 = DiT's `mse + vb` for 1000 steps).
 
     Returns:
       `loss(model_fn, x0, key) -> (per_example_loss [B], aux)` where
@@ -157,7 +166,10 @@ def make_loss(
             "pass the same value to both"
         )
     with jax.ensure_compile_time_eval():  # make_loss may be called inside a jit trace
-        reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
+        vlb = make_vlb_term(schedule) if learned_sigma else None
+    if learned_sigma and prediction != "epsilon":
+        raise ValueError(f"learned_sigma needs prediction='epsilon', got {prediction!r}")
+    reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
     if reaches_snr0 and prediction == "epsilon" and weighting in ("uniform", "edm"):
         raise ValueError(
             f"weighting {weighting!r} with epsilon prediction is infinite at the zero-SNR "
@@ -175,6 +187,14 @@ def make_loss(
         bshape = (-1,) + (1,) * (x0.ndim - 1)
         x_t = alpha.reshape(bshape) * x0 + sigma.reshape(bshape) * eps
         pred = model_fn(x_t, t).astype(jnp.float32)
+        vb = None
+        if vlb is not None:
+            if pred.shape[-1] != 2 * x0.shape[-1]:
+                raise ValueError(
+                    f"learned_sigma expects {2 * x0.shape[-1]} output channels, got {pred.shape}"
+                )
+            pred, v = jnp.split(pred, 2, axis=-1)
+            vb = vlb(x0, x_t, t, jax.lax.stop_gradient(pred), v)
         if pred.shape != x0.shape:
             raise ValueError(
                 f"model output shape {pred.shape} differs from the data shape {x0.shape}; "
@@ -190,6 +210,86 @@ def make_loss(
             min_snr_gamma=min_snr_gamma,
             sigma_data=sigma_data,
         )
-        return w * mse, {"t": t, "weight": w, "mse": mse}
+        aux = {"t": t, "weight": w, "mse": mse}
+        if vb is not None:
+            aux["vb"] = vb
+            return w * mse + vlb_weight * vb, aux
+        return w * mse, aux
 
     return loss
+
+
+def _normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
+    )
+
+
+def _std_normal_cdf(x: Array) -> Array:
+    return 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array) -> Array:
+    """log P(x) of 8-bit data in [-1, 1] under N(mean, exp(log_scale)^2) binned to 2/255."""
+    centered = x - mean
+    inv = jnp.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv * (centered + 1.0 / 255.0))
+    cdf_minus = _std_normal_cdf(inv * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_minus = jnp.log(jnp.maximum(1.0 - cdf_minus, 1e-12))
+    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_minus, 1e-12))
+    return jnp.where(
+        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_minus, log_delta)
+    )
+
+
+def make_vlb_term(schedule: Schedule) -> Callable[..., Array]:
+    """The learned-variance bound term L_t of Nichol & Dhariwal (2021), in bits per dim.
+
+    Returns `vb(x0, x_t, t, eps_pred, v) -> [B]`: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} |
+    x_t)) for t > 0 and the discretized decoder NLL at t = 0, with the model's log
+    variance `frac * log(beta_t) + (1 - frac) * log(beta_tilde_t)`, `frac = (v + 1) / 2`.
+    Pass `eps_pred` through `stop_gradient` so the bound trains only the variance.
+    """
+    if not schedule.is_discrete:
+        raise ValueError(f"learned_sigma needs a discrete VP schedule, got {schedule.name!r}")
+    abar = discrete_alphas_cumprod(schedule)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    betas = 1.0 - abar / abar_prev
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    # beta_tilde_0 = 0: use beta_tilde_1 there, as the improved-DDPM reference does.
+    post_logvar = np.log(np.concatenate([[post_var[1]], post_var[1:]]))
+    coef_x0 = betas * np.sqrt(abar_prev) / (1.0 - abar)
+    coef_xt = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
+    tables = {
+        k: jnp.asarray(v, jnp.float32)
+        for k, v in dict(
+            abar=abar,
+            log_beta=np.log(np.maximum(betas, 1e-20)),
+            post_logvar=post_logvar,
+            coef_x0=coef_x0,
+            coef_xt=coef_xt,
+        ).items()
+    }
+
+    def vb(x0: Array, x_t: Array, t: Array, eps_pred: Array, v: Array) -> Array:
+        i = jnp.clip(jnp.round(t).astype(jnp.int32), 0, abar.shape[0] - 1)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        g = {k: tab[i].reshape(shape) for k, tab in tables.items()}
+        x0_pred = (x_t - jnp.sqrt(1.0 - g["abar"]) * eps_pred) / jnp.sqrt(g["abar"])
+        true_mean = g["coef_x0"] * x0 + g["coef_xt"] * x_t
+        model_mean = g["coef_x0"] * x0_pred + g["coef_xt"] * x_t
+        frac = (v + 1.0) / 2.0
+        model_logvar = frac * g["log_beta"] + (1.0 - frac) * g["post_logvar"]
+        axes = tuple(range(1, x0.ndim))
+        kl = jnp.mean(_normal_kl(true_mean, g["post_logvar"], model_mean, model_logvar), axis=axes)
+        nll = -jnp.mean(
+            discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar), axis=axes
+        )
+        return jnp.where(i == 0, nll, kl) / math.log(2.0)
+
+    return vb
