@@ -41,7 +41,10 @@ class ExportError(ValueError):
 
 
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    """`/`-joined names -> float32 numpy arrays (gathers sharded params; a collective)."""
+    from diffjax.parallel import gather
+
+    flat = traverse_util.flatten_dict(gather(params), sep="/")
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}
 
 
@@ -101,12 +104,19 @@ def export_params(
     *,
     step: int,
     platforms: tuple[str, ...] = PLATFORMS,
-) -> dict[str, Any]:
-    """Writes an export of `params` to `out_dir` and returns its config.json content."""
+    write: bool = True,
+) -> dict[str, Any] | None:
+    """Writes an export of `params` to `out_dir` and returns its config.json content.
+
+    Every process must call it (params are gathered); only those with `write` write.
+    """
+    flat = flatten_params(params)
+    if not write:
+        return None
     os.makedirs(out_dir, exist_ok=True)
     params_path = os.path.join(out_dir, "params.safetensors")
     tmp = params_path + ".tmp"
-    save_file(flatten_params(params), tmp)
+    save_file(flat, tmp)
     os.replace(tmp, params_path)
 
     blob, lowered_for, error = _serialized_sampler(

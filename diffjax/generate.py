@@ -145,7 +145,7 @@ class Sampler:
             cond = experiment.sampling_condition(self.config, lab)
             noise, cond = jax.device_put((noise, cond), sharding)
             x = self.sample_fn(self.params, noise, cond, k_sample)
-            out.append(images.to_uint8(jax.device_get(x))[:n])
+            out.append(images.to_uint8(parallel.gather(x))[:n])
         return np.concatenate(out), labels
 
 

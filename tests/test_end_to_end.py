@@ -236,3 +236,58 @@ def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
         Sampler.from_export(other)
     with pytest.raises(ExportError, match="not a diffjax export"):
         Sampler.from_export(str(tmp_path))
+
+
+def test_evaluate_with_fid_and_a_test_made_inception(reference_run, tmp_path):
+    from diffjax.data import load_digits_arrays
+    from diffjax.eval import inception
+
+    weights = str(tmp_path / "inception.safetensors")
+    inception.save_params(weights, inception.random_variables(seed=0, with_logits=False))
+    images, _ = load_digits_arrays()
+    real = str(tmp_path / "real.npz")
+    np.savez(real, images=images[:16])
+    stats = str(tmp_path / "stats.npz")
+    _run(
+        "fid_stats.py",
+        f"--images={real}",
+        f"--inception_weights={weights}",
+        f"--out={stats}",
+        "--batch_size=8",
+    )
+    _run(
+        "evaluate.py",
+        f"--workdir={reference_run}",
+        "--step=18",
+        "--config.eval.num_samples=8",
+        "--config.eval.batch_size=8",
+        "--config.sample.num_steps=2",
+        f"--config.eval.reference_stats={stats}",
+        f"--config.eval.inception_weights={weights}",
+    )
+    report = json.load(open(os.path.join(reference_run, "eval", "step_00000018.json")))
+    assert report["step"] == 18 and np.isfinite(report["fid"]) and report["fid"] > 0
+    assert "conditional_accuracy" in report
+
+
+def test_periodic_evaluation_tracks_the_best_params(tmp_path):
+    from configs.digits import get_config
+    from diffjax.generate import Sampler
+    from diffjax.train.loop import train_and_evaluate
+
+    config = get_config("quick")
+    config.eval.every_steps = 4
+    config.eval.num_samples = 20
+    config.eval.batch_size = 20
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir)
+    reports = sorted(os.listdir(os.path.join(workdir, "eval")))
+    assert reports == ["best.json", "step_00000004.json", "step_00000008.json"]
+    best = json.load(open(os.path.join(workdir, "eval", "best.json")))
+    values = {
+        s: json.load(open(os.path.join(workdir, "eval", f"step_{s:08d}.json")))["frechet_distance"]
+        for s in (4, 8)
+    }
+    assert best["metric"] == "frechet_distance" and best["value"] == min(values.values())
+    assert best["step"] == min(values, key=values.get)
+    assert Sampler.from_export(os.path.join(workdir, "best")).step == best["step"]

@@ -294,6 +294,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def save(step: int) -> None:
         ckpt.save(step, state, data_iter, meta=meta)
 
+    evaluate = (
+        _make_periodic_eval(config, parts, mesh, workdir, is_main)
+        if config.eval.every_steps
+        else None
+    )
+
     # -- loop
     progress = _progress(start_step, tc.num_steps, enabled=is_main)
     window_loss, window_start, window_steps = [], time.perf_counter(), 0
@@ -335,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 tc.sample_every_steps and step % tc.sample_every_steps == 0
             ) or step == tc.num_steps:
                 sample_grid(state.ema_params, step)
+            if evaluate and (step % config.eval.every_steps == 0 or step == tc.num_steps):
+                evaluate(state.ema_params, step)
             # Across processes the flag is agreed at log steps (a collective); alone, every step.
             multi = jax.process_count() > 1
             if (not multi or step % tc.log_every_steps == 0) and preemption.any_process():
@@ -376,6 +384,66 @@ def _progress(start: int, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: bool):
+    """`evaluate(params, step)`: metrics to eval/step_X.json; the best params to best/.
+
+    The primary metric is FID when reference statistics are configured, else the digits
+    Fréchet distance; lower is better. `best/` is an export (see diffjax.export) of the
+    best EMA params so far and `eval/best.json` names its step, so the best model
+    survives checkpoint rotation.
+    """
+    from diffjax import export
+    from diffjax.eval.evaluate import evaluate_sampler, write_eval
+    from diffjax.generate import Sampler
+
+    sample_fn = make_sample_fn(
+        parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
+    )
+    best_path = os.path.join(workdir, "eval", "best.json")
+    best = None
+    if os.path.exists(best_path):
+        with open(best_path) as f:
+            best = json.load(f)
+
+    def evaluate(params, step: int) -> dict[str, Any]:
+        nonlocal best
+        sampler = Sampler(config=config, params=params, sample_fn=sample_fn, mesh=mesh, step=step)
+        metrics = evaluate_sampler(
+            sampler, num_samples=config.eval.num_samples, batch_size=config.eval.batch_size
+        )
+        key = (
+            "fid"
+            if "fid" in metrics
+            else "frechet_distance"
+            if "frechet_distance" in metrics
+            else None
+        )
+        if is_main:
+            write_eval(workdir, step, metrics)
+        if key is not None and (best is None or metrics[key] < best["value"]):
+            best = {"step": int(step), "metric": key, "value": float(metrics[key])}
+            export.export_params(
+                config,
+                parts.model,
+                parts.schedule,
+                params,
+                os.path.join(workdir, "best"),
+                step=step,
+                platforms=(),
+                write=is_main,
+            )
+            if is_main:
+                with open(best_path + ".tmp", "w") as f:
+                    json.dump(best, f)
+                os.replace(best_path + ".tmp", best_path)
+                log.info(
+                    "Step %d: new best %s = %.4g (exported to best/).", step, key, best["value"]
+                )
+        return metrics
+
+    return evaluate
 
 
 def _make_grid_sampler(config, model, schedule, workdir: str, mesh, *, write: bool):
