@@ -75,7 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3  # How many recent checkpoints Orbax keeps.
     t.sample_every_steps = 1000  # Sample-grid cadence (0 = only at the end).
     t.skip_nonfinite = False  # Skip updates with non-finite loss/grads instead of stopping.
-    t.profile_steps = 0  # Trace this many steps with jax.profiler after warmup (0 = off).
+    t.profile_steps = 0  # Trace this many steps with jax.profiler into WORKDIR/profile (0 = off).
 
     # ---------------------------------------------------------------- sampling
     c.sample = s = ml_collections.ConfigDict()

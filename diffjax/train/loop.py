@@ -306,8 +306,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     pending = None  # Metrics of the previous step, read after the next one is queued.
     first_log = True
     step = start_step
+    # A jax.profiler trace of `train.profile_steps` steps, a few steps after the start.
+    profile_window = (
+        (start_step + 5, start_step + 5 + tc.profile_steps) if tc.profile_steps else None
+    )
+    tracing = False
     with _Preemption() as preemption:
         while step < tc.num_steps:
+            if profile_window and step == profile_window[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
             state, metrics = compiled_step(state, batch)
             step += 1
             if pending is not None:
@@ -322,7 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 scalars = {
                     k: float(v) for k, v in parallel.host_value(metrics).items() if k != "finite"
                 }
-                scalars["loss"] = float(np.mean(window_loss))
+                finite_losses = [v for v in window_loss if v is not None]
+                scalars["loss"] = float(np.mean(finite_losses)) if finite_losses else float("nan")
+                if len(finite_losses) < len(window_loss):
+                    scalars["skipped_steps"] = len(window_loss) - len(finite_losses)
                 scalars["steps_per_sec"] = window_steps / elapsed
                 scalars["img_per_sec"] = window_steps * tc.batch_size / elapsed
                 if first_log:
@@ -334,6 +345,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
                 window_loss, window_start, window_steps = [], time.perf_counter(), 0
             progress.update(1)
+            if tracing and step == profile_window[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                log.info("Profiler trace of steps %d-%d in %s/profile.", *profile_window, workdir)
+                tracing = False
 
             if step % tc.checkpoint_every_steps == 0 or step == tc.num_steps:
                 save(step)
@@ -352,6 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             # Fetched last, so a checkpoint above records the iterator before this batch.
             if step < tc.num_steps:
                 batch = parallel.global_batch(next(data_iter), mesh)
+    if tracing:
+        jax.profiler.stop_trace()
     if pending is not None:
         _check_finite(pending, config, ckpt)
     progress.close()
@@ -360,8 +378,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _check_finite(pending: tuple[int, dict[str, jax.Array]], config, ckpt: Checkpointer) -> float:
-    """Returns the step's loss; stops the run on a non-finite step unless skipping."""
+def _check_finite(
+    pending: tuple[int, dict[str, jax.Array]], config, ckpt: Checkpointer
+) -> float | None:
+    """The step's loss, None for a skipped non-finite step; else stops the run."""
     step, metrics = pending
     metrics = parallel.host_value({"finite": metrics["finite"], "loss": metrics["loss"]})
     finite = bool(metrics["finite"])
@@ -369,7 +389,7 @@ def _check_finite(pending: tuple[int, dict[str, jax.Array]], config, ckpt: Check
     if not finite:
         if config.train.skip_nonfinite:
             log.warning("Step %d: non-finite loss or gradients; update skipped.", step)
-            return float("nan")
+            return None
         ckpt.wait()
         raise NonFiniteError(
             f"Non-finite loss or gradients at step {step} (loss={loss}). The update was not "
