@@ -116,6 +116,29 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
     return global_batch_size // jax.process_count()
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by substring of `device.device_kind`, first match
+# wins, from NVIDIA's and Google's data sheets (no sparsity). Used for MFU.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """A device's dense bf16 peak FLOP/s from its `device_kind`, None when unknown (CPU)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_kind.lower():
+            return flops
+    return None
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,

@@ -286,6 +286,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     compile_seconds = time.perf_counter() - t0
     log.info("Train step compiled in %.1f s.", compile_seconds)
+    flops_per_example, peak = (
+        _train_flops(config, model, parts),
+        parallel.peak_flops(jax.devices()[0].device_kind),
+    )
 
     # Every process runs the sampler (params are global arrays); process 0 writes.
     sample_grid = _make_grid_sampler(config, model, schedule, workdir, mesh, write=is_main)
@@ -336,6 +340,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     scalars["skipped_steps"] = len(window_loss) - len(finite_losses)
                 scalars["steps_per_sec"] = window_steps / elapsed
                 scalars["img_per_sec"] = window_steps * tc.batch_size / elapsed
+                scalars["step_seconds"] = elapsed / window_steps
+                achieved = flops_per_example * scalars["img_per_sec"]
+                scalars["tflops_per_sec"] = achieved / 1e12
+                if peak:
+                    scalars["mfu"] = achieved / (peak * jax.device_count())
                 if first_log:
                     scalars["compile_seconds"] = compile_seconds
                     first_log = False
@@ -398,6 +407,20 @@ def _check_finite(
             "train.skip_nonfinite=True to skip such updates."
         )
     return loss
+
+
+def _train_flops(config, model, parts: Components) -> float:
+    """Training FLOPs per example: 3x the forward (forward + backward), from XLA's count."""
+    from diffjax.models import summary
+
+    inputs = summary.abstract_inputs(
+        model,
+        batch_size=1,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
+        text_len=config.data.max_text_len,
+    )
+    return 3.0 * summary.forward_flops(model, parts.abstract_state.params, inputs)
 
 
 def _progress(start: int, total: int, enabled: bool):
