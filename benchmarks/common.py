@@ -24,26 +24,6 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "benchmarks" / "run.py"
 
-# Dense bf16 tensor-core peaks (FLOP/s) by substring of `device.device_kind`, first
-# match wins. From NVIDIA's data sheets (dense, no sparsity): H100 SXM 989.4 TF,
-# H100 PCIe 756 TF, H200 the same chip as H100 SXM, A100 312 TF.
-GPU_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-)
-
-
-def gpu_peak_flops(device_kind: str) -> float | None:
-    """The bf16 dense peak of a GPU from its `device_kind`, or None if not in the table."""
-    for key, flops in GPU_BF16_PEAK_FLOPS:
-        if key.lower() in device_kind.lower():
-            return flops
-    return None
-
-
 # ----------------------------------------------------------------------------- cases
 
 

@@ -341,7 +341,7 @@ class JaxWorker:
     def info(self, matmul_size: int = 0) -> dict[str, Any]:
         """Device, versions and the peak FLOP/s used for MFU.
 
-        On a GPU the peak comes from `common.GPU_BF16_PEAK_FLOPS` (a bf16 matmul of
+        On a GPU the peak comes from `diffjax.parallel.peak_flops` (a bf16 matmul of
         `matmul_size` is timed too, for reference); on a CPU it is the measured f32
         matmul rate of `matmul_size` (default 2048).
         """
@@ -353,8 +353,8 @@ class JaxWorker:
             "num_devices": jax.device_count(),
             "cpus": sorted(os.sched_getaffinity(0)),
         }
-        if dev.platform == "gpu":
-            out["peak_flops"] = common.gpu_peak_flops(dev.device_kind)
+        if dev.platform != "cpu":
+            out["peak_flops"] = parallel.peak_flops(dev.device_kind)
             out["peak_source"] = "table (dense bf16)"
             out["matmul_flops"] = self._matmul_flops(matmul_size or 8192, jnp.bfloat16)
         else:

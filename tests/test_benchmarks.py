@@ -1,0 +1,87 @@
+"""benchmarks/run.py: the quick CPU suite end to end (no PyTorch), and the reference's checks."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks.common import Case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_cpu_suite_measures_and_writes_json(tmp_path):
+    env = dict(os.environ)
+    # One device is what the benchmark measures; conftest's 8 simulated ones split the pool.
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--suite", "cpu",
+           "--quick", "--no-torch", "--cases", "dit_tiny", "--experiments", "sampler",
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| case" in proc.stdout and "dit_tiny" in proc.stdout
+
+    (path,) = glob.glob(str(tmp_path / "cpu-quick_cpu_*.json"))
+    result = json.load(open(path))
+    assert result["suite"] == "cpu" and result["quick"] and result["errors"] == []
+    assert result["peak_flops"] > 0 and "measured" in result["peak_source"]
+
+    (case,) = result["cases"]
+    dj = case["diffjax"]
+    train = dj["train"]
+    assert train["img_per_s"] > 0 and 0 < train["mfu"] < 1
+    # MFU is 3 x forward FLOPs x img/s over the peak, from the same numbers.
+    expect = 3 * case["forward_gflops"] * 1e9 * train["img_per_s"] / result["peak_flops"]
+    assert train["mfu"] == pytest.approx(expect, rel=1e-9)
+    assert case["params"] > 0 and dj["setup"]["compile_s"] > 0
+    assert train["memory"]["peak_bytes"] >= 0 and "RSS" in train["memory"]["kind"]
+    sample = dj["sample_setup"]
+    assert sample["nfe"] == 4 and sample["guided"] and sample["compile_s"] > 0
+    assert dj["sample"]["latency_per_image_ms"] > 0
+
+    (exp,) = result["experiments"]
+    assert exp["name"] == "sampler" and exp["ratio"] > 0
+    # The Python loop of jitted DPM-Solver++(2M) steps is the same algorithm.
+    assert exp["max_abs_diff_vs_python_loop"] < 1e-4
+    counts = exp["compiles_once_per_shape"]
+    assert counts["same_shape_3_calls"] == {"traces": 1, "compiles": 1}
+    assert counts["after_2_calls_at_new_shape"] == {"traces": 2, "compiles": 2}
+    assert exp["scan_loops"] == [3]  # one loop of num_steps - 1 solver steps
+
+
+def test_gpu_cases_fall_back_to_xla_attention_off_gpu():
+    case = Case("c", "configs/imagenet256_dit.py:B/2", 4, 2,
+                (("model.dtype", "bfloat16"), ("model.kwargs.attention_impl", "cudnn")))  # fmt: skip
+    cpu_case, notes = bench_run.for_backend(case, "cpu")
+    assert dict(cpu_case.overrides)["model.kwargs.attention_impl"] == "xla" and notes
+    assert bench_run.for_backend(case, "gpu") == (case, [])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None,
+    reason="the PyTorch reference needs torch and diffusers (pip install -e '.[bench]')",
+)
+def test_reference_matches_parameter_counts():
+    from benchmarks import jax_bench, torch_reference
+    from diffjax import experiment
+    from diffjax.models.summary import model_summary
+
+    for case in (
+        Case("u", "configs/digits.py", 2, 2),
+        Case("d", "configs/imagenet256_dit.py:S/8", 2, 2, (("data.image_size", 16),)),
+    ):
+        config = jax_bench.load_config(case)
+        n = model_summary(experiment.build_model(config), image_size=config.data.image_size,
+                          channels=config.data.channels)["params"]  # fmt: skip
+        spec = jax_bench.model_spec(config)
+        model = torch_reference.build_reference(spec, n)
+        assert sum(p.numel() for p in model.parameters()) == n
+        with pytest.raises(ValueError, match="more than 1% apart"):
+            torch_reference.build_reference(spec, int(n * 1.05))
