@@ -5,7 +5,7 @@
 
 Resumes automatically from WORKDIR/checkpoints. On several hosts, pass
 --coordinator_address/--num_processes/--process_id, or let JAX read the cluster's
-environment (SLURM, TPU VM, Kubernetes).
+environment (under srun, Open MPI 4's mpirun, or on Cloud TPU VMs); see docs/cluster.md.
 """
 
 import os
