@@ -8,9 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs.digits import get_config
-from diffjax import data, experiment, parallel
+from diffjax import data, parallel
 from diffjax.train.loop import build_components
-from diffjax.train.step import make_loss_fn, make_train_step
 
 
 def test_mesh_shape_fills_and_validates():
@@ -37,22 +36,8 @@ def _losses(config, mesh, batches, steps=3):
     state = jax.jit(functools.partial(parts.init, unbox=True), out_shardings=parts.state_sharding)(
         jax.random.key(config.seed)
     )
-    step = make_train_step(
-        make_loss_fn(
-            parts.model.apply,
-            parts.loss,
-            precondition=parts.schedule.precondition,
-            cond_dropout=config.diffusion.cond_dropout,
-            num_classes=config.data.num_classes,
-            cond_keys=experiment.condition_keys(config),
-        ),
-        parts.tx,
-        parts.lr_fn,
-        ema_decay=config.train.ema_decay,
-        grad_accum_steps=config.train.grad_accum_steps,
-    )
     step = jax.jit(
-        step,
+        parts.train_step,
         in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh)),
         out_shardings=(parts.state_sharding, parallel.replicated(mesh)),
         donate_argnums=0,

@@ -88,6 +88,7 @@ class Components:
     init: Any  # init(key, unbox=...) -> TrainState
     abstract_state: Any
     state_sharding: Any
+    train_step: Any  # train_step(state, batch) -> (state, metrics); pure, not jitted
 
 
 def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
@@ -111,10 +112,27 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
     )
     key = jax.random.key(config.seed)
     boxed = jax.eval_shape(functools.partial(init, unbox=False), key)
+    loss = experiment.build_loss(config, schedule)
+    train_step = make_train_step(
+        make_loss_fn(
+            model.apply,
+            loss,
+            precondition=schedule.precondition,
+            cond_dropout=config.diffusion.cond_dropout,
+            num_classes=config.data.num_classes,
+            cond_keys=experiment.condition_keys(config),
+        ),
+        tx,
+        lr_fn,
+        ema_decay=tc.ema_decay,
+        ema_warmup=tc.ema_warmup,
+        grad_accum_steps=tc.grad_accum_steps,
+    )
     return Components(
         model=model,
         schedule=schedule,
-        loss=experiment.build_loss(config, schedule),
+        loss=loss,
+        train_step=train_step,
         tx=tx,
         lr_fn=lr_fn,
         init=init,
@@ -257,26 +275,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         start_step = 0
 
     # -- compile
-    train_step = make_train_step(
-        make_loss_fn(
-            model.apply,
-            parts.loss,
-            precondition=parts.schedule.precondition,
-            cond_dropout=config.diffusion.cond_dropout,
-            num_classes=config.data.num_classes,
-            cond_keys=experiment.condition_keys(config),
-        ),
-        parts.tx,
-        parts.lr_fn,
-        ema_decay=tc.ema_decay,
-        ema_warmup=tc.ema_warmup,
-        grad_accum_steps=tc.grad_accum_steps,
-    )
     batch = parallel.global_batch(next(data_iter), mesh)
     t0 = time.perf_counter()
     compiled_step = (
         jax.jit(
-            train_step,
+            parts.train_step,
             in_shardings=(state_sharding, batch_sharding),
             out_shardings=(state_sharding, parallel.replicated(mesh)),
             donate_argnums=0,
