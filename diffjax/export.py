@@ -119,9 +119,12 @@ def export_params(
     save_file(flat, tmp)
     os.replace(tmp, params_path)
 
-    blob, lowered_for, error = _serialized_sampler(
-        config, model, schedule, params, platforms=platforms
-    )
+    if platforms:
+        blob, lowered_for, error = _serialized_sampler(
+            config, model, schedule, params, platforms=platforms
+        )
+    else:
+        blob, lowered_for, error = None, [], "not requested (platforms=())"
     if blob is not None:
         with open(os.path.join(out_dir, "sampler.jax_export.tmp"), "wb") as f:
             f.write(blob)
