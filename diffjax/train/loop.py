@@ -503,8 +503,9 @@ def _make_grid_sampler(config, model, schedule, workdir: str, mesh, *, write: bo
         lambda k: jax.random.normal(k, (n, *experiment.image_shape(config)), jnp.float32),
         out_shardings=rep,
     )(key)
-    labels = cycle_labels(n, config.data.num_classes)
-    cond = jax.jit(lambda y: experiment.sampling_condition(config, y), out_shardings=rep)(labels)
+    # Captions are tokenized on the host; every process holds the same values.
+    labels = np.asarray(cycle_labels(n, config.data.num_classes))
+    cond = jax.device_put(experiment.sampling_condition(config, labels), rep)
 
     def grid(params, step: int) -> str | None:
         x = parallel.host_value(sample(params, noise, cond, jax.random.fold_in(key, 1)))
