@@ -53,3 +53,14 @@ def test_nonfinite_step_is_skipped_when_configured(poisoned, tmp_path):
     assert [r["step"] for r in records] == [2, 4, 6]
     assert records[1]["skipped_steps"] == 1  # the window holding step 3
     assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_text_conditioned_digits_train_and_sample_from_captions(tmp_path):
+    from configs.digits_text import get_config as text_config
+    from diffjax.generate import Sampler
+
+    loop.train_and_evaluate(text_config("quick"), str(tmp_path))
+    assert os.path.exists(tmp_path / "samples" / "step_00000008.png")
+    sampler = Sampler.from_workdir(str(tmp_path), num_steps=2)
+    images, labels = sampler.generate(4, labels=[3], batch_size=4)
+    assert images.shape == (4, 8, 8, 1) and labels.tolist() == [3, 3, 3, 3]
