@@ -267,11 +267,21 @@ class Bench:
             return {}
         if self.suite == "cpu":
             return {"torch": {}, "torch_passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
-        return {"torch": {}}
+        refs = {"torch": {} if self.backend == "gpu" else {"OMP_WAIT_POLICY": "PASSIVE"}}
+        if self.args.torch_compile:
+            refs["torch_compile"] = {**refs["torch"], "BENCH_TORCH_COMPILE": "1"}
+        return refs
 
     def run_case(self, case: Case) -> dict[str, Any]:
+        """diffjax and the reference(s) on one case: training, then sampling.
+
+        On a CPU the frameworks' timing windows alternate (other processes' load falls
+        on both). On a GPU, a dedicated device, they run one after the other, each in
+        its own process, so neither holds GPU memory while the other is measured.
+        """
         self.log(f"case {case.name}: diffjax setup")
         out: dict[str, Any] = {"case": case.to_json(), "name": case.name}
+        interleave = self.suite == "cpu"
         jw = self.jax_worker()
         refs: dict[str, common.Worker] = {}
         try:
@@ -279,28 +289,26 @@ class Bench:
             out["diffjax"] = {"setup": jt}
             out["params"] = jt["params"]
             out["forward_gflops"] = jt["forward_gflops"]
-            for name, extra in self.references().items():
-                self.log(f"case {case.name}: {name} setup")
-                w = None
-                try:
-                    env = {**_worker_env("torch", self.suite, self.quick), **extra}
-                    w = common.Worker("torch", threads=self.threads, env=env)
-                    out[name] = {
-                        "env": extra,
-                        "setup": w.call(
-                            "setup_train", spec=jt["spec"], params=jt["params"], batch=case.batch
-                        ),
-                    }
-                    refs[name] = w
-                except common.WorkerError as e:
-                    self.errors.append(f"{case.name} {name}: {e}")
-                    out[name] = {"error": str(e)[-2000:]}
-                    if w is not None:
-                        w.close()
+            if interleave:
+                refs = self._start_references(case, jt, out)
             self.log(f"case {case.name}: training windows")
             self._train_windows(case, {"diffjax": jw, **refs}, out)
             self.log(f"case {case.name}: sampling")
-            self._sample_windows(case, jw, refs, out)
+            self._sample_windows(case, {"diffjax": jw, **refs}, out)
+            if not interleave:
+                self.done_with(jw)
+                jw = None
+                for name, w in self._start_references(case, jt, out, one_by_one=True):
+                    try:
+                        self.log(f"case {case.name}: {name} windows")
+                        self._train_windows(case, {name: w}, out)
+                        self._sample_windows(case, {name: w}, out)
+                    except common.WorkerError as e:
+                        self.errors.append(f"{case.name} {name}: {e}")
+                        out[name]["error"] = str(e)[-2000:]
+                    finally:
+                        w.close()
+            _ratios(out)
         except common.WorkerError as e:
             self.errors.append(f"{case.name} diffjax: {e}")
             out["error"] = str(e)[-4000:]
@@ -309,6 +317,41 @@ class Bench:
             for w in refs.values():
                 w.close()
         return out
+
+    def _start_references(self, case: Case, jt: dict[str, Any], out, one_by_one: bool = False):
+        """Starts each reference worker and sets up its train step.
+
+        Returns {name: worker}, or with `one_by_one` a generator that starts the next
+        only after the caller is done with (and has closed) the previous one.
+        """
+
+        def start(name: str, extra: dict[str, str]) -> common.Worker | None:
+            self.log(f"case {case.name}: {name} setup")
+            w = None
+            try:
+                env = {**_worker_env("torch", self.suite, self.quick), **extra}
+                w = common.Worker("torch", threads=self.threads, env=env)
+                setup = w.call(
+                    "setup_train", spec=jt["spec"], params=jt["params"], batch=case.batch
+                )
+                out[name] = {"env": extra, "setup": setup}
+                return w
+            except common.WorkerError as e:
+                self.errors.append(f"{case.name} {name}: {e}")
+                out[name] = {"error": str(e)[-2000:]}
+                if w is not None:
+                    w.close()
+                return None
+
+        def gen():
+            for name, extra in self.references().items():
+                w = start(name, extra)
+                if w is not None:
+                    yield name, w
+
+        if one_by_one:
+            return gen()
+        return dict(gen())
 
     def _train_windows(self, case: Case, workers: dict[str, common.Worker], out) -> None:
         steps = {}
@@ -330,30 +373,22 @@ class Bench:
                 "mfu": flops_per_img * img_s / self.peak if self.peak else None,
                 "memory": w.call("train_memory"),
             }
-        refs = [k for k in workers if k != "diffjax"]
-        if refs:
-            best = max(refs, key=lambda k: out[k]["train"]["img_per_s"])
-            out["train_reference"] = best
-            out["train_ratio"] = (
-                out["diffjax"]["train"]["img_per_s"] / out[best]["train"]["img_per_s"]
-            )
 
-    def _sample_windows(
-        self, case: Case, jw: common.Worker, refs: dict[str, common.Worker], out
-    ) -> None:
-        js = jw.call("setup_sample", case=case.to_json())
-        out["diffjax"]["sample_setup"] = js
-        workers = {"diffjax": jw}
-        for name, w in refs.items():
+    def _sample_windows(self, case: Case, workers: dict[str, common.Worker], out) -> None:
+        live = {}
+        for name, w in workers.items():
             try:
-                out[name]["sample_setup"] = w.call(
-                    "setup_sample",
-                    batch=js["batch"],
-                    steps=case.sample_steps,
-                    guidance=js["guidance"],
-                )
-                workers[name] = w
+                if name == "diffjax":
+                    setup = w.call("setup_sample", case=case.to_json())
+                else:  # the same batch, steps and guidance scale as diffjax's
+                    js = out["diffjax"]["sample_setup"]
+                    setup = w.call("setup_sample", batch=js["batch"], steps=case.sample_steps,
+                                   guidance=js["guidance"])  # fmt: skip
+                out[name]["sample_setup"] = setup
+                live[name] = w
             except common.WorkerError as e:
+                if name == "diffjax":
+                    raise
                 self.errors.append(f"{case.name} {name} sampling: {e}")
                 out[name]["sample_error"] = str(e)[-2000:]
         # Whole sampling runs per window, about train_seconds long (1 to 20 runs).
@@ -364,13 +399,13 @@ class Bench:
                     1, round(case.train_seconds / max(out[k]["sample_setup"]["first_run_s"], 1e-3))
                 ),
             )
-            for k in workers
+            for k in live
         }
-        times: dict[str, list[float]] = {k: [] for k in workers}
+        times: dict[str, list[float]] = {k: [] for k in live}
         for _ in range(case.windows):
-            for name, w in workers.items():
+            for name, w in live.items():
                 times[name].append(w.call("sample_window", reps=reps[name]))
-        for name, w in workers.items():
+        for name, w in live.items():
             per_run = common.median(times[name]) / reps[name]
             out[name]["sample"] = {
                 "runs_per_window": reps[name],
@@ -379,14 +414,6 @@ class Bench:
                 "images_per_s": case.sample_batch / per_run,
                 "memory": w.call("sample_memory"),
             }
-        names = [k for k in workers if k != "diffjax"]
-        if names:
-            best = min(names, key=lambda k: out[k]["sample"]["latency_per_image_ms"])
-            out["sample_reference"] = best
-            out["sample_speedup"] = (
-                out[best]["sample"]["latency_per_image_ms"]
-                / out["diffjax"]["sample"]["latency_per_image_ms"]
-            )
 
     def run_experiments(self) -> list[dict[str, Any]]:
         chosen = self.args.experiments
@@ -458,6 +485,24 @@ class Bench:
             "ratio": runs["cold"]["compile_s"] / max(runs["warm"]["compile_s"], 1e-9),
             "ratio_note": "speed-up (cold / warm compile time)",
         }  # fmt: skip
+
+
+def _ratios(out: dict[str, Any]) -> None:
+    """diffjax over the fastest reference: training throughput and sampling speed-up."""
+    refs = [k for k in _frameworks(out) if k != "diffjax"]
+    trained = [k for k in refs if "train" in out[k]]
+    if trained and "train" in out["diffjax"]:
+        best = max(trained, key=lambda k: out[k]["train"]["img_per_s"])
+        out["train_reference"] = best
+        out["train_ratio"] = out["diffjax"]["train"]["img_per_s"] / out[best]["train"]["img_per_s"]
+    sampled = [k for k in refs if "sample" in out[k]]
+    if sampled and "sample" in out["diffjax"]:
+        best = min(sampled, key=lambda k: out[k]["sample"]["latency_per_image_ms"])
+        out["sample_reference"] = best
+        out["sample_speedup"] = (
+            out[best]["sample"]["latency_per_image_ms"]
+            / out["diffjax"]["sample"]["latency_per_image_ms"]
+        )
 
 
 def _steps_for(seconds_per_step: float, target_s: float) -> int:
@@ -649,6 +694,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"'all', 'none' or a comma-separated subset of {EXPERIMENT_NAMES}",
     )
     p.add_argument("--remat", default="none", help="gpu suite: remat_policy of the cases")
+    p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="gpu suite: also time the reference under torch.compile",
+    )
     p.add_argument(
         "--budget-s",
         type=float,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +65,9 @@ def _unet(spec: dict[str, Any]):
         {channels[-1]} if k.get("mid_attention", True) else set()
     )
     head_channels = k.get("head_channels", 0)
-    if not head_channels:
+    if not head_channels and k.get("num_heads", 1) == 1:
+        head_channels = None  # diffusers: one head as wide as each block
+    elif not head_channels:
         if len(widths) > 1:
             raise ValueError(
                 "diffusers uses one head width for every attention level; this model has "
@@ -263,7 +266,8 @@ class TorchWorker:
     def __init__(self, threads: int):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(threads)
+            if threads > 0:
+                torch.set_num_threads(threads)
         else:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -326,8 +330,8 @@ class TorchWorker:
 
     def _forward(self, x, t, labels):
         if self.spec["model"] == "dit":
-            return self.model(x, timestep=t, class_labels=labels).sample
-        return self.model(x, t, class_labels=labels).sample
+            return self.model_fn(x, timestep=t, class_labels=labels).sample
+        return self.model_fn(x, t, class_labels=labels).sample
 
     def setup_train(self, spec: dict[str, Any], params: int, batch: int) -> dict[str, Any]:
         self.release()
@@ -339,6 +343,10 @@ class TorchWorker:
         torch.manual_seed(0)
         self.model = build_reference(spec, params).to(self.device)
         self.model.train()
+        # BENCH_TORCH_COMPILE=1 (run.py --torch-compile): the reference under torch.compile;
+        # its compilation happens in the warm-up steps below.
+        self.compiled = os.environ.get("BENCH_TORCH_COMPILE") == "1"
+        self.model_fn = torch.compile(self.model) if self.compiled else self.model
         self.diffusion = Diffusion(spec, self.device)
         tc = spec["train"]
         opt_kwargs = dict(
@@ -372,6 +380,7 @@ class TorchWorker:
             torch.cuda.reset_peak_memory_stats()
         return {
             "params": sum(p.numel() for p in self.model.parameters()),
+            "torch_compile": self.compiled,
             "warmup_step_s": t / 2,
             "optimizer": f"torch.optim.AdamW({self.opt_impl})",
         }
