@@ -84,7 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     s.guidance = 1.0  # Classifier-free guidance scale (1 = conditional model only).
     s.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023).
     s.eta = 0.0  # DDIM eta (0 = deterministic).
-    s.num_images = 100  # Images in the training-time sample grid.
+    s.num_images = 100  # Images in the training-time sample grid (0 = no grid).
     s.batch_size = 256  # Images sampled per device call.
 
     # ---------------------------------------------------------------- evaluation

@@ -22,6 +22,7 @@ def test_cifar10_config_from_tfds_array_record(tmp_path):
     data_dir = str(tmp_path / "tfds")
     DiffjaxTestImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
     config = get_config("quick")
+    config.sample.num_images = 0
     config.data.name = "diffjax_test_images"  # the test's own tfds dataset, 6x6 -> 32x32
     config.data.data_dir = data_dir
     train_and_evaluate(config, str(tmp_path / "run"))
@@ -37,6 +38,7 @@ def test_cifar10_config_from_image_folder(tmp_path):
                 tmp_path / "images" / cls / f"{i}.png"
             )
     config = get_config("quick")
+    config.sample.num_images = 0
     config.data.source = "folder"
     config.data.data_dir = str(tmp_path / "images")
     train_and_evaluate(config, str(tmp_path / "run"))

@@ -277,6 +277,7 @@ def test_periodic_evaluation_tracks_the_best_params(tmp_path):
 
     config = get_config("quick")
     config.eval.every_steps = 4
+    config.sample.num_images = 0
     config.eval.num_samples = 20
     config.eval.batch_size = 20
     workdir = str(tmp_path / "run")

@@ -15,6 +15,11 @@ ARGS = (
     "--config.train.num_steps=6",
     "--config.train.checkpoint_every_steps=3",
     "--config.model.kwargs.dropout=0.0",
+    # A tiny model and no sample grid: this test is about the runtime, not the model.
+    "--config.model.kwargs.base_channels=8",
+    "--config.model.kwargs.num_groups=4",
+    "--config.model.kwargs.attention_resolutions=()",
+    "--config.sample.num_images=0",
 )
 
 

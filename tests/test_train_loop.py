@@ -35,6 +35,7 @@ def _config(skip):
     config.train.skip_nonfinite = skip
     config.train.checkpoint_every_steps = 2
     config.train.num_steps = 6
+    config.sample.num_images = 0
     return config
 
 

@@ -165,11 +165,11 @@ def make_loss(
             f"sigma_data={sigma_data} differs from the EDM schedule's {schedule.sigma_data}; "
             "pass the same value to both"
         )
-    with jax.ensure_compile_time_eval():  # make_loss may be called inside a jit trace
-        vlb = make_vlb_term(schedule) if learned_sigma else None
     if learned_sigma and prediction != "epsilon":
         raise ValueError(f"learned_sigma needs prediction='epsilon', got {prediction!r}")
-    reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
+    with jax.ensure_compile_time_eval():  # make_loss may be called inside a jit trace
+        vlb = make_vlb_term(schedule) if learned_sigma else None
+        reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
     if reaches_snr0 and prediction == "epsilon" and weighting in ("uniform", "edm"):
         raise ValueError(
             f"weighting {weighting!r} with epsilon prediction is infinite at the zero-SNR "

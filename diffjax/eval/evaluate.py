@@ -43,15 +43,24 @@ def evaluate_sampler(
         metrics.update(digits_metrics(images, labels if conditional else None))
     if config.eval.reference_stats:
         metrics.update(
-            fid_metrics(images, config.eval.reference_stats, config.eval.inception_weights)
+            fid_metrics(
+                images,
+                config.eval.reference_stats,
+                config.eval.inception_weights,
+                batch_size=min(batch_size, len(images)),
+            )
         )
     return metrics
 
 
 def fid_metrics(
-    images: np.ndarray, reference_stats: str, inception_weights: str
+    images: np.ndarray, reference_stats: str, inception_weights: str, *, batch_size: int = 200
 ) -> dict[str, float]:
-    """FID of uint8 `images` against a pytorch-fid style statistics file."""
+    """FID of uint8 `images` against a pytorch-fid style statistics file.
+
+    The matrix square root uses the symmetric eigendecomposition, equal to pytorch-fid's
+    `sqrtm` to rounding and several times faster at 2048 dimensions on CPU.
+    """
     from diffjax.eval import fid
 
     if not inception_weights:
@@ -59,7 +68,11 @@ def fid_metrics(
             "eval.reference_stats is set but eval.inception_weights is empty; convert the "
             "pytorch-fid weights with launch/convert_inception.py and set it."
         )
-    return {"fid": fid.fid_from_images(images, reference_stats, inception_weights)}
+    return {
+        "fid": fid.fid_from_images(
+            images, reference_stats, inception_weights, batch_size, method="eigh"
+        )
+    }
 
 
 def write_eval(workdir: str, step: int, metrics: dict[str, Any]) -> str:

@@ -295,7 +295,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     # Every process runs the sampler (params are global arrays); process 0 writes.
-    sample_grid = _make_grid_sampler(config, model, schedule, workdir, mesh, write=is_main)
+    sample_grid = (
+        _make_grid_sampler(config, model, schedule, workdir, mesh, write=is_main)
+        if config.sample.num_images > 0
+        else None
+    )
     meta = {"model": fingerprint}
 
     def save(step: int) -> None:
@@ -368,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if (
                 tc.sample_every_steps and step % tc.sample_every_steps == 0
             ) or step == tc.num_steps:
-                sample_grid(state.ema_params, step)
+                if sample_grid:
+                    sample_grid(state.ema_params, step)
             if evaluate and (step % config.eval.every_steps == 0 or step == tc.num_steps):
                 evaluate(state.ema_params, step)
             # Across processes the flag is agreed at log steps (a collective); alone, every step.
