@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from benchmarks import common
 from diffjax import experiment, parallel
@@ -33,6 +34,7 @@ from diffjax.models import layers
 from diffjax.models.summary import model_summary
 from diffjax.sampling import cycle_labels, make_sample_fn
 from diffjax.train.loop import build_components
+from diffjax.train.state import ema_decay_at
 from diffjax.train.step import make_loss_fn, make_train_step
 
 SAMPLER = "dpmpp_2m"
@@ -192,6 +194,7 @@ class Train:
         *,
         donate: bool = True,
         attention_fn: Callable | None = None,
+        step_factory: Callable | None = None,
         num_batches: int = 2,
     ):
         self.config = config
@@ -200,7 +203,7 @@ class Train:
         parts = build_components(config, self.mesh)
         self.parts = parts
         tc = config.train
-        step = make_train_step(
+        step = (step_factory or make_train_step)(
             make_loss_fn(
                 parts.model.apply,
                 parts.loss,
@@ -217,7 +220,8 @@ class Train:
         )
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         init = functools.partial(parts.init, unbox=True)
-        self.state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(config.seed))
+        self._init = jax.jit(init, out_shardings=parts.state_sharding)
+        self.reset()
         self.batches = [self.put(synthetic_batch(config, i)) for i in range(num_batches)]
         self.jitted = jax.jit(
             step,
@@ -233,6 +237,10 @@ class Train:
         t2 = time.perf_counter()
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
         self.metrics = None
+
+    def reset(self) -> None:
+        """The initial state again (same seed, same params)."""
+        self.state = self._init(jax.random.key(self.config.seed))
 
     def put(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return parallel.global_batch(host_batch, self.mesh)
@@ -517,11 +525,15 @@ def _interleave(runs: dict[str, Callable[[], float]], windows: int) -> dict[str,
     return out
 
 
-_TRAINS: dict[tuple[str, bool, str], Train] = {}
+_TRAINS: dict[tuple[str, bool, str], Train] = {}  # (config, donate, swapped-in functions)
 
 
 def cached_train(
-    config: ml_collections.ConfigDict, *, donate: bool = True, attention_fn: Callable | None = None
+    config: ml_collections.ConfigDict,
+    *,
+    donate: bool = True,
+    attention_fn: Callable | None = None,
+    step_factory: Callable | None = None,
 ) -> Train:
     """A warmed-up `Train` for this config, compiled once per experiment case.
 
@@ -529,9 +541,13 @@ def cached_train(
     baseline of donation/async/prefetch/sampler) share one compiled step; their
     reported compile time is that one compile's.
     """
-    key = (config.to_json(sort_keys=True), donate, getattr(attention_fn, "__name__", ""))
+    key = (
+        config.to_json(sort_keys=True),
+        donate,
+        getattr(attention_fn, "__name__", "") + getattr(step_factory, "__name__", ""),
+    )
     if key not in _TRAINS:
-        tr = Train(config, donate=donate, attention_fn=attention_fn)
+        tr = Train(config, donate=donate, attention_fn=attention_fn, step_factory=step_factory)
         tr.run(2)
         tr.check_finite()
         _TRAINS[key] = tr
@@ -561,13 +577,14 @@ def _train_variants(
     """Train img/s, compile time and XLA memory of each variant, windows interleaved.
 
     A variant is {'config': overrides as keyword pairs with '__' for '.', plus
-    optional 'donate' and 'attention_fn'}.
+    optional 'donate', 'attention_fn' and 'step_factory'}.
     """
     trains = {
         name: cached_train(
             _with(case, **v.get("config", {})),
             donate=v.get("donate", True),
             attention_fn=v.get("attention_fn"),
+            step_factory=v.get("step_factory"),
         )
         for name, v in variants.items()
     }
@@ -696,6 +713,96 @@ def exp_async_metrics(case: common.Case, windows: int) -> dict[str, Any]:
     }  # fmt: skip
     res.update(metric="train img/s", before="sync_every_step", after="async")
     res["ratio"] = _ratio(res, "async", "sync_every_step")
+    return res
+
+
+def make_train_step_cond_guard(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+    *,
+    ema_decay: float,
+    ema_warmup: bool = True,
+    grad_accum_steps: int = 1,
+) -> Callable:
+    """`diffjax.train.step.make_train_step` with its non-finite guard as one `lax.cond`.
+
+    The library computes the AdamW and EMA updates, then keeps them with an
+    elementwise `jnp.where(finite, new, old)` over params, EMA and both moments
+    (extra passes over 4x the parameters). Here the updates run inside the taken
+    branch of a `lax.cond` and the other branch returns the state unchanged: the
+    same results (`exp_finite_guard` checks), proposed for the library.
+    """
+    if grad_accum_steps != 1:
+        raise ValueError("the cond-guard benchmark variant covers grad_accum_steps=1 only")
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, grads = grad_fn(state.params, batch, rng)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+            ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+            return params, ema, opt_state
+
+        def keep(_):
+            return state.params, state.ema_params, state.opt_state
+
+        params, ema, opt_state = jax.lax.cond(finite, update, keep, None)
+        new_state = state.replace(
+            step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(new_state.params),
+            "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def _max_param_diff(a: Train, b: Train, steps: int, nan_step: bool) -> float:
+    """Max |param difference| after the same steps from the same init (optionally a NaN batch)."""
+    for tr in (a, b):
+        tr.reset()
+        tr.run(steps)
+        if nan_step:
+            bad = {k: v for k, v in tr.batches[0].items()}
+            bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
+            tr.step(bad)
+            if bool(tr.metrics["finite"]):
+                raise AssertionError("a NaN batch was reported finite")
+    diffs = jax.tree.map(lambda x, y: jnp.max(jnp.abs(x - y)), a.state.params, b.state.params)
+    return float(max(jax.tree.leaves(diffs)))
+
+
+def exp_finite_guard(case: common.Case, windows: int) -> dict[str, Any]:
+    """The train step's non-finite guard: elementwise select (library) vs one `lax.cond`."""
+    res = _train_variants(
+        case,
+        {"where_select": {}, "lax_cond": {"step_factory": make_train_step_cond_guard}},
+        windows,
+    )
+    a = cached_train(load_config(case))
+    b = cached_train(load_config(case), step_factory=make_train_step_cond_guard)
+    # Same semantics: identical params after 2 steps, and after a NaN step (skipped).
+    res["max_param_diff_after_2_steps"] = _max_param_diff(a, b, 2, nan_step=False)
+    res["max_param_diff_after_nan_step"] = _max_param_diff(a, b, 2, nan_step=True)
+    v = res["variants"]
+    res.update(metric="train img/s", before="where_select", after="lax_cond")
+    res["ratio"] = _ratio(res, "lax_cond", "where_select")
+    res["memory_ratio"] = v["lax_cond"]["xla_memory"]["peak_bytes"] / max(
+        v["where_select"]["xla_memory"]["peak_bytes"], 1
+    )
     return res
 
 
@@ -903,6 +1010,7 @@ EXPERIMENTS: dict[str, Callable[[common.Case, int], dict[str, Any]]] = {
     "attention": exp_attention,
     "remat": exp_remat,
     "donation": exp_donation,
+    "finite_guard": exp_finite_guard,
     "async_metrics": exp_async_metrics,
     "prefetch": exp_prefetch,
     "sampler": exp_sampler,
