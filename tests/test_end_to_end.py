@@ -29,7 +29,7 @@ def _env(devices=1):
     return env
 
 
-def _run(script, *args, check=True, devices=1, timeout=300):
+def _run(script, *args, check=True, devices=1, timeout=900):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", script), *args],
         cwd=ROOT,
@@ -119,7 +119,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not [s for s in _steps(workdir) if s >= 6] and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -149,7 +149,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     metrics = os.path.join(workdir, "metrics.jsonl")
     while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
         time.sleep(0.05)
