@@ -48,9 +48,9 @@ CPU_EXPERIMENT_CASES = {
         4,
         2,
         (("model.dtype", "float32"), ("model.kwargs.attention_impl", "xla")),
-        train_seconds=2.0,
+        train_seconds=1.5,
     ),
-    "digits_unet": Case("digits_unet", "configs/digits.py", 128, 32, train_seconds=2.0),
+    "digits_unet": Case("digits_unet", "configs/digits.py", 128, 32, train_seconds=1.5),
     # The CPU suite's DiT case, where the optimizer's share of the step is largest.
     "dit_s4_16px": Case(
         "dit_s4_16px",
@@ -58,7 +58,7 @@ CPU_EXPERIMENT_CASES = {
         32,
         8,
         (("data.image_size", 16), ("model.dtype", "float32")),
-        train_seconds=2.0,
+        train_seconds=1.5,
     ),
 }
 CPU_EXPERIMENTS = (
@@ -740,6 +740,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip what would start after this many seconds (gpu default 420)",
     )
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
+    p.add_argument("--report", metavar="JSON", help="print the tables of a saved result and exit")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.budget_s is None and args.suite == "gpu" and not args.quick:
@@ -765,6 +766,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker_main(args.worker, args.threads)
         return {}
+    if args.report:
+        with open(args.report) as f:
+            result = json.load(f)
+        print(report(result))
+        return result
     result = Bench(args).run()
     text = report(result)
     print(text)
