@@ -22,7 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from launch.common import run  # noqa: E402
 
 _PTH = flags.DEFINE_string(
     "pth", None, "pytorch-fid's pt_inception-2015-12-05-*.pth.", required=True
@@ -96,16 +98,5 @@ def main(argv):
     print(f"Wrote {out}: {len(flat)} tensors, {n:,} values, {head} the 1008-way fc head.")
 
 
-def _run() -> None:
-    def wrapped(argv):
-        try:
-            return main(argv)
-        except (FileNotFoundError, ValueError) as e:
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(1)
-
-    app.run(wrapped)
-
-
 if __name__ == "__main__":
-    _run()
+    run(main)

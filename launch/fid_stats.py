@@ -19,7 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from launch.common import run  # noqa: E402
 
 _IMAGES = flags.DEFINE_string(
     "images", None, "An .npz with `images` uint8 [N,H,W,C], or a directory."
@@ -97,16 +99,5 @@ def main(argv):
     print(f"Wrote {_OUT.value}: mu {mu.shape}, sigma {sigma.shape} from {count} images.")
 
 
-def _run() -> None:
-    def wrapped(argv):
-        try:
-            return main(argv)
-        except (FileNotFoundError, ValueError) as e:
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(1)
-
-    app.run(wrapped)
-
-
 if __name__ == "__main__":
-    _run()
+    run(main)
