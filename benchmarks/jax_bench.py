@@ -333,6 +333,7 @@ class JaxWorker:
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {
             "info": self.info,
+            "matmul": lambda size: self._matmul_flops(size, jnp.float32),
             "setup_train": self.setup_train,
             "train_window": self.train_window,
             "train_memory": self.train_memory,
@@ -473,7 +474,20 @@ class JaxWorker:
     def sample_memory(self) -> dict[str, Any]:
         device_peak = self._device_peak()
         if device_peak is not None:
-            return {"peak_bytes": device_peak, "kind": "device peak_bytes_in_use"}
+            # peak_bytes_in_use cannot be reset and still holds the training peak: report
+            # XLA's buffer analysis of the compiled sampler (inputs + temporaries + outputs).
+            m = self.sample.compiled.memory_analysis()
+            peak = (
+                m.argument_size_in_bytes
+                + m.temp_size_in_bytes
+                + m.output_size_in_bytes
+                - m.alias_size_in_bytes
+            )
+            return {
+                "peak_bytes": int(peak),
+                "kind": "XLA memory analysis of the compiled sampler",
+                "device_peak_bytes_since_start": device_peak,
+            }
         return {
             "peak_bytes": max(0, common.peak_rss_bytes() - self.sample_base_rss),
             "kind": "peak RSS - RSS before sampler setup",

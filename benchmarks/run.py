@@ -66,7 +66,7 @@ CPU_EXPERIMENTS = (
     ("attention", "dit_s2_32px"),
     ("remat", "dit_s2_32px"),
     ("finite_guard", "dit_s4_16px"),
-    ("donation", "digits_unet"),
+    ("donation", "dit_s4_16px"),
     ("async_metrics", "digits_unet"),
     ("prefetch", "digits_unet"),
     ("sampler", "digits_unet"),
@@ -225,10 +225,14 @@ class Bench:
             self.notes.append("PyTorch reference skipped (--no-torch, or torch/diffusers absent).")
         peak = info["peak_flops"]
         peak_source = info["peak_source"]
-        if self.backend == "cpu" and torch_info:
-            # The better of the two frameworks' f32 matmuls, so neither is favoured.
-            peak = max(peak, torch_info["matmul_flops"])
-            peak_source = info["peak_source"] + " (best of JAX and PyTorch)"
+        self.matmuls: list[float] = []
+        if self.backend == "cpu":
+            # On a shared CPU one snapshot can catch a loaded moment: the matmul is timed
+            # again in every case, in both frameworks, and the best rate is the peak.
+            self.matmuls = [info["matmul_flops"]] + (
+                [torch_info["matmul_flops"]] if torch_info else []
+            )
+            peak_source = info["peak_source"] + ", best of JAX and PyTorch over the run"
         self.peak = peak
         result: dict[str, Any] = {
             "suite": self.suite,
@@ -259,6 +263,10 @@ class Bench:
         result["experiments"] = self.run_experiments()
         if self.shared_jax is not None:
             self.shared_jax.close()
+        if self.matmuls:
+            result["peak_flops"] = max(self.matmuls)
+            result["matmul_flops_measured"] = self.matmuls
+        _set_mfu(result)
         result["load_avg_after"] = os.getloadavg()
         result["wall_s"] = time.perf_counter() - self.t0
         result["notes"] = self.notes
@@ -302,6 +310,9 @@ class Bench:
             out["forward_gflops"] = jt["forward_gflops"]
             if interleave:
                 refs = self._start_references(case, jt, out)
+            if self.matmuls:
+                for w in (jw, *refs.values()):
+                    self.matmuls.append(w.call("matmul", size=256 if self.quick else 2048))
             self.log(f"case {case.name}: training windows")
             kept = self._train_windows(case, {"diffjax": jw, **refs}, out)
             self.log(f"case {case.name}: sampling")
@@ -402,7 +413,7 @@ class Bench:
                 "window_s": times[name],
                 "img_per_s": img_s,
                 "step_ms": 1e3 * case.batch / img_s,
-                "mfu": flops_per_img * img_s / self.peak if self.peak else None,
+                "achieved_flops": flops_per_img * img_s,
                 "memory": w.call("train_memory"),
             }
         return workers
@@ -518,6 +529,16 @@ class Bench:
             "ratio": runs["cold"]["compile_s"] / max(runs["warm"]["compile_s"], 1e-9),
             "ratio_note": "speed-up (cold / warm compile time)",
         }  # fmt: skip
+
+
+def _set_mfu(result: dict[str, Any]) -> None:
+    """MFU of every training measurement: achieved FLOP/s over the run's peak."""
+    peak = result["peak_flops"]
+    for c in result["cases"]:
+        for fw in _frameworks(c):
+            tr = c.get(fw, {}).get("train")
+            if tr:
+                tr["mfu"] = tr["achieved_flops"] / peak if peak else None
 
 
 def _ratios(out: dict[str, Any]) -> None:

@@ -282,6 +282,7 @@ class TorchWorker:
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {
             "info": self.info,
+            "matmul": self.matmul,
             "setup_train": self.setup_train,
             "train_window": self.train_window,
             "train_memory": self.train_memory,
@@ -306,11 +307,15 @@ class TorchWorker:
         }
         if self.device.type == "cuda":
             out["device_name"] = torch.cuda.get_device_name()
-            n, dtype = matmul_size or 8192, torch.bfloat16
+            out["matmul_flops"] = self.matmul(matmul_size or 8192, torch.bfloat16)
         else:
-            n, dtype = matmul_size or 2048, torch.float32
-        a = torch.randn(n, n, dtype=dtype, device=self.device)
-        b = torch.randn(n, n, dtype=dtype, device=self.device)
+            out["matmul_flops"] = self.matmul(matmul_size or 2048)
+        return out
+
+    def matmul(self, size: int, dtype: Any = torch.float32) -> float:
+        """FLOP/s of the best of 5 `size`^3 matmuls."""
+        a = torch.randn(size, size, dtype=dtype, device=self.device)
+        b = torch.randn(size, size, dtype=dtype, device=self.device)
         a @ b
         self._sync()
         best = float("inf")
@@ -319,8 +324,7 @@ class TorchWorker:
             a @ b
             self._sync()
             best = min(best, time.perf_counter() - t0)
-        out["matmul_flops"] = 2 * n**3 / best
-        return out
+        return 2 * size**3 / best
 
     def _autocast(self):
         if self.spec["dtype"] == "float32":
