@@ -7,7 +7,8 @@
 Every case is measured for diffjax and, side by side in the same run, for the
 PyTorch reference (diffusers' UNet2DModel / DiTTransformer2DModel with the same
 architecture and parameter count; `benchmarks/torch_reference.py`) when torch and
-diffusers are installed (`pip install -e '.[bench]'`, or `--no-torch`). Timing
+diffusers are installed (`pip install torch==2.13.0 diffusers==0.42.1`; `--no-torch`
+skips it). Timing
 windows of the two frameworks alternate, so load from other processes falls on
 both. Then the performance experiments (bf16, fused attention, remat, donation,
 asynchronous metrics, prefetch, compilation cache, sampler compiled once) are

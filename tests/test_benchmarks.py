@@ -66,7 +66,7 @@ def test_gpu_cases_fall_back_to_xla_attention_off_gpu():
 
 @pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None,
-    reason="the PyTorch reference needs torch and diffusers (pip install -e '.[bench]')",
+    reason="the PyTorch reference needs torch and diffusers",
 )
 def test_reference_matches_parameter_counts():
     from benchmarks import jax_bench, torch_reference
