@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import os
 import time
@@ -25,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from benchmarks import common
 from diffjax import experiment, parallel
@@ -34,7 +34,6 @@ from diffjax.models import layers
 from diffjax.models.summary import model_summary
 from diffjax.sampling import cycle_labels, make_sample_fn
 from diffjax.train.loop import build_components
-from diffjax.train.state import ema_decay_at
 from diffjax.train.step import make_loss_fn, make_train_step
 
 SAMPLER = "dpmpp_2m"
@@ -194,16 +193,18 @@ class Train:
         *,
         donate: bool = True,
         attention_fn: Callable | None = None,
-        step_factory: Callable | None = None,
+        guard: str = "cond",
+        compiler_options: dict[str, str] | None = None,
         num_batches: int = 2,
     ):
+        """`compiler_options=None` compiles as the library does (`parallel.compiler_options`)."""
         self.config = config
         device = jax.devices()[0]
         self.mesh = parallel.make_mesh(1, 1, devices=[device])
         parts = build_components(config, self.mesh)
         self.parts = parts
         tc = config.train
-        step = (step_factory or make_train_step)(
+        step = make_train_step(
             make_loss_fn(
                 parts.model.apply,
                 parts.loss,
@@ -217,6 +218,7 @@ class Train:
             ema_decay=tc.ema_decay,
             ema_warmup=tc.ema_warmup,
             grad_accum_steps=tc.grad_accum_steps,
+            guard=guard,
         )
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         init = functools.partial(parts.init, unbox=True)
@@ -228,6 +230,9 @@ class Train:
             in_shardings=(parts.state_sharding, self.batch_sharding),
             out_shardings=(parts.state_sharding, parallel.replicated(self.mesh)),
             donate_argnums=(0,) if donate else (),
+            compiler_options=(
+                parallel.compiler_options() if compiler_options is None else compiler_options
+            ),
         )
         t0 = time.perf_counter()
         with attention_override(attention_fn):
@@ -290,13 +295,29 @@ def steps_for(seconds_per_step: float, target_s: float) -> int:
 class Sample:
     """The compiled guided dpmpp_2m sampler of `make_sample_fn` at a fixed batch."""
 
-    def __init__(self, config, model, schedule, params, *, batch: int, steps: int, guidance: float):
+    def __init__(
+        self,
+        config,
+        model,
+        schedule,
+        params,
+        *,
+        batch: int,
+        steps: int,
+        guidance: float,
+        compiler_options: dict[str, str] | None = None,
+    ):
+        """`compiler_options=None` compiles as the library does (`parallel.compiler_options`)."""
         kwargs = experiment.sampler_kwargs(config)
         kwargs.pop("eta", None)
         kwargs.update(method=SAMPLER, num_steps=steps, guidance=guidance)
         self.guided = bool(experiment.conditioning_kind(config) and not float(guidance) == 1.0)
         self.guidance = float(guidance)
-        self.fn = make_sample_fn(model.apply, schedule, **kwargs)
+        if compiler_options is None:
+            self.fn = make_sample_fn(model.apply, schedule, **kwargs)
+        else:
+            fn = make_sample_fn(model.apply, schedule, jit=False, **kwargs)
+            self.fn = jax.jit(fn, compiler_options=compiler_options)
         self.params = params
         self.batch = batch
         shape = (batch, *experiment.image_shape(config))
@@ -539,7 +560,7 @@ def _interleave(runs: dict[str, Callable[[], float]], windows: int) -> dict[str,
     return out
 
 
-_TRAINS: dict[tuple[str, bool, str], Train] = {}  # (config, donate, swapped-in functions)
+_TRAINS: dict[tuple[Any, ...], Train] = {}  # (config, donate, attention, guard, options)
 
 
 def cached_train(
@@ -547,7 +568,8 @@ def cached_train(
     *,
     donate: bool = True,
     attention_fn: Callable | None = None,
-    step_factory: Callable | None = None,
+    guard: str = "cond",
+    compiler_options: dict[str, str] | None = None,
 ) -> Train:
     """A warmed-up `Train` for this config, compiled once per experiment case.
 
@@ -558,10 +580,18 @@ def cached_train(
     key = (
         config.to_json(sort_keys=True),
         donate,
-        getattr(attention_fn, "__name__", "") + getattr(step_factory, "__name__", ""),
+        getattr(attention_fn, "__name__", ""),
+        guard,
+        json.dumps(compiler_options, sort_keys=True),
     )
     if key not in _TRAINS:
-        tr = Train(config, donate=donate, attention_fn=attention_fn, step_factory=step_factory)
+        tr = Train(
+            config,
+            donate=donate,
+            attention_fn=attention_fn,
+            guard=guard,
+            compiler_options=compiler_options,
+        )
         tr.run(2)
         tr.check_finite()
         _TRAINS[key] = tr
@@ -570,7 +600,7 @@ def cached_train(
 
 def model_and_params(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
     """(model, schedule, EMA params): from a cached `Train` if there is one, else initialised."""
-    for (key, _donate, attn), tr in _TRAINS.items():
+    for (key, _donate, attn, _guard, _options), tr in _TRAINS.items():
         if key == config.to_json(sort_keys=True) and not attn:
             return tr.parts.model, tr.parts.schedule, tr.state.ema_params
     mesh = parallel.make_mesh(1, 1, devices=[jax.devices()[0]])
@@ -591,14 +621,12 @@ def _train_variants(
     """Train img/s, compile time and XLA memory of each variant, windows interleaved.
 
     A variant is {'config': overrides as keyword pairs with '__' for '.', plus
-    optional 'donate', 'attention_fn' and 'step_factory'}.
+    optional keyword arguments of `cached_train` ('donate', 'attention_fn', 'guard',
+    'compiler_options')}.
     """
     trains = {
         name: cached_train(
-            _with(case, **v.get("config", {})),
-            donate=v.get("donate", True),
-            attention_fn=v.get("attention_fn"),
-            step_factory=v.get("step_factory"),
+            _with(case, **v.get("config", {})), **{k: x for k, x in v.items() if k != "config"}
         )
         for name, v in variants.items()
     }
@@ -730,60 +758,6 @@ def exp_async_metrics(case: common.Case, windows: int) -> dict[str, Any]:
     return res
 
 
-def make_train_step_cond_guard(
-    loss_fn: Callable,
-    tx: optax.GradientTransformation,
-    lr_fn: optax.Schedule,
-    *,
-    ema_decay: float,
-    ema_warmup: bool = True,
-    grad_accum_steps: int = 1,
-) -> Callable:
-    """`diffjax.train.step.make_train_step` with its non-finite guard as one `lax.cond`.
-
-    The library computes the AdamW and EMA updates, then keeps them with an
-    elementwise `jnp.where(finite, new, old)` over params, EMA and both moments
-    (extra passes over 4x the parameters). Here the updates run inside the taken
-    branch of a `lax.cond` and the other branch returns the state unchanged: the
-    same results (`exp_finite_guard` checks), proposed for the library.
-    """
-    if grad_accum_steps != 1:
-        raise ValueError("the cond-guard benchmark variant covers grad_accum_steps=1 only")
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads = grad_fn(state.params, batch, rng)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        )
-
-        def update(_):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-            ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
-            return params, ema, opt_state
-
-        def keep(_):
-            return state.params, state.ema_params, state.opt_state
-
-        params, ema, opt_state = jax.lax.cond(finite, update, keep, None)
-        new_state = state.replace(
-            step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(new_state.params),
-            "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
-            "finite": finite,
-        }
-        return new_state, metrics
-
-    return train_step
-
-
 def _max_param_diff(a: Train, b: Train, steps: int, nan_step: bool) -> float:
     """Max |param difference| after the same steps from the same init (optionally a NaN batch)."""
     for tr in (a, b):
@@ -800,14 +774,12 @@ def _max_param_diff(a: Train, b: Train, steps: int, nan_step: bool) -> float:
 
 
 def exp_finite_guard(case: common.Case, windows: int) -> dict[str, Any]:
-    """The train step's non-finite guard: elementwise select (library) vs one `lax.cond`."""
+    """The train step's non-finite guard: elementwise select vs one `lax.cond` (default)."""
     res = _train_variants(
-        case,
-        {"where_select": {}, "lax_cond": {"step_factory": make_train_step_cond_guard}},
-        windows,
+        case, {"where_select": {"guard": "select"}, "lax_cond": {"guard": "cond"}}, windows
     )
-    a = cached_train(load_config(case))
-    b = cached_train(load_config(case), step_factory=make_train_step_cond_guard)
+    a = cached_train(load_config(case), guard="select")
+    b = cached_train(load_config(case))
     # Same semantics: identical params after 2 steps, and after a NaN step (skipped).
     res["max_param_diff_after_2_steps"] = _max_param_diff(a, b, 2, nan_step=False)
     res["max_param_diff_after_nan_step"] = _max_param_diff(a, b, 2, nan_step=True)
@@ -817,6 +789,44 @@ def exp_finite_guard(case: common.Case, windows: int) -> dict[str, Any]:
     res["memory_ratio"] = v["lax_cond"]["xla_memory"]["peak_bytes"] / max(
         v["where_select"]["xla_memory"]["peak_bytes"], 1
     )
+    return res
+
+
+def exp_cpu_fusions(case: common.Case, windows: int) -> dict[str, Any]:
+    """XLA:CPU's default YNNPACK fusions vs `parallel.CPU_COMPILER_OPTIONS` (train, sampling).
+
+    Also times YNNPACK for dots only (no reductions), the choice the options weigh.
+    """
+    if jax.default_backend() != "cpu":
+        raise RuntimeError("cpu_fusions is a CPU experiment (other backends get no options).")
+    ynn = "xla_cpu_experimental_ynn_fusion_type"
+    dots_only = {ynn: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    res = _train_variants(
+        case,
+        {
+            "xla_default": {"compiler_options": {}},
+            "diffjax": {"compiler_options": dict(parallel.CPU_COMPILER_OPTIONS)},
+            "ynn_dots_only": {"compiler_options": dots_only},
+        },
+        windows,
+    )
+    res.update(metric="train img/s", before="xla_default", after="diffjax")
+    res["ratio"] = _ratio(res, "diffjax", "xla_default")
+    config = load_config(case)
+    model, schedule, params = model_and_params(config)
+    samplers_ = {
+        name: Sample(
+            config, model, schedule, params, batch=case.sample_batch, steps=case.sample_steps,
+            guidance=resolve_guidance(case, config), compiler_options=options,
+        )
+        for name, options in (("xla_default", {}), ("diffjax", dict(parallel.CPU_COMPILER_OPTIONS)),
+                              ("ynn_dots_only", dots_only))
+    }  # fmt: skip
+    times = _interleave({k: functools.partial(s.run, 1) for k, s in samplers_.items()}, windows)
+    lat = {k: 1e3 * common.median(t) / case.sample_batch for k, t in times.items()}
+    res["sampling"] = {k: {"latency_per_image_ms": lat[k], "window_s": times[k]} for k in lat}
+    res["sampling_ratio"] = lat["xla_default"] / lat["diffjax"]
+    res["also"] = "sampling " + ", ".join(f"{k}: {v:.3g} ms/img" for k, v in lat.items())
     return res
 
 
@@ -1025,6 +1035,7 @@ EXPERIMENTS: dict[str, Callable[[common.Case, int], dict[str, Any]]] = {
     "remat": exp_remat,
     "donation": exp_donation,
     "finite_guard": exp_finite_guard,
+    "cpu_fusions": exp_cpu_fusions,
     "async_metrics": exp_async_metrics,
     "prefetch": exp_prefetch,
     "sampler": exp_sampler,

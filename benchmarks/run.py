@@ -71,6 +71,8 @@ CPU_EXPERIMENTS = (
     ("async_metrics", "digits_unet"),
     ("prefetch", "digits_unet"),
     ("sampler", "digits_unet"),
+    ("cpu_fusions", "digits_unet"),
+    ("cpu_fusions", "dit_s4_16px"),
 )
 GPU_EXPERIMENT_CASES = {
     "DiT-B/2": Case(
@@ -96,7 +98,7 @@ CACHE_CASE = {"cpu": "digits_unet", "gpu": "DiT-B/2"}
 # --quick runs every experiment on a tiny DiT (the fastest to compile).
 QUICK_EXPERIMENT_CASE = {"cpu": "dit_s2_32px", "gpu": "DiT-B/2"}
 EXPERIMENT_NAMES = ("bf16", "attention", "remat", "finite_guard", "donation", "async_metrics",
-                    "prefetch", "sampler", "compile_cache")  # fmt: skip
+                    "prefetch", "sampler", "cpu_fusions", "compile_cache")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- plan
@@ -706,6 +708,8 @@ def report(result: dict[str, Any]) -> str:
             extra = ", ".join(f"{k}: {v[k][key]:.3g}" for k in others)
             if "memory_ratio" in e:
                 extra += (", " if extra else "") + f"memory x{e['memory_ratio']:.2f}"
+            if "also" in e:
+                extra += (", " if extra else "") + e["also"]
             rows.append([
                 e["name"], e["case"], f"{e['before']}: {v[e['before']][key]:.3g} {unit}",
                 f"{e['after']}: {v[e['after']][key]:.3g} {unit}", f"{e['ratio']:.2f}x", extra,

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffjax import parallel
 from diffjax.diffusion import guidance as guidance_lib
 from diffjax.diffusion import samplers
 
@@ -87,7 +88,7 @@ def make_sample_fn(
             **sampler_kwargs,
         )
 
-    return jax.jit(sample_fn) if jit else sample_fn
+    return jax.jit(sample_fn, compiler_options=parallel.compiler_options()) if jit else sample_fn
 
 
 def cycle_labels(n: int, num_classes: int) -> jnp.ndarray:

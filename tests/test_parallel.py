@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -84,3 +85,38 @@ def test_grad_accumulation_on_a_mesh_matches_one_device(setup):
         config, parallel.make_mesh(4, 1, devices=jax.devices()[:4]), batches, steps=2
     )
     np.testing.assert_allclose(losses, ref, rtol=2e-4, atol=1e-5)
+
+
+def _conv_hlo(options):
+    # The digits U-Net's shape (XLA keeps tiny convolutions to itself anyway).
+    x = jnp.ones((32, 8, 8, 64), jnp.float32)
+    w = jnp.ones((3, 3, 64, 64), jnp.float32)
+    conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
+
+
+def test_cpu_compiler_options_take_convolutions_from_ynnpack(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    parallel.compiler_options.cache_clear()
+    options = parallel.compiler_options("cpu")
+    assert options == parallel.CPU_COMPILER_OPTIONS
+    assert parallel.compiler_options("gpu") == {}
+    # XLA's default hands the convolution to YNNPACK; the options keep it in XLA.
+    assert "__ynn_fusion" in _conv_hlo({})
+    assert "__ynn_fusion" not in _conv_hlo(options)
+
+
+def test_cpu_compiler_options_defer_to_user_and_drop_unknown(monkeypatch, caplog):
+    option = next(iter(parallel.CPU_COMPILER_OPTIONS))
+    monkeypatch.setenv("XLA_FLAGS", f"--{option}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+    parallel.compiler_options.cache_clear()
+    assert parallel.compiler_options("cpu") == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(parallel, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    parallel.compiler_options.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert parallel.compiler_options("cpu") == {}
+    assert "xla_cpu_no_such_option" in caplog.text
+    parallel.compiler_options.cache_clear()

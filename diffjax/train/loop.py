@@ -283,6 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             in_shardings=(state_sharding, batch_sharding),
             out_shardings=(state_sharding, parallel.replicated(mesh)),
             donate_argnums=0,
+            compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
         )
         .lower(state, batch)
         .compile()
@@ -499,11 +500,17 @@ def _make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: 
 
 def _make_grid_sampler(config, model, schedule, workdir: str, mesh, *, write: bool):
     """`grid(params, step)` writes workdir/samples/step_XXXXXXXX.png from fixed noise."""
-    sample_fn = make_sample_fn(model.apply, schedule, **experiment.sampler_kwargs(config))
+    sample_fn = make_sample_fn(
+        model.apply, schedule, **experiment.sampler_kwargs(config), jit=False
+    )
     n = config.sample.num_images
     key = jax.random.key(config.seed + 1)
     rep = parallel.replicated(mesh)
-    sample = jax.jit(sample_fn, out_shardings=rep)
+    sample = jax.jit(
+        sample_fn,
+        out_shardings=rep,
+        compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
+    )
     noise = jax.jit(
         lambda k: jax.random.normal(k, (n, *experiment.image_shape(config)), jnp.float32),
         out_shardings=rep,
