@@ -231,7 +231,9 @@ class Train:
             out_shardings=(parts.state_sharding, parallel.replicated(self.mesh)),
             donate_argnums=(0,) if donate else (),
             compiler_options=(
-                parallel.compiler_options() if compiler_options is None else compiler_options
+                parallel.compiler_options(program="train")
+                if compiler_options is None
+                else compiler_options
             ),
         )
         t0 = time.perf_counter()
@@ -795,18 +797,18 @@ def exp_finite_guard(case: common.Case, windows: int) -> dict[str, Any]:
 def exp_cpu_fusions(case: common.Case, windows: int) -> dict[str, Any]:
     """XLA:CPU's default YNNPACK fusions vs `parallel.CPU_COMPILER_OPTIONS` (train, sampling).
 
-    Also times YNNPACK for dots only (no reductions), the choice the options weigh.
+    Each program also runs with the other program's options (YNNPACK reductions on for
+    the train step, off for samplers), the choice those options make.
     """
     if jax.default_backend() != "cpu":
         raise RuntimeError("cpu_fusions is a CPU experiment (other backends get no options).")
-    ynn = "xla_cpu_experimental_ynn_fusion_type"
-    dots_only = {ynn: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    train, sample = parallel.CPU_COMPILER_OPTIONS["train"], parallel.CPU_COMPILER_OPTIONS["sample"]
     res = _train_variants(
         case,
         {
             "xla_default": {"compiler_options": {}},
-            "diffjax": {"compiler_options": dict(parallel.CPU_COMPILER_OPTIONS)},
-            "ynn_dots_only": {"compiler_options": dots_only},
+            "diffjax": {"compiler_options": dict(train)},
+            "sampler_options": {"compiler_options": dict(sample)},
         },
         windows,
     )
@@ -819,8 +821,8 @@ def exp_cpu_fusions(case: common.Case, windows: int) -> dict[str, Any]:
             config, model, schedule, params, batch=case.sample_batch, steps=case.sample_steps,
             guidance=resolve_guidance(case, config), compiler_options=options,
         )
-        for name, options in (("xla_default", {}), ("diffjax", dict(parallel.CPU_COMPILER_OPTIONS)),
-                              ("ynn_dots_only", dots_only))
+        for name, options in (("xla_default", {}), ("diffjax", dict(sample)),
+                              ("train_options", dict(train)))
     }  # fmt: skip
     times = _interleave({k: functools.partial(s.run, 1) for k, s in samplers_.items()}, windows)
     lat = {k: 1e3 * common.median(t) / case.sample_batch for k, t in times.items()}

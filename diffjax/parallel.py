@@ -145,28 +145,31 @@ def peak_flops(device_kind: str) -> float | None:
 # XLA:CPU in jaxlib 0.10 hands single dots, single convolutions and reductions to
 # YNNPACK by default. Its convolutions are slower than XLA's own on diffusion U-Nets:
 # without them the digits U-Net's train step ran 1.2x and its sampler 1.15x faster,
-# the DiT step (one convolution) unchanged; YNNPACK's dots and reductions stay (the
-# reductions are worth 1.1x on the DiT step). BENCHMARKS.md, experiment `cpu_fusions`.
+# the DiT (one convolution) unchanged. YNNPACK's reductions are worth 1.06-1.09x on the
+# DiT train step but cost the U-Net sampler 11% (no effect on the DiT sampler), so the
+# train step keeps them and the samplers do not. BENCHMARKS.md, experiment `cpu_fusions`.
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
 CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-    ),
+    "train": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+    "sample": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
 
 
 @functools.cache
-def compiler_options(platform: str | None = None) -> dict[str, str]:
-    """XLA options for the train step and the samplers on `platform` (default backend).
+def compiler_options(platform: str | None = None, program: str = "train") -> dict[str, str]:
+    """XLA options for the train step (`program='train'`) or a sampler (`'sample'`).
 
-    `CPU_COMPILER_OPTIONS` on a CPU, nothing elsewhere. An option the user set in
-    `XLA_FLAGS` is left to them, and options this jaxlib does not know are dropped
-    with a warning (checked once per process by compiling a tiny function).
+    `CPU_COMPILER_OPTIONS[program]` when `platform` (default: the default backend) is
+    a CPU, nothing elsewhere. An option the user set in `XLA_FLAGS` is left to them,
+    and options this jaxlib does not know are dropped with a warning (checked once
+    per process and program by compiling a tiny function).
     """
     platform = platform or jax.default_backend()
     if platform != "cpu":
         return {}
     user_flags = os.environ.get("XLA_FLAGS", "")
-    options = {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}" not in user_flags}
+    wanted = CPU_COMPILER_OPTIONS[program]
+    options = {k: v for k, v in wanted.items() if f"--{k}" not in user_flags}
     if not options:
         return {}
     try:

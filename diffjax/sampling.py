@@ -88,7 +88,11 @@ def make_sample_fn(
             **sampler_kwargs,
         )
 
-    return jax.jit(sample_fn, compiler_options=parallel.compiler_options()) if jit else sample_fn
+    return (
+        jax.jit(sample_fn, compiler_options=parallel.compiler_options(program="sample"))
+        if jit
+        else sample_fn
+    )
 
 
 def cycle_labels(n: int, num_classes: int) -> jnp.ndarray:

@@ -100,21 +100,23 @@ def _conv_hlo(options):
 def test_cpu_compiler_options_take_convolutions_from_ynnpack(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     parallel.compiler_options.cache_clear()
-    options = parallel.compiler_options("cpu")
-    assert options == parallel.CPU_COMPILER_OPTIONS
     assert parallel.compiler_options("gpu") == {}
-    # XLA's default hands the convolution to YNNPACK; the options keep it in XLA.
-    assert "__ynn_fusion" in _conv_hlo({})
-    assert "__ynn_fusion" not in _conv_hlo(options)
+    assert "__ynn_fusion" in _conv_hlo({})  # XLA's default hands it to YNNPACK
+    for program in ("train", "sample"):
+        options = parallel.compiler_options("cpu", program)
+        assert options == parallel.CPU_COMPILER_OPTIONS[program]
+        assert "__ynn_fusion" not in _conv_hlo(options)  # kept in XLA
 
 
 def test_cpu_compiler_options_defer_to_user_and_drop_unknown(monkeypatch, caplog):
-    option = next(iter(parallel.CPU_COMPILER_OPTIONS))
+    option = next(iter(parallel.CPU_COMPILER_OPTIONS["train"]))
     monkeypatch.setenv("XLA_FLAGS", f"--{option}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
     parallel.compiler_options.cache_clear()
     assert parallel.compiler_options("cpu") == {}
     monkeypatch.delenv("XLA_FLAGS")
-    monkeypatch.setattr(parallel, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    monkeypatch.setattr(
+        parallel, "CPU_COMPILER_OPTIONS", {"train": {"xla_cpu_no_such_option": "1"}}
+    )
     parallel.compiler_options.cache_clear()
     with caplog.at_level("WARNING"):
         assert parallel.compiler_options("cpu") == {}

@@ -509,7 +509,7 @@ def _make_grid_sampler(config, model, schedule, workdir: str, mesh, *, write: bo
     sample = jax.jit(
         sample_fn,
         out_shardings=rep,
-        compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
+        compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform, "sample"),
     )
     noise = jax.jit(
         lambda k: jax.random.normal(k, (n, *experiment.image_shape(config)), jnp.float32),
