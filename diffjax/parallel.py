@@ -144,9 +144,9 @@ def peak_flops(device_kind: str) -> float | None:
 
 # XLA:CPU in jaxlib 0.10 hands single dots, single convolutions and reductions to
 # YNNPACK by default. Its convolutions are slower than XLA's own on diffusion U-Nets:
-# without them the digits U-Net's train step ran 1.2x and its sampler 1.15x faster,
-# the DiT (one convolution) unchanged. YNNPACK's reductions are worth 1.06-1.09x on the
-# DiT train step but cost the U-Net sampler 11% (no effect on the DiT sampler), so the
+# without them the digits U-Net's train step ran 1.25x and its sampler 1.33x faster,
+# the DiT (one convolution) unchanged. YNNPACK's reductions are worth 1.1-1.5x on the
+# DiT train step but cost the U-Net sampler 10% (no effect on the DiT sampler), so the
 # train step keeps them and the samplers do not. BENCHMARKS.md, experiment `cpu_fusions`.
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
 CPU_COMPILER_OPTIONS = {

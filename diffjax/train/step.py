@@ -96,10 +96,10 @@ def make_train_step(
     `guard` picks how: 'cond' (default) runs the AdamW and EMA updates inside one
     `lax.cond` whose other branch returns the state as it was; 'select' computes the
     updates and keeps them with an elementwise `where(finite, new, old)`, four more
-    passes over the parameters. Both give bit-identical states; 'cond' was 1.07-1.18x
-    faster on the CPU DiT step with 20% less XLA temp memory (BENCHMARKS.md,
-    `finite_guard`), 'select' avoids reading the predicate back on accelerators whose
-    conditionals need it.
+    passes over the parameters. Both give bit-identical states; 'cond' measured
+    1.07-1.18x faster on the CPU DiT step, with less XLA memory, and lets donation update
+    the state in place (BENCHMARKS.md, `finite_guard` and `donation`). 'select' avoids
+    reading the predicate back on accelerators whose conditionals need it.
     """
     if guard not in ("cond", "select"):
         raise ValueError(f"guard must be 'cond' or 'select', got {guard!r}.")
