@@ -202,21 +202,6 @@ class DiT(nn.Module):
     dtype: str = "float32"
     remat_policy: str = "none"
 
-    def _encode_text(self, context, context_mask, batch):
-        if self.context_dim <= 0:
-            raise ValueError("text_vocab_size > 0 needs context_dim > 0 (the text encoder width).")
-        return T.encode_context(
-            context,
-            context_mask,
-            batch,
-            vocab_size=self.text_vocab_size,
-            width=self.context_dim,
-            depth=self.text_depth,
-            num_heads=self.text_heads,
-            attention_impl=self.attention_impl,
-            dtype=L.get_dtype(self.dtype),
-        )
-
     @nn.compact
     def __call__(
         self,
@@ -253,7 +238,7 @@ class DiT(nn.Module):
         d = self.hidden_size
         labels = L.check_labels(labels, self.num_classes, b)
         if self.text_vocab_size > 0:
-            context, context_mask = self._encode_text(context, context_mask, b)
+            context, context_mask = T.encode_context(self, context, context_mask, b)
         context, context_mask = L.check_context(context, context_mask, self.context_dim, b)
         out_ch = (self.out_channels or cin) * (2 if self.learn_sigma else 1)
 

@@ -200,22 +200,17 @@ class TextEncoder(nn.Module):
 
 
 def encode_context(
-    context: Array | None,
-    context_mask: Array | None,
-    batch: int,
-    *,
-    vocab_size: int,
-    width: int,
-    depth: int,
-    num_heads: int,
-    attention_impl: str,
-    dtype: Any,
+    model: nn.Module, context: Array | None, context_mask: Array | None, batch: int
 ) -> tuple[Array, Array]:
     """Runs a model's own TextEncoder on token-id `context` [B, L] (None = null caption).
 
-    Must be called from inside the model's compact `__call__`: the encoder binds
-    to that scope, so its params live under the model's 'text_encoder' entry.
+    `model` is the calling UNet or DiT: its `text_vocab_size`, `context_dim` (the
+    encoder width), `text_depth`, `text_heads`, `attention_impl` and `dtype` configure
+    the encoder. Must be called from inside the model's compact `__call__`: the encoder
+    binds to that scope, so its params live under the model's 'text_encoder' entry.
     """
+    if model.context_dim <= 0:
+        raise ValueError("text_vocab_size > 0 needs context_dim > 0 (the text encoder width).")
     if context is None:
         context = jnp.zeros((batch, 1), jnp.int32)
         context_mask = jnp.zeros((batch, 1), bool)
@@ -232,7 +227,7 @@ def encode_context(
     if context_mask is None:
         context_mask = context != PAD_ID
     emb = TextEncoder(
-        vocab_size, width, depth, num_heads, attention_impl=attention_impl, dtype=dtype,
-        name="text_encoder",
+        model.text_vocab_size, model.context_dim, model.text_depth, model.text_heads,
+        attention_impl=model.attention_impl, dtype=L.get_dtype(model.dtype), name="text_encoder",
     )(context, context_mask)  # fmt: skip
     return emb, context_mask.astype(bool)

@@ -318,21 +318,6 @@ class UNet(nn.Module):
             )
         L.check_remat_policy(self.remat_policy)
 
-    def _encode_text(self, context, context_mask, batch):
-        if self.context_dim <= 0:
-            raise ValueError("text_vocab_size > 0 needs context_dim > 0 (the text encoder width).")
-        return T.encode_context(
-            context,
-            context_mask,
-            batch,
-            vocab_size=self.text_vocab_size,
-            width=self.context_dim,
-            depth=self.text_depth,
-            num_heads=self.text_heads,
-            attention_impl=self.attention_impl,
-            dtype=L.get_dtype(self.dtype),
-        )
-
     @nn.compact
     def __call__(
         self,
@@ -364,7 +349,7 @@ class UNet(nn.Module):
         batch, res = x.shape[0], x.shape[1]
         labels = L.check_labels(labels, self.num_classes, batch)
         if self.text_vocab_size > 0:
-            context, context_mask = self._encode_text(context, context_mask, batch)
+            context, context_mask = T.encode_context(self, context, context_mask, batch)
         context, context_mask = L.check_context(context, context_mask, self.context_dim, batch)
         out_ch = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
         ch = self.base_channels
