@@ -652,6 +652,20 @@ def _train_variants(
     }
 
 
+def _windows_result(
+    times: dict[str, list[float]], batch: int, steps: int, *, before: str, after: str
+) -> dict[str, Any]:
+    """An experiment's result from train windows of `steps` steps timed by `_interleave`."""
+    res = {
+        "steps_per_window": steps,
+        "variants": {k: {"img_per_s": batch * steps / common.median(t), "window_s": t}
+                     for k, t in times.items()},
+        "metric": "train img/s", "before": before, "after": after,
+    }  # fmt: skip
+    res["ratio"] = _ratio(res, after, before)
+    return res
+
+
 def _ratio(result: dict[str, Any], after: str, before: str, key: str = "img_per_s") -> float:
     v = result["variants"]
     return v[after][key] / v[before][key]
@@ -750,15 +764,7 @@ def exp_async_metrics(case: common.Case, windows: int) -> dict[str, Any]:
 
     times = _interleave({"sync_every_step": sync_every_step, "async": async_window}, windows)
     tr.check_finite()
-    b = case.batch
-    res = {
-        "steps_per_window": steps,
-        "variants": {k: {"img_per_s": b * steps / common.median(t), "window_s": t}
-                     for k, t in times.items()},
-    }  # fmt: skip
-    res.update(metric="train img/s", before="sync_every_step", after="async")
-    res["ratio"] = _ratio(res, "async", "sync_every_step")
-    return res
+    return _windows_result(times, case.batch, steps, before="sync_every_step", after="async")
 
 
 def _max_param_diff(a: Train, b: Train, steps: int, nan_step: bool) -> float:
@@ -872,15 +878,7 @@ def exp_prefetch(case: common.Case, windows: int) -> dict[str, Any]:
 
     times = _interleave({"just_in_time": just_in_time, "prefetch": prefetched}, windows)
     tr.check_finite()
-    b = case.batch
-    res = {
-        "steps_per_window": steps,
-        "variants": {k: {"img_per_s": b * steps / common.median(t), "window_s": t}
-                     for k, t in times.items()},
-    }  # fmt: skip
-    res.update(metric="train img/s", before="just_in_time", after="prefetch")
-    res["ratio"] = _ratio(res, "prefetch", "just_in_time")
-    return res
+    return _windows_result(times, case.batch, steps, before="just_in_time", after="prefetch")
 
 
 def _dpmpp_2m_python_loop(config, model, schedule, params, noise, cond, guidance, steps):
