@@ -580,6 +580,8 @@ def cached_train(
     baseline of donation/async/prefetch/sampler) share one compiled step; their
     reported compile time is that one compile's.
     """
+    if compiler_options is None:  # the library's, resolved so equal options compile once
+        compiler_options = parallel.compiler_options(program="train")
     key = (
         config.to_json(sort_keys=True),
         donate,
@@ -618,14 +620,28 @@ def _with(case: common.Case, **overrides: Any) -> ml_collections.ConfigDict:
     return load_config(dataclasses.replace(case, overrides=case.overrides + extra))
 
 
+def _labelled(res: dict[str, Any], before: str, after: str) -> dict[str, Any]:
+    """Names the compared variants of a train-throughput result and adds their ratio."""
+    res.update(metric="train img/s", before=before, after=after)
+    res["ratio"] = _ratio(res, after, before)
+    return res
+
+
 def _train_variants(
-    case: common.Case, variants: dict[str, dict[str, Any]], windows: int
+    case: common.Case,
+    variants: dict[str, dict[str, Any]],
+    windows: int,
+    *,
+    before: str,
+    after: str,
+    memory_ratio: bool = False,
 ) -> dict[str, Any]:
     """Train img/s, compile time and XLA memory of each variant, windows interleaved.
 
     A variant is {'config': overrides as keyword pairs with '__' for '.', plus
     optional keyword arguments of `cached_train` ('donate', 'attention_fn', 'guard',
-    'compiler_options')}.
+    'compiler_options')}. The result compares `after` with `before`; with
+    `memory_ratio`, also their XLA peak memory.
     """
     trains = {
         name: cached_train(
@@ -637,19 +653,13 @@ def _train_variants(
     step_s = first.run(1)
     steps = steps_for(step_s, case.train_seconds)
     times = _interleave({k: functools.partial(t.run, steps) for k, t in trains.items()}, windows)
-    b = case.batch
-    return {
-        "steps_per_window": steps,
-        "variants": {
-            k: {
-                "img_per_s": b * steps / common.median(times[k]),
-                "window_s": times[k],
-                "compile_s": trains[k].compile_s,
-                "xla_memory": trains[k].memory_analysis(),
-            }
-            for k in trains
-        },
-    }
+    res = _windows_result(times, case.batch, steps, before=before, after=after)
+    for k, v in res["variants"].items():
+        v.update(compile_s=trains[k].compile_s, xla_memory=trains[k].memory_analysis())
+    if memory_ratio:
+        peak = {k: res["variants"][k]["xla_memory"]["peak_bytes"] for k in (before, after)}
+        res["memory_ratio"] = peak[after] / max(peak[before], 1)
+    return res
 
 
 def _windows_result(
@@ -660,10 +670,8 @@ def _windows_result(
         "steps_per_window": steps,
         "variants": {k: {"img_per_s": batch * steps / common.median(t), "window_s": t}
                      for k, t in times.items()},
-        "metric": "train img/s", "before": before, "after": after,
     }  # fmt: skip
-    res["ratio"] = _ratio(res, after, before)
-    return res
+    return _labelled(res, before, after)
 
 
 def _ratio(result: dict[str, Any], after: str, before: str, key: str = "img_per_s") -> float:
@@ -674,17 +682,14 @@ def _ratio(result: dict[str, Any], after: str, before: str, key: str = "img_per_
 def exp_bf16(case: common.Case, windows: int) -> dict[str, Any]:
     """Compute dtype float32 vs bfloat16 (params and optimizer stay float32)."""
     # The same attention path for both (cuDNN's flash kernel refuses float32).
-    res = _train_variants(
+    return _train_variants(
         case,
         {
             "float32": {"config": {"model__dtype": "float32", "model__kwargs__attention_impl": "xla"}},
             "bfloat16": {"config": {"model__dtype": "bfloat16", "model__kwargs__attention_impl": "xla"}},
         },
-        windows,
+        windows, before="float32", after="bfloat16",
     )  # fmt: skip
-    res.update(metric="train img/s", before="float32", after="bfloat16")
-    res["ratio"] = _ratio(res, "bfloat16", "float32")
-    return res
 
 
 def exp_attention(case: common.Case, windows: int) -> dict[str, Any]:
@@ -700,18 +705,19 @@ def exp_attention(case: common.Case, windows: int) -> dict[str, Any]:
         }
         for v in variants.values():
             v.setdefault("config", {})["model__dtype"] = "bfloat16"
-    res = _train_variants(case, variants, windows)
     after = "dot_product_attention_cudnn" if on_gpu else "dot_product_attention_xla"
-    res.update(metric="train img/s", before="naive_einsum", after=after)
-    res["ratio"] = _ratio(res, after, "naive_einsum")
-    return res
+    return _train_variants(case, variants, windows, before="naive_einsum", after=after)
 
 
 def exp_remat(case: common.Case, windows: int) -> dict[str, Any]:
     """Remat policies: speed and the memory of activations kept for the backward pass."""
     policies = ("none", "dots_saveable", "full")
     res = _train_variants(
-        case, {p: {"config": {"model__remat_policy": p}} for p in policies}, windows
+        case,
+        {p: {"config": {"model__remat_policy": p}} for p in policies},
+        windows,
+        before="none",
+        after="full",
     )
     for p in policies:
         cfg = _with(case, model__remat_policy=p)
@@ -723,8 +729,6 @@ def exp_remat(case: common.Case, windows: int) -> dict[str, Any]:
             batch_size=case.batch,
         )
         res["variants"][p]["saved_activation_bytes"] = s["activation_memory_bytes"]
-    res.update(metric="train img/s", before="none", after="full")
-    res["ratio"] = _ratio(res, "full", "none")
     res["memory_ratio"] = (
         res["variants"]["full"]["saved_activation_bytes"]
         / res["variants"]["none"]["saved_activation_bytes"]
@@ -734,16 +738,14 @@ def exp_remat(case: common.Case, windows: int) -> dict[str, Any]:
 
 def exp_donation(case: common.Case, windows: int) -> dict[str, Any]:
     """donate_argnums=(0,) (state updated in place) vs no donation."""
-    res = _train_variants(
-        case, {"no_donation": {"donate": False}, "donation": {"donate": True}}, windows
+    return _train_variants(
+        case,
+        {"no_donation": {"donate": False}, "donation": {"donate": True}},
+        windows,
+        before="no_donation",
+        after="donation",
+        memory_ratio=True,
     )
-    v = res["variants"]
-    res.update(metric="train img/s", before="no_donation", after="donation")
-    res["ratio"] = _ratio(res, "donation", "no_donation")
-    res["memory_ratio"] = v["donation"]["xla_memory"]["peak_bytes"] / max(
-        v["no_donation"]["xla_memory"]["peak_bytes"], 1
-    )
-    return res
 
 
 def exp_async_metrics(case: common.Case, windows: int) -> dict[str, Any]:
@@ -785,19 +787,18 @@ def _max_param_diff(a: Train, b: Train, steps: int, nan_step: bool) -> float:
 def exp_finite_guard(case: common.Case, windows: int) -> dict[str, Any]:
     """The train step's non-finite guard: elementwise select vs one `lax.cond` (default)."""
     res = _train_variants(
-        case, {"where_select": {"guard": "select"}, "lax_cond": {"guard": "cond"}}, windows
+        case,
+        {"where_select": {"guard": "select"}, "lax_cond": {"guard": "cond"}},
+        windows,
+        before="where_select",
+        after="lax_cond",
+        memory_ratio=True,
     )
     a = cached_train(load_config(case), guard="select")
     b = cached_train(load_config(case))
     # Same semantics: identical params after 2 steps, and after a NaN step (skipped).
     res["max_param_diff_after_2_steps"] = _max_param_diff(a, b, 2, nan_step=False)
     res["max_param_diff_after_nan_step"] = _max_param_diff(a, b, 2, nan_step=True)
-    v = res["variants"]
-    res.update(metric="train img/s", before="where_select", after="lax_cond")
-    res["ratio"] = _ratio(res, "lax_cond", "where_select")
-    res["memory_ratio"] = v["lax_cond"]["xla_memory"]["peak_bytes"] / max(
-        v["where_select"]["xla_memory"]["peak_bytes"], 1
-    )
     return res
 
 
@@ -818,9 +819,9 @@ def exp_cpu_fusions(case: common.Case, windows: int) -> dict[str, Any]:
             "sampler_options": {"compiler_options": dict(sample)},
         },
         windows,
+        before="xla_default",
+        after="diffjax",
     )
-    res.update(metric="train img/s", before="xla_default", after="diffjax")
-    res["ratio"] = _ratio(res, "diffjax", "xla_default")
     config = load_config(case)
     model, schedule, params = model_and_params(config)
     samplers_ = {
