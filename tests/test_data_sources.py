@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffjax import data
 from diffjax.data import captions, folder
+from diffjax.images import IMAGE_EXTENSIONS, prepare_image
 
 # ----------------------------------------------------------------------------- tfds
 
@@ -84,10 +85,10 @@ def test_tfds_array_record_round_trips_pixels_and_labels_exactly(tfds_dir):
     for i in range(len(src)):
         rec = src[i]
         assert rec["image"].dtype == np.float32 and rec["image"].shape == (6, 6, 3)
-        assert rec["label"].dtype == np.int32
+        assert rec["labels"].dtype == np.int32
         hits = [j for j in range(_TFDS_TRAIN) if np.array_equal(rec["image"], expected[j])]
         assert len(hits) == 1
-        assert rec["label"] == labels[hits[0]]
+        assert rec["labels"] == labels[hits[0]]
         matched.add(hits[0])
     assert matched == set(range(_TFDS_TRAIN))
     assert len(_tfds(tfds_dir, split="test")) == _TFDS_TEST
@@ -100,7 +101,7 @@ def test_tfds_resizes_and_converts_channels(tfds_dir):
     rec = small[0]
     assert rec["image"].shape == (4, 4, 1)
     pixels = np.round((full[0]["image"] + 1) * 127.5).astype(np.uint8)
-    want = folder.prepare_image(Image.fromarray(pixels), image_size=4, channels=1)
+    want = prepare_image(Image.fromarray(pixels), image_size=4, channels=1)
     np.testing.assert_array_equal(rec["image"], want)
 
 
@@ -119,7 +120,7 @@ def test_tfds_repr_is_stable_and_iterator_resumes(tfds_dir):
     for e in expected:
         got = next(resumed)
         np.testing.assert_array_equal(got["image"], e["image"])
-        np.testing.assert_array_equal(got["label"], e["label"])
+        np.testing.assert_array_equal(got["labels"], e["labels"])
     # Grain workers (worker_count > 0) receive a pickled copy of the source.
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone[3]["image"], src[3]["image"])
@@ -176,8 +177,8 @@ def test_folder_class_dirs_labels_and_exact_center_crop(tmp_path):
     ]
     np.testing.assert_array_equal(src.labels, [0, 0, 1])
     rec = src[2]
-    assert rec["label"] == 1 and rec["label"].dtype == np.int32
-    assert set(rec) == {"image", "label"}
+    assert rec["labels"] == 1 and rec["labels"].dtype == np.int32
+    assert set(rec) == {"image", "labels"}
     np.testing.assert_array_equal(rec["image"], _unit(wide[:, 2:8]))
     assert "0x" not in repr(src) and repr(src) == repr(
         data.make_source("folder", data_dir=str(tmp_path), image_size=6, channels=3)
@@ -245,6 +246,17 @@ def test_folder_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
         lazy[2]
 
 
+def test_folder_reads_every_image_extension(tmp_path):
+    # One list (diffjax.IMAGE_EXTENSIONS) for the folder source and FID.
+    for i, ext in enumerate(IMAGE_EXTENSIONS):
+        pixels = np.full((4, 4, 3), 128, np.uint8)
+        img = Image.fromarray(pixels[..., 0] if ext == ".pgm" else pixels)
+        img.save(tmp_path / f"{i}{ext.upper() if i % 2 else ext}")
+    (tmp_path / "5.gif").write_bytes(b"GIF89a")  # not in the list: ignored
+    src = data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=1)
+    assert len(src) == len(IMAGE_EXTENSIONS)
+
+
 def test_folder_layout_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.make_source("folder", data_dir=str(tmp_path / "nope"), image_size=4, channels=3)
@@ -298,7 +310,7 @@ def test_latents_round_trip(tmp_path, kind):
     for i in range(6):
         rec = src[i]
         np.testing.assert_array_equal(rec["image"], arrays["latents"][i])
-        assert rec["label"] == arrays["labels"][i] and rec["label"].dtype == np.int32
+        assert rec["labels"] == arrays["labels"][i] and rec["labels"].dtype == np.int32
         assert rec["context"].dtype == np.float32
         np.testing.assert_array_equal(rec["context"], arrays["context"][i].astype(np.float32))
         np.testing.assert_array_equal(rec["context_mask"], arrays["context_mask"][i])
@@ -375,8 +387,8 @@ def test_digits_text_records_carry_tokenized_captions_and_labels():
     assert src.captions[7] == "a handwritten seven"
     i = int(np.flatnonzero(src.labels == 7)[0])
     rec = src[i]
-    assert set(rec) == {"image", "label", "context", "context_mask"}
-    assert rec["label"] == 7 and rec["context"].dtype == np.int32 and rec["context"].shape == (16,)
+    assert set(rec) == {"image", "labels", "context", "context_mask"}
+    assert rec["labels"] == 7 and rec["context"].dtype == np.int32 and rec["context"].shape == (16,)
     assert rec["context_mask"].dtype == bool
     np.testing.assert_array_equal(rec["context"][:3], _word_ids("a handwritten seven"))
     np.testing.assert_array_equal(rec["context"][3:], 0)
@@ -401,7 +413,7 @@ def test_digits_text_records_carry_tokenized_captions_and_labels():
 
 
 def _text_config(**data_fields):
-    from configs.base import get_base_config
+    from diffjax.config import get_base_config
 
     c = get_base_config()
     c.data.update(data_fields)
@@ -443,7 +455,7 @@ def test_folder_sidecar_captions_and_class_captions(tmp_path):
     )
     assert src.captioned and src.caption(1) == "A red Apple!" and src.caption(2) == ""
     rec = src[1]
-    assert rec["label"] == 1 and rec["context"].dtype == np.int32
+    assert rec["labels"] == 1 and rec["context"].dtype == np.int32
     np.testing.assert_array_equal(rec["context"], _word_ids("a red apple") + [0, 0])
     np.testing.assert_array_equal(rec["context_mask"], [1, 1, 1, 0, 0])
     assert not src[2]["context_mask"].any() and not src[0]["context_mask"].any()

@@ -1,25 +1,35 @@
-"""Data sources and the grain pipeline."""
+"""Data sources and the grain pipeline.
 
+Modules, lowest first (each imports only modules above it in this list, plus
+`diffjax.images` and `diffjax.text`; nothing here imports `diffjax.models`):
+
+  * `tokens`: the data room's caption tokenizer (ids for `context`).
+  * `sources` (arrays, digits), `latents`, `tfds_source`, `folder`: the sources.
+  * `captions`: caption conditioning over those sources (`digits_text`, captions of
+    classes at sampling time).
+  * `pipeline`: shuffle, per-process slice, augment, batch, checkpointable state.
+  * this package: `make_source`, the one entry that picks a source by name.
+
+Records are dicts of numpy arrays: `image`, and where the source has them `labels`,
+`context`, `context_mask` (docs/internals.md).
+"""
+
+from diffjax.data.captions import make_digits_text_source
+from diffjax.data.folder import make_folder_source
+from diffjax.data.latents import make_latent_source
 from diffjax.data.pipeline import make_dataset, make_iterator
 from diffjax.data.sources import ArraySource, digits_source, load_digits_arrays
+from diffjax.data.tfds_source import make_tfds_source
 
 SOURCES = ("digits", "digits_text", "tfds", "folder", "latents")
 
-
-def _make_registered(source: str, split: str, image_size: int, channels: int, kwargs: dict):
-    # Imported on demand: tfds and the text tokenizer are slow to import and only the
-    # chosen source needs them.
-    if source == "tfds":
-        from diffjax.data.tfds_source import make_tfds_source as make
-    elif source == "folder":
-        from diffjax.data.folder import make_folder_source as make
-    elif source == "latents":
-        from diffjax.data.latents import make_latent_source as make
-    elif source == "digits_text":
-        from diffjax.data.captions import make_digits_text_source as make
-    else:
-        raise ValueError(f"Unknown data.source {source!r}; choose one of {SOURCES}.")
-    return make(split=split, image_size=image_size, channels=channels, **kwargs)
+# Sources built from `config.data` fields (digits takes only the split).
+_MAKERS = {
+    "digits_text": make_digits_text_source,
+    "tfds": make_tfds_source,
+    "folder": make_folder_source,
+    "latents": make_latent_source,
+}
 
 
 def make_source(source: str, *, split: str = "train", image_size: int, channels: int, **kwargs):
@@ -34,8 +44,10 @@ def make_source(source: str, *, split: str = "train", image_size: int, channels:
     """
     if source == "digits":
         src = digits_source(split)
+    elif source in _MAKERS:
+        src = _MAKERS[source](split=split, image_size=image_size, channels=channels, **kwargs)
     else:
-        src = _make_registered(source, split, image_size, channels, kwargs)
+        raise ValueError(f"Unknown data.source {source!r}; choose one of {SOURCES}.")
     shape = src[0]["image"].shape
     if shape != (image_size, image_size, channels):
         raise ValueError(

@@ -1,14 +1,17 @@
-"""Captions: tokenized text records, the captioned digits source, sampling-time captions.
+"""Caption conditioning: the captioned digits source and sampling-time captions.
+
+This module sits above the sources it wraps (`sources`, `folder`, `tfds_source`,
+`latents`) and the data room's tokenizer (`tokens`); none of them imports it.
 
 Raw captions (image-folder sidecar `.txt` files, captions made from labels) become
 `context` int32 token ids [L] and `context_mask` bool [L] (True = real token), with
-L = `data.max_text_len`, from the deterministic word tokenizer of
-`diffjax.models.text`; the model's own text encoder (`model.kwargs.text_vocab_size =
-TEXT_VOCAB_SIZE`) embeds them. An empty caption is the null caption,
-an all-False mask, the same one classifier-free guidance trains with.
+L = `data.max_text_len`, from `diffjax.data.tokens.tokenize` (the deterministic word
+tokenizer of `diffjax.text`); the model's own text encoder
+(`model.kwargs.text_vocab_size = TEXT_VOCAB_SIZE`) embeds them. An empty caption is
+the null caption, an all-False mask, the same one classifier-free guidance trains with.
 
 `data.source='digits_text'` is scikit-learn's digits with the caption
-`caption_template.format(name=...)` ("a handwritten seven") and the label kept for
+`caption_template.format(name=...)` ("a handwritten seven") and `labels` kept for
 evaluation. `caption_condition(config, labels)` turns requested class labels into
 those class captions at sampling time.
 """
@@ -23,27 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffjax.data.sources import digits_source
+from diffjax.data import folder, latents, tfds_source
+from diffjax.data.sources import DIGIT_NAMES, digits_source
+from diffjax.data.tokens import NUM_BUCKETS, TEXT_VOCAB_SIZE, tokenize
 
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEMPLATE = "a handwritten {name}"
-# The data pipeline tokenizes with a fixed tokenizer (the sources see only
-# `config.data`, not the model): words hashed into NUM_BUCKETS buckets.
-NUM_BUCKETS = 4096
-TEXT_VOCAB_SIZE = NUM_BUCKETS + 1  # the model's `text_vocab_size` for these ids
-
-
-def tokenize(texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Captions -> (token ids int32 [N, max_len], mask bool [N, max_len]).
-
-    The word tokenizer of `diffjax.models.text` with `NUM_BUCKETS` buckets (ids
-    1..NUM_BUCKETS, 0 = padding), so a model that embeds these ids needs
-    `text_vocab_size = TEXT_VOCAB_SIZE`. Longer captions are truncated; a caption
-    with no words gives an all-False mask (the null caption).
-    """
-    from diffjax.models.text import WordTokenizer
-
-    return WordTokenizer(max_len, num_buckets=NUM_BUCKETS).encode(list(texts))
 
 
 def class_captions(template: str, names: Sequence[str]) -> list[str]:
@@ -58,7 +45,7 @@ def class_captions(template: str, names: Sequence[str]) -> list[str]:
 
 
 class DigitsTextSource:
-    """scikit-learn digits with label captions: image, label, context, context_mask.
+    """scikit-learn digits with label captions: image, labels, context, context_mask.
 
     Args:
       split: `train`, `half0` or `half1` (as `digits_source`).
@@ -86,10 +73,10 @@ class DigitsTextSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._digits[index]
-        label = int(record["label"])
+        label = int(record["labels"])
         return {
             "image": record["image"],
-            "label": record["label"],
+            "labels": record["labels"],
             "context": self._ids[label],
             "context_mask": self._mask[label],
         }
@@ -137,41 +124,26 @@ def class_names(source: str, *, name: str = "", data_dir: str = "") -> list[str]
     if source in ("digits", "digits_text"):
         return list(DIGIT_NAMES)
     if source == "tfds":
-        from diffjax.data.tfds_source import class_names as tfds_class_names
-
-        return tfds_class_names(name, data_dir)
+        return tfds_source.class_names(name, data_dir)
     if source == "folder":
-        from diffjax.data.folder import class_folders
-
-        return class_folders(data_dir)
+        return folder.class_folders(data_dir)
     if source == "latents":
-        from diffjax.data.latents import load_arrays
-
-        arrays = load_arrays(data_dir)
-        if "class_names" not in arrays:
-            raise ValueError(
-                f"{data_dir} has no 'class_names' array, so class labels cannot be turned into "
-                "captions; save class_names=np.array([...]) (str) beside the latents."
-            )
-        return [str(n) for n in np.asarray(arrays["class_names"])]
+        return latents.class_names(data_dir)
     raise ValueError(f"data.source={source!r} has no class names to make captions from.")
 
 
 def _label_captions(d: ml_collections.ConfigDict, labels: np.ndarray) -> list[str]:
     """Caption of each class (index = label) for `config.data` `d`."""
-    if d.source == "folder":
-        from diffjax.data.folder import class_folders, folder_captions
-
-        if not class_folders(d.data_dir):
-            # Unlabelled but captioned: "label" i asks for the folder's i-th caption.
-            count = int(labels.max()) + 1 if labels.size else 1
-            found = folder_captions(d.data_dir, count)
-            if not found:
-                raise ValueError(
-                    f"{d.data_dir} has neither class sub-folders nor caption files, so there "
-                    "is nothing to caption samples with."
-                )
-            return found
+    if d.source == "folder" and not folder.class_folders(d.data_dir):
+        # Unlabelled but captioned: label i asks for the folder's i-th caption.
+        count = int(labels.max()) + 1 if labels.size else 1
+        found = folder.folder_captions(d.data_dir, count)
+        if not found:
+            raise ValueError(
+                f"{d.data_dir} has neither class sub-folders nor caption files, so there "
+                "is nothing to caption samples with."
+            )
+        return found
     names = class_names(d.source, name=d.name, data_dir=d.data_dir)
     return class_captions(d.caption_template or default_template(d.source), names)
 
@@ -245,25 +217,22 @@ def _class_embeddings(
             "only caption classes from a latents file with 'class_context'; set "
             f"model.kwargs.text_vocab_size={TEXT_VOCAB_SIZE} to caption from text."
         )
-    from diffjax.data.latents import load_arrays
-
-    arrays = load_arrays(d.data_dir)
-    if "class_context" not in arrays:
-        raise ValueError(
-            f"{d.data_dir} has no 'class_context' [K, L, D] array, so class labels cannot be "
-            "turned into text embeddings; save the embedding of each class caption there "
-            "(and 'class_context_mask' [K, L])."
-        )
-    ctx = np.asarray(arrays["class_context"], np.float32)
-    if ctx.ndim != 3 or ctx.shape[-1] != context_dim:
-        raise ValueError(
-            f"{d.data_dir}: 'class_context' must be [K, L, {context_dim}], got {ctx.shape}."
-        )
-    mask = np.asarray(arrays.get("class_context_mask", np.ones(ctx.shape[:2], bool)), bool)
-    if mask.shape != ctx.shape[:2]:
-        raise ValueError(
-            f"{d.data_dir}: 'class_context_mask' must be {ctx.shape[:2]}, got {mask.shape}."
-        )
+    ctx, mask = latents.class_context(d.data_dir, context_dim)
     null_ctx = np.zeros((1, *ctx.shape[1:]), np.float32)
     null_mask = np.zeros((1, ctx.shape[1]), bool)
     return np.concatenate([ctx, null_ctx]), np.concatenate([mask, null_mask])
+
+
+__all__ = [
+    "DIGITS_TEMPLATE",
+    "DIGIT_NAMES",
+    "NUM_BUCKETS",
+    "TEXT_VOCAB_SIZE",
+    "DigitsTextSource",
+    "caption_condition",
+    "class_captions",
+    "class_names",
+    "default_template",
+    "make_digits_text_source",
+    "tokenize",
+]

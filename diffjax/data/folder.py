@@ -1,15 +1,16 @@
-"""A folder of image files as a random-access source, and the shared image helpers.
+"""A folder of image files (with optional sidecar captions) as a random-access source.
 
 Layout (`data.source='folder'`, `data.data_dir=ROOT`):
 
     ROOT/cat/001.png  ROOT/cat/001.txt  ROOT/dog/a.jpg ...   class sub-folders -> labels
     ROOT/001.png      ROOT/001.txt ...                       no sub-folders -> unlabelled
 
-Sorted sub-folder names become labels 0..K-1 (images inside a class folder are found
+Image files are those with an extension in `diffjax.images.IMAGE_EXTENSIONS`.
+Sorted sub-folder names become `labels` 0..K-1 (images inside a class folder are found
 recursively). A `.txt` file with the same stem beside an image is its caption; when
-any caption exists, every record carries `context` (int32 token ids [L]) and
-`context_mask` (bool [L]); an image without a caption gets the null caption (an
-all-False mask). Images are converted to `channels` (1 = L, 3 = RGB; transparency is
+any caption exists, every record carries `context` (int32 token ids [L], from
+`diffjax.data.tokens.tokenize`) and `context_mask` (bool [L]); an image without a
+caption gets the null caption (an all-False mask). Images are converted to `channels` (1 = L, 3 = RGB; transparency is
 composited onto white), resized so the shorter side is `image_size` (Pillow bicubic,
 antialiased when shrinking) and center-cropped to `image_size` x `image_size`.
 
@@ -30,89 +31,22 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-# What Pillow raises for unreadable or damaged files: bad headers and truncated data
-# raise OSError (UnidentifiedImageError is one), broken PNG chunks SyntaxError, some
-# decoders ValueError / EOFError / struct.error / zlib.error, huge images
-# DecompressionBombError.
-_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    struct.error,
-    zlib.error,
-    Image.DecompressionBombError,
+from diffjax.data.tokens import tokenize
+from diffjax.images import (
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    PIL_MODES,
+    is_image_file,
+    prepare_image,
 )
 
-_MODES = {1: "L", 3: "RGB"}
-
-
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Converts a Pillow image to `L` (channels=1) or `RGB` (channels=3).
-
-    Transparent pixels are composited onto white (their stored colour is often
-    arbitrary), and 16-bit grayscale is scaled to 8 bits rather than clipped.
-    """
-    if channels not in _MODES:
-        raise ValueError(
-            f"Image sources produce 1 (grayscale) or 3 (RGB) channels, got channels={channels}."
-        )
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    mode = _MODES[channels]
-    return img if img.mode == mode else img.convert(mode)
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resizes so the shorter side is `size` (bicubic), then crops the centre square.
-
-    An image whose shorter side already equals `size` is only cropped, so its pixels
-    are kept exactly. The crop offset is `(long - size) // 2`.
-    """
-    w, h = img.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        new = (max(size, round(w * scale)), max(size, round(h * scale)))
-        img = img.resize(new, resample=Image.Resampling.BICUBIC)
-        w, h = img.size
-    if (w, h) != (size, size):
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return img
-
-
-def uint8_to_float(arr: np.ndarray) -> np.ndarray:
-    """uint8 [H, W] or [H, W, C] -> float32 [H, W, C] in [-1, 1] (v / 127.5 - 1)."""
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    return arr.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def prepare_image(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
-    """Pillow image -> float32 [image_size, image_size, channels] in [-1, 1]."""
-    img = resize_center_crop(to_mode(img, channels), image_size)
-    return uint8_to_float(np.asarray(img, dtype=np.uint8))
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+log = logging.getLogger(__name__)
 
 
 def _list_images(directory: str, recursive: bool) -> list[str]:
@@ -121,12 +55,12 @@ def _list_images(directory: str, recursive: bool) -> list[str]:
         return sorted(
             os.path.join(directory, n)
             for n in os.listdir(directory)
-            if _is_image(n) and os.path.isfile(os.path.join(directory, n))
+            if is_image_file(n) and os.path.isfile(os.path.join(directory, n))
         )
     found = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, n) for n in filenames if _is_image(n))
+        found.extend(os.path.join(dirpath, n) for n in filenames if is_image_file(n))
     return sorted(found)
 
 
@@ -157,13 +91,22 @@ def _check_file(path: str, decode_mode: str | None, size: int) -> str | None:
             else:
                 img.draft(decode_mode, (size, size))
                 img.load()
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
     return None
 
 
 def _caption_path(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + ".txt"
+
+
+def read_caption(image_path: str) -> str:
+    """The sidecar caption of an image file, whitespace collapsed ('' when it has none)."""
+    path = _caption_path(image_path)
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return " ".join(f.read().split())
 
 
 class FolderSource:
@@ -186,7 +129,7 @@ class FolderSource:
         skip_corrupt: bool = False,
         max_text_len: int = 16,
     ):
-        if channels not in _MODES:
+        if channels not in PIL_MODES:
             raise ValueError(
                 f"data.source='folder' makes 1- or 3-channel images, got data.channels={channels}."
             )
@@ -225,7 +168,7 @@ class FolderSource:
             )
 
         # Pillow releases the GIL while it reads and decodes, so threads overlap I/O.
-        decode_mode = _MODES[self._channels] if self._skip_corrupt else None
+        decode_mode = PIL_MODES[self._channels] if self._skip_corrupt else None
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
             reasons = list(pool.map(lambda p: _check_file(p, decode_mode, self._image_size), paths))
         keep = []
@@ -261,10 +204,10 @@ class FolderSource:
         path = self._paths[index]
         try:
             with Image.open(path) as img:
-                img.draft(_MODES[self._channels], (self._image_size, self._image_size))
+                img.draft(PIL_MODES[self._channels], (self._image_size, self._image_size))
                 img.load()
                 image = prepare_image(img, image_size=self._image_size, channels=self._channels)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             # Passed verify() at start-up but its pixel data is damaged (a truncated
             # JPEG, say); the index is fixed by now, so name the file and stop.
             raise ValueError(
@@ -274,10 +217,8 @@ class FolderSource:
             ) from e
         record: dict[str, Any] = {"image": image}
         if self._labels is not None:
-            record["label"] = self._labels[index]
+            record["labels"] = self._labels[index]
         if self._captioned:
-            from diffjax.data.captions import tokenize
-
             ids, mask = tokenize([self.caption(index)], self._max_text_len)
             record["context"], record["context_mask"] = ids[0], mask[0]
         return record
@@ -291,11 +232,7 @@ class FolderSource:
 
     def caption(self, index: int) -> str:
         """The caption of record `index` ('' when it has none)."""
-        path = _caption_path(self._paths[index])
-        if not os.path.isfile(path):
-            return ""
-        with open(path, encoding="utf-8") as f:
-            return " ".join(f.read().split())
+        return read_caption(self._paths[index])
 
     @property
     def paths(self) -> list[str]:
@@ -330,18 +267,15 @@ def folder_captions(root: str, count: int) -> list[str]:
     """The first `count` distinct non-empty captions of an unlabelled folder.
 
     In record order (sorted file names); sampling from a caption-conditioned model
-    trained on such a folder asks for "label" i as the i-th of these captions.
+    trained on such a folder asks for label i as the i-th of these captions.
     """
     found: list[str] = []
     for path in _list_images(os.path.abspath(os.path.expanduser(root)), recursive=False):
-        cap = _caption_path(path)
-        if os.path.isfile(cap):
-            with open(cap, encoding="utf-8") as f:
-                text = " ".join(f.read().split())
-            if text and text not in found:
-                found.append(text)
-                if len(found) == count:
-                    break
+        text = read_caption(path)
+        if text and text not in found:
+            found.append(text)
+            if len(found) == count:
+                break
     return found
 
 

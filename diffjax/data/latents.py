@@ -15,7 +15,7 @@ contiguously in the zip file; compressed members are read into memory. Nothing i
 ever unpickled: an object array (which needs pickle) is refused with a message.
 
 Records: `image` float32 [h, w, c] (the latent; the model sees it as its image),
-`label` int32, `context` float32 [L, D] or int32 [L], `context_mask` bool [L].
+`labels` int32, `context` float32 [L, D] or int32 [L], `context_mask` bool [L].
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class LatentSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         record: dict[str, Any] = {"image": np.asarray(self._latents[index], np.float32)}
         if self._labels is not None:
-            record["label"] = np.int32(self._labels[index])
+            record["labels"] = np.int32(self._labels[index])
         if self._context is not None:
             ctx = self._context[index]
             tokens = np.issubdtype(ctx.dtype, np.integer)
@@ -254,3 +254,48 @@ def make_latent_source(
                 f"set data.num_classes={hi + 1} (and the model's)."
             )
     return src
+
+
+def class_names(data_dir: str) -> list[str]:
+    """The `class_names` array of a latents file: the names of labels 0..K-1.
+
+    For captions made from labels at sampling time.
+    """
+    arrays = load_arrays(data_dir)
+    if "class_names" not in arrays:
+        raise ValueError(
+            f"{data_dir} has no 'class_names' array, so class labels cannot be turned into "
+            "captions; save class_names=np.array([...]) (str) beside the latents."
+        )
+    return [str(n) for n in np.asarray(arrays["class_names"])]
+
+
+def class_context(data_dir: str, context_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-class text embeddings of a latents file.
+
+    Args:
+      data_dir: the latents `.npz` file or `.npy` directory.
+      context_dim: D, the embedding width the model expects.
+
+    Returns:
+      `class_context` float32 [K, L, D] and `class_context_mask` bool [K, L] (all True
+      when the file has no mask): the embedding of each class caption, index = label.
+    """
+    arrays = load_arrays(data_dir)
+    if "class_context" not in arrays:
+        raise ValueError(
+            f"{data_dir} has no 'class_context' [K, L, D] array, so class labels cannot be "
+            "turned into text embeddings; save the embedding of each class caption there "
+            "(and 'class_context_mask' [K, L])."
+        )
+    ctx = np.asarray(arrays["class_context"], np.float32)
+    if ctx.ndim != 3 or ctx.shape[-1] != context_dim:
+        raise ValueError(
+            f"{data_dir}: 'class_context' must be [K, L, {context_dim}], got {ctx.shape}."
+        )
+    mask = np.asarray(arrays.get("class_context_mask", np.ones(ctx.shape[:2], bool)), bool)
+    if mask.shape != ctx.shape[:2]:
+        raise ValueError(
+            f"{data_dir}: 'class_context_mask' must be {ctx.shape[:2]}, got {mask.shape}."
+        )
+    return ctx, mask

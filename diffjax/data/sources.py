@@ -2,7 +2,8 @@
 
 Every source is a grain random-access source: `__len__`, `__getitem__` and a stable
 `__repr__` (grain compares reprs when it restores an iterator). Records are dicts of
-numpy arrays; `image` is float32 [H, W, C] in [-1, 1] and `label` is int32.
+numpy arrays; `image` is float32 [H, W, C] in [-1, 1] and `labels` (the class of
+the record, named like the model argument it feeds) is int32.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from diffjax.images import uint8_to_float
+
+# The class names of the digits dataset (label i = DIGIT_NAMES[i]).
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 class ArraySource:
@@ -25,7 +31,7 @@ class ArraySource:
                 "add a trailing channel axis for grayscale images."
             )
         if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 127.5 - 1.0
+            images = uint8_to_float(images)
         images = images.astype(np.float32)
         if images.size and (images.min() < -1.0 - 1e-5 or images.max() > 1.0 + 1e-5):
             raise ValueError(
@@ -46,7 +52,7 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = {"image": self._images[index]}
         if self._labels is not None:
-            record["label"] = self._labels[index]
+            record["labels"] = self._labels[index]
         return record
 
     def __repr__(self) -> str:

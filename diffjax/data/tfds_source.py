@@ -10,9 +10,11 @@ The dataset must already be prepared in the `array_record` file format:
 
 Nothing is downloaded at run time: a dataset that is not there fails at once with a
 message naming it, the directory searched and the command that prepares it.
-Images are decoded by tfds (Pillow) to uint8 and mapped to float32 [-1, 1]; an image
-of another size is resized (shorter side, bicubic) and center-cropped to
-`image_size`, and grayscale / RGB are converted to `channels`.
+
+Records: `image`, decoded by tfds (Pillow) to uint8 and mapped to float32 [-1, 1],
+and `labels` int32 when the dataset has a ClassLabel feature. An image of another
+size is resized (shorter side, bicubic) and center-cropped to `image_size`, and
+grayscale / RGB are converted to `channels` (`diffjax.images.prepare_image`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffjax.data.folder import prepare_image, uint8_to_float
+from diffjax.images import prepare_image, uint8_to_float
 
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
@@ -172,7 +174,7 @@ class TfdsSource:
             image = prepare_image(img, image_size=self._image_size, channels=self._channels)
         record: dict[str, Any] = {"image": image}
         if self._label_key is not None:
-            record["label"] = np.int32(example[self._label_key])
+            record["labels"] = np.int32(example[self._label_key])
         return record
 
     def __repr__(self) -> str:

@@ -34,9 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from diffjax.eval import inception
 from diffjax.eval.frechet import frechet_distance
 from diffjax.eval.stats import RunningStats, load_statistics
+from diffjax.images import IMAGE_EXTENSIONS  # pytorch-fid's list
 
-# pytorch-fid's IMAGE_EXTENSIONS.
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 DEFAULT_BATCH_SIZE = 200
 
 ImagesLike = np.ndarray | Iterable[np.ndarray]

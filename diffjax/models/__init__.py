@@ -14,8 +14,9 @@
   the rules only where a dimension divides by the mesh axis.
 * Cost: `diffjax.models.summary.model_summary` (params, forward GFLOPs per
   image, activation memory), computed abstractly.
-* Text: `diffjax.models.text` (tokenizers, `TextEncoder`); a model built with
-  `text_vocab_size > 0` takes token ids as `context` and trains its own encoder.
+* Text: `diffjax.models.text` (`TextEncoder`); a model built with
+  `text_vocab_size > 0` takes token ids as `context` (from a tokenizer in
+  `diffjax.text`) and trains its own encoder.
 """
 
 from diffjax.models.dit import DiT

@@ -1,24 +1,15 @@
-"""A small text pathway for self-contained text-to-image demos.
+"""The model side of the small text pathway: a Flax text encoder for captions.
 
-Two deterministic tokenizers in pure Python/NumPy with stable vocabularies (no
-vocabulary file, nothing downloaded):
-  * `WordTokenizer`: lower-cased alphanumeric words hashed (CRC-32) into a
-    fixed number of buckets; "a handwritten seven" is 3 tokens.
-  * `ByteTokenizer`: UTF-8 bytes; any text, one token per byte.
-Id 0 is padding in both. An empty caption encodes to an all-False mask row: the
-null caption used for classifier-free guidance (caption dropout).
-
-`TextEncoder` is a small pre-LN transformer producing [B, L, D] embeddings, for
-use with a model's `context` input. A U-Net or DiT built with
-`text_vocab_size > 0` owns one and accepts token ids as `context`, so the
-encoder trains jointly with the denoiser.
+`TextEncoder` is a small pre-LN transformer turning token ids [B, L] (from a
+tokenizer in `diffjax.text`, 0 = padding) into [B, L, D] embeddings, for use with
+a model's `context` input. A U-Net or DiT built with `text_vocab_size > 0` owns
+one (`encode_context`) and accepts token ids as `context`, so the encoder trains
+jointly with the denoiser. The tokenizers themselves are pure Python/NumPy and
+live in `diffjax.text`, so the data pipeline tokenizes without importing models.
 """
 
 from __future__ import annotations
 
-import re
-import zlib
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,94 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.models import layers as L
+from diffjax.text import PAD_ID
 
 Array = jax.Array
-
-PAD_ID = 0
-
-
-class WordTokenizer:
-    """Lower-cased words -> 1 + crc32(word) % num_buckets; 0 is padding.
-
-    CRC-32 (unlike Python's `hash`) is the same in every process and on every
-    machine, so ids never change.
-    """
-
-    def __init__(self, max_len: int, num_buckets: int = 4096):
-        if max_len <= 0 or num_buckets <= 0:
-            raise ValueError(f"max_len and num_buckets must be > 0, got {max_len}, {num_buckets}.")
-        self.max_len = int(max_len)
-        self.num_buckets = int(num_buckets)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.num_buckets + 1
-
-    def tokens(self, text: str) -> list[int]:
-        words = re.findall(r"[a-z0-9]+", text.lower())
-        return [1 + zlib.crc32(w.encode("utf-8")) % self.num_buckets for w in words]
-
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Captions -> (ids [B, max_len] int32, mask [B, max_len] bool); long ones are truncated."""
-        return _pad([self.tokens(t) for t in _check_texts(texts)], self.max_len)
-
-    def __repr__(self) -> str:
-        return f"WordTokenizer(max_len={self.max_len}, num_buckets={self.num_buckets})"
-
-
-class ByteTokenizer:
-    """UTF-8 bytes -> ids 1..256; 0 is padding."""
-
-    vocab_size = 257
-
-    def __init__(self, max_len: int):
-        if max_len <= 0:
-            raise ValueError(f"max_len must be > 0, got {max_len}.")
-        self.max_len = int(max_len)
-
-    def tokens(self, text: str) -> list[int]:
-        return [b + 1 for b in text.encode("utf-8")]
-
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Captions -> (ids [B, max_len] int32, mask [B, max_len] bool); long ones are truncated."""
-        return _pad([self.tokens(t) for t in _check_texts(texts)], self.max_len)
-
-    def decode(self, ids: np.ndarray) -> list[str]:
-        """ids [B, L] -> captions (padding dropped)."""
-        return [
-            bytes(int(i) - 1 for i in row if i != PAD_ID).decode("utf-8", errors="replace")
-            for row in np.asarray(ids)
-        ]
-
-    def __repr__(self) -> str:
-        return f"ByteTokenizer(max_len={self.max_len})"
-
-
-TOKENIZERS = {"word": WordTokenizer, "byte": ByteTokenizer}
-
-
-def make_tokenizer(kind: str, max_len: int, **kwargs: Any) -> WordTokenizer | ByteTokenizer:
-    """Tokenizer by name: 'word' | 'byte'."""
-    if kind not in TOKENIZERS:
-        raise ValueError(f"Unknown tokenizer {kind!r}; use one of {sorted(TOKENIZERS)}.")
-    return TOKENIZERS[kind](max_len, **kwargs)
-
-
-def _check_texts(texts: Sequence[str]) -> Sequence[str]:
-    if isinstance(texts, str):
-        raise TypeError("encode() takes a list of captions, not one string; wrap it in a list.")
-    bad = [t for t in texts if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"captions must be strings, got {bad[:3]!r}.")
-    return texts
-
-
-def _pad(rows: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.zeros((len(rows), max_len), np.int32)
-    for i, row in enumerate(rows):
-        row = row[:max_len]
-        ids[i, : len(row)] = row
-    return ids, ids != PAD_ID
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
