@@ -33,8 +33,8 @@ from diffjax import experiment, parallel
 from diffjax.diffusion import samplers
 from diffjax.models import layers
 from diffjax.models.summary import model_summary
-from diffjax.sampling import cycle_labels, make_sample_fn
-from diffjax.train.loop import build_components
+from diffjax.sample_fn import cycle_labels, make_sample_fn
+from diffjax.rundir import build_components
 from diffjax.train.step import make_loss_fn, make_train_step
 
 SAMPLER = "dpmpp_2m"
@@ -143,7 +143,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, n
     shape = (b, *experiment.image_shape(config))
     batch = {"image": np.clip(rng.standard_normal(shape), -1, 1).astype(np.float32)}
     if config.data.num_classes > 0:
-        batch["label"] = rng.integers(0, config.data.num_classes, (b,)).astype(np.int32)
+        batch["labels"] = rng.integers(0, config.data.num_classes, (b,)).astype(np.int32)
     return batch
 
 

@@ -16,7 +16,7 @@ From an image folder (class sub-folders or a flat folder of 32x32 PNGs):
 
 import ml_collections
 
-from configs.base import get_base_config
+from diffjax.config import get_base_config
 from diffjax.models import preset_kwargs
 
 

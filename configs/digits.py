@@ -10,7 +10,7 @@ Nothing is downloaded: the 1,797 digits ship inside scikit-learn.
 
 import ml_collections
 
-from configs.base import get_base_config
+from diffjax.config import get_base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -9,14 +9,16 @@ dropout gives classifier-free guidance. Sampling asks for "a handwritten {digit}
 `arg` may be `quick` (a few steps of a tiny model, for tests).
 """
 
+import os
+
 import ml_collections
 
-from configs.digits import get_config as digits_config
+from diffjax.config import load_config_file
 from diffjax.models import preset_kwargs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = digits_config(arg)
+    c = load_config_file(os.path.join(os.path.dirname(__file__), "digits.py"), arg)
     c.data.source = "digits_text"
     c.data.caption_template = "a handwritten {name}"
     c.data.max_text_len = 4

@@ -11,7 +11,7 @@ The model sees the 32x32x4 Stable-Diffusion VAE latents of 256x256 images (scale
 
 import ml_collections
 
-from configs.base import get_base_config
+from diffjax.config import get_base_config
 from diffjax.models import preset_kwargs
 
 VARIANTS = tuple(f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8))
@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model.name = "dit"
     c.model.kwargs = ml_collections.ConfigDict(preset_kwargs(f"DiT-{variant}"))
+    # One nn.scan over the blocks: XL/2 compiles several times faster, same function;
+    # the param layout differs (diffjax.models.dit.stack_block_params converts).
+    c.model.kwargs.scan_layers = False
     c.model.dtype = "bfloat16"
 
     c.diffusion.schedule = "discrete_vp"

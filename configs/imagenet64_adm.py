@@ -11,7 +11,7 @@ to 64x64 on the fly. Or point an image folder (one sub-folder per class) at it.
 
 import ml_collections
 
-from configs.base import get_base_config
+from diffjax.config import get_base_config
 from diffjax.models import preset_kwargs
 
 

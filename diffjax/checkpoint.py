@@ -18,7 +18,6 @@ from typing import Any
 import grain.python as grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -220,8 +219,3 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self._manager.close()
-
-
-def numpy_tree(tree: Any) -> Any:
-    """Host copies of every leaf (for tests and export)."""
-    return jax.tree.map(np.asarray, jax.device_get(tree))

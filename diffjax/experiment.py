@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffjax import models
-from diffjax.diffusion import losses, schedules
+from diffjax.config import REMOVED_FIELDS, get_base_config
+from diffjax.diffusion import losses, samplers, schedules
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -33,7 +34,7 @@ def conditioning_kind(config: ml_collections.ConfigDict) -> str:
 
 def condition_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The batch keys that condition this model (others, e.g. a captioned set's labels, are not fed)."""
-    return {"label": ("label",), "text": ("context", "context_mask"), "": ()}[
+    return {"label": ("labels",), "text": ("context", "context_mask"), "": ()}[
         conditioning_kind(config)
     ]
 
@@ -48,28 +49,34 @@ def build_model(config: ml_collections.ConfigDict):
     )
 
 
+# The diffusion fields that are arguments of some schedule factory; each schedule takes
+# those among them that its factory names, and `check_config` refuses the others when
+# they differ from their defaults (they would otherwise be silently ignored).
+_SCHEDULE_FIELDS = (
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "num_timesteps",
+    "zero_terminal_snr",
+    "beta_min",
+    "beta_max",
+    "t_min",
+    "train_t_min",
+    "sigma_min",
+    "sigma_max",
+    "sigma_data",
+    "p_mean",
+    "p_std",
+    "logit_normal_mean",
+    "logit_normal_std",
+)
+
+
 def build_schedule(config: ml_collections.ConfigDict):
+    """The schedule named by `diffusion.schedule`, with every one of its fields."""
     f = config.diffusion
-    if f.schedule == "discrete_vp":
-        kwargs = dict(
-            beta_schedule=f.beta_schedule,
-            beta_start=f.beta_start,
-            beta_end=f.beta_end,
-            num_timesteps=f.num_timesteps,
-            zero_terminal_snr=f.zero_terminal_snr,
-        )
-    elif f.schedule == "continuous_vp":
-        kwargs = {}
-    elif f.schedule == "edm":
-        kwargs = dict(sigma_data=f.sigma_data, p_mean=f.p_mean, p_std=f.p_std)
-    elif f.schedule == "flow":
-        kwargs = dict(logit_normal_mean=f.logit_normal_mean, logit_normal_std=f.logit_normal_std)
-    else:
-        raise ValueError(
-            f"Unknown diffusion.schedule {f.schedule!r}; choose discrete_vp, continuous_vp, "
-            "edm or flow."
-        )
-    return schedules.make_schedule(f.schedule, **kwargs)
+    takes = schedules.schedule_arguments(f.schedule)
+    return schedules.make_schedule(f.schedule, **{k: f[k] for k in _SCHEDULE_FIELDS if k in takes})
 
 
 def build_loss(config: ml_collections.ConfigDict, schedule) -> Callable:
@@ -132,7 +139,7 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of `diffjax.sampling.make_sample_fn` from `config.sample`."""
+    """Keyword arguments of `diffjax.sample_fn.make_sample_fn` from `config.sample`."""
     s, f = config.sample, config.diffusion
     kwargs = dict(
         method=s.method,
@@ -143,7 +150,7 @@ def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         num_classes=config.data.num_classes,
         clip_x0=f.clip_x0,
     )
-    if s.method == "ddim":
+    if s.eta is not None:
         kwargs["eta"] = s.eta
     return kwargs
 
@@ -160,3 +167,79 @@ def sampling_condition(
 
         return caption_condition(config, labels)
     return {}
+
+
+def upgrade_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A run's saved config.json as a ConfigDict, with fields of older versions mapped.
+
+    Removed fields (`diffjax.config.REMOVED_FIELDS`) are dropped; `sample.eta = 0.0`
+    (the old always-present default, read only by `ddim`) becomes None (the method's
+    default), so old runs sample exactly as before.
+    """
+    config = ml_collections.ConfigDict(saved)
+    for dotted in REMOVED_FIELDS:
+        section, field = dotted.split(".")
+        if section in config and field in config[section]:
+            del config[section][field]
+    if "sample" in config and config.sample.get("eta", None) == 0.0:
+        config.sample.eta = None
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses, before any work, a config whose fields would fail or be silently ignored.
+
+    Checks the model's keyword fields, the schedule and its fields (a field of another
+    schedule set to a non-default value is refused, naming it), the loss, the sampler
+    and its options, and the training counts.
+
+    Raises:
+      ValueError: naming the field, its value and the fix.
+    """
+    base = get_base_config()
+    f = config.diffusion
+    takes = schedules.schedule_arguments(f.schedule)
+    used = set(takes)
+    if f.loss_weighting == "edm":
+        used.add("sigma_data")
+    for k in _SCHEDULE_FIELDS:
+        if k not in used and f[k] != base.diffusion[k]:
+            raise ValueError(
+                f"diffusion.{k}={f[k]!r} is not used by diffusion.schedule={f.schedule!r} "
+                f"(it takes {', '.join(k2 for k2 in _SCHEDULE_FIELDS if k2 in takes)}). "
+                f"Remove the override, or choose the schedule that field belongs to."
+            )
+    if f.loss_weighting != "min_snr" and f.min_snr_gamma != base.diffusion.min_snr_gamma:
+        raise ValueError(
+            f"diffusion.min_snr_gamma={f.min_snr_gamma} is used only with "
+            f"diffusion.loss_weighting='min_snr', not {f.loss_weighting!r}. Remove it."
+        )
+    schedule = build_schedule(config)
+    build_loss(config, schedule)
+    build_model(config)
+    _check_sampler(config, schedule)
+    for name in ("num_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
+        if config.train[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}.")
+    if config.sample.num_steps < 1:
+        raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
+
+
+def _check_sampler(config: ml_collections.ConfigDict, schedule) -> None:
+    """Traces the configured sampler on a one-pixel stand-in model (no compile, no
+    allocation), so every option check of `samplers.sample` runs before training."""
+    kwargs = sampler_kwargs(config)
+    guidance, rescale = kwargs.pop("guidance"), kwargs.pop("guidance_rescale")
+    kwargs.pop("num_classes")
+    if guidance < 0:
+        raise ValueError(f"sample.guidance must be >= 0 (1 = no guidance), got {guidance}.")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"sample.guidance_rescale must lie in [0, 1], got {rescale}.")
+
+    def run(noise, key):
+        return samplers.sample(lambda x, t: x, noise, schedule=schedule, key=key, **kwargs)
+
+    try:
+        jax.eval_shape(run, jax.ShapeDtypeStruct((1, 1), jnp.float32), jax.random.key(0))
+    except ValueError as e:
+        raise ValueError(f"config.sample: {e}") from None

@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 import diffjax
 from diffjax import experiment
-from diffjax.sampling import make_sample_fn
+from diffjax.sample_fn import make_sample_fn
 
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "tpu")

@@ -1,4 +1,10 @@
-"""Generating images from a run directory: restore EMA params, sample in batches, save."""
+"""Generating images from a run directory or an export: EMA params, batched sampling, save.
+
+`Generator` pairs a model's params with a compiled `sample_fn` (`diffjax.sample_fn`,
+which wraps the samplers of `diffjax.diffusion.samplers`) and draws uint8 images in
+fixed-shape batches. Training's periodic evaluation, `launch/sample.py` and
+`launch/evaluate.py` all draw through it.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffjax import experiment, images, parallel
-from diffjax.sampling import cycle_labels, make_sample_fn
+from diffjax import experiment, export, images, parallel, rundir
+from diffjax.sample_fn import cycle_labels, make_sample_fn
 
 
 @dataclasses.dataclass
-class Sampler:
+class Generator:
     """A model, its params and a compiled sampler, ready to draw uint8 images."""
 
     config: ml_collections.ConfigDict
@@ -40,14 +46,12 @@ class Sampler:
         method: str | None = None,
         num_steps: int | None = None,
         guidance: float | None = None,
-    ) -> Sampler:
+    ) -> Generator:
         """EMA params of `workdir`'s latest good checkpoint (or `step`)."""
-        from diffjax.train.loop import load_state, load_workdir_config
-
-        config = config if config is not None else load_workdir_config(workdir)
+        config = config if config is not None else rundir.load_workdir_config(workdir)
         config = _with_sampling(config, method, num_steps, guidance)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        state, step, parts = load_state(config, workdir, mesh, step)
+        state, step, parts = rundir.load_state(config, workdir, mesh, step)
         sample_fn = make_sample_fn(
             parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
         )
@@ -64,15 +68,13 @@ class Sampler:
         num_steps: int | None = None,
         guidance: float | None = None,
         serialized: bool = False,
-    ) -> Sampler:
+    ) -> Generator:
         """An export's params, with the model and sampler rebuilt from its config.json.
 
         Gives the same images as `from_workdir` on the exported run for the same seed.
         With `serialized=True` the `jax.export` artifact runs instead of diffjax's code
         (one device; the method and step count are those it was exported with).
         """
-        from diffjax import export
-
         meta, config = export.read_export(export_dir)
         config = _with_sampling(config, method, num_steps, guidance)
         model = experiment.build_model(config)
@@ -150,6 +152,7 @@ class Sampler:
 
 
 def _with_sampling(config, method, num_steps, guidance):
+    """A copy of `config` with the given sampling overrides (None keeps the run's)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if method is not None:
         config.sample.method = method

@@ -1,44 +1,10 @@
 """Evaluates a checkpoint: generates samples and computes the configured metrics.
 
-    python launch/evaluate.py --workdir=runs/digits [--step=4000] \
-        [--config.eval.num_samples=2000 --config.sample.guidance=3.0 ...]
-
-The run's own config (WORKDIR/config.json) is used; `--config.*` overrides any field
-of it. Writes WORKDIR/eval/step_XXXXXXXX.json.
+The command itself is `diffjax.cli.evaluate` (also installed as `diffjax-evaluate`);
+see its docstring or `--help` for the flags.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags  # noqa: E402
-
-from launch.common import override_flag, run, setup_logging, workdir_config  # noqa: E402
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_CONFIG = override_flag()
-
-
-def main(argv):
-    del argv
-    setup_logging()
-    from diffjax.eval.evaluate import evaluate_sampler, write_eval
-    from diffjax.generate import Sampler
-
-    config = workdir_config(_WORKDIR.value, _CONFIG)
-    sampler = Sampler.from_workdir(_WORKDIR.value, step=_STEP.value, config=config)
-    metrics = evaluate_sampler(
-        sampler,
-        num_samples=config.eval.num_samples,
-        batch_size=config.eval.batch_size,
-        seed=_SEED.value,
-    )
-    path = write_eval(_WORKDIR.value, sampler.step, metrics)
-    print(f"Wrote {path}")
-
+from diffjax.cli.evaluate import entry
 
 if __name__ == "__main__":
-    run(main)
+    entry()

@@ -1,45 +1,10 @@
 """Trains a diffusion model.
 
-    python launch/train.py --config=configs/digits.py --workdir=runs/digits \
-        [--config.train.num_steps=2000 ...]
-
-Resumes automatically from WORKDIR/checkpoints. On several hosts, pass
---coordinator_address/--num_processes/--process_id, or let JAX read the cluster's
-environment (under srun, Open MPI 4's mpirun, or on Cloud TPU VMs); see docs/cluster.md.
+The command itself is `diffjax.cli.train` (also installed as `diffjax-train`);
+see its docstring or `--help` for the flags.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags  # noqa: E402
-
-from launch.common import config_flag, load_config, run, setup_logging  # noqa: E402
-
-_CONFIG = config_flag()
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (checkpoints, metrics, samples).", required=True
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-host)."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-
-
-def main(argv):
-    del argv
-    setup_logging()
-    from diffjax import parallel
-
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = load_config(_CONFIG)
-
-    from diffjax.train.loop import train_and_evaluate
-
-    train_and_evaluate(config, _WORKDIR.value)
-
+from diffjax.cli.train import entry
 
 if __name__ == "__main__":
-    run(main)
+    entry()

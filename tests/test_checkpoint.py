@@ -57,7 +57,7 @@ def test_round_trip_restores_state_and_data_iterator(tmp_path):
     ref = data.make_iterator(data.digits_source(), batch_size=8, seed=0)
     for _ in range(2):
         next(ref)
-    np.testing.assert_array_equal(next(it)["label"], next(ref)["label"])
+    np.testing.assert_array_equal(next(it)["labels"], next(ref)["labels"])
     assert ckpt.save(2, states[2]) is False  # an existing step is never overwritten
 
 

@@ -201,10 +201,10 @@ def test_export_then_sample_matches_checkpoint(reference_run, tmp_path):
         np.testing.assert_array_equal(za["labels"], zb["labels"])
 
     # The serialized sampler (jax.export) against the Python path, in process.
-    from diffjax.generate import Sampler
+    from diffjax.generate import Generator
 
-    py = Sampler.from_export(export_dir, guidance=2.0)
-    ser = Sampler.from_export(export_dir, guidance=2.0, serialized=True)
+    py = Generator.from_export(export_dir, guidance=2.0)
+    ser = Generator.from_export(export_dir, guidance=2.0, serialized=True)
     x_py, _ = py.generate(6, seed=1, batch_size=6)
     x_ser, _ = ser.generate(6, seed=1, batch_size=6)
     assert np.abs(x_py.astype(int) - x_ser.astype(int)).max() <= 1
@@ -214,7 +214,7 @@ def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
     import shutil
 
     from diffjax.export import ExportError
-    from diffjax.generate import Sampler
+    from diffjax.generate import Generator
 
     export_dir = str(tmp_path / "export")
     _run("export.py", f"--workdir={reference_run}", f"--out={export_dir}", "--platforms=cpu")
@@ -225,7 +225,7 @@ def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
     raw[-5] ^= 0xFF
     open(path, "wb").write(bytes(raw))
     with pytest.raises(ExportError, match="corrupt or from another export"):
-        Sampler.from_export(bad)
+        Generator.from_export(bad)
 
     other = str(tmp_path / "other")
     shutil.copytree(export_dir, other)
@@ -233,9 +233,9 @@ def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
     meta["config"]["model"]["kwargs"]["base_channels"] = 32
     json.dump(meta, open(os.path.join(other, "config.json"), "w"))
     with pytest.raises(ExportError, match="does not fit the model"):
-        Sampler.from_export(other)
+        Generator.from_export(other)
     with pytest.raises(ExportError, match="not a diffjax export"):
-        Sampler.from_export(str(tmp_path))
+        Generator.from_export(str(tmp_path))
 
 
 def test_evaluate_with_fid_and_a_test_made_inception(reference_run, tmp_path):
@@ -272,7 +272,7 @@ def test_evaluate_with_fid_and_a_test_made_inception(reference_run, tmp_path):
 
 def test_periodic_evaluation_tracks_the_best_params(tmp_path):
     from configs.digits import get_config
-    from diffjax.generate import Sampler
+    from diffjax.generate import Generator
     from diffjax.train.loop import train_and_evaluate
 
     config = get_config("quick")
@@ -291,4 +291,4 @@ def test_periodic_evaluation_tracks_the_best_params(tmp_path):
     }
     assert best["metric"] == "frechet_distance" and best["value"] == min(values.values())
     assert best["step"] == min(values, key=values.get)
-    assert Sampler.from_export(os.path.join(workdir, "best")).step == best["step"]
+    assert Generator.from_export(os.path.join(workdir, "best")).step == best["step"]

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec
 
 from configs.digits import get_config
 from diffjax import data, parallel
-from diffjax.train.loop import build_components
+from diffjax.rundir import build_components
 
 
 def test_mesh_shape_fills_and_validates():

@@ -8,7 +8,7 @@ import pytest
 
 from configs.digits import get_config
 from diffjax import data
-from diffjax.train import loop
+from diffjax.train import hooks, loop
 
 
 class _PoisonedDigits(data.ArraySource):
@@ -40,7 +40,7 @@ def _config(skip):
 
 
 def test_nonfinite_step_stops_the_run_naming_the_step(poisoned, tmp_path):
-    with pytest.raises(loop.NonFiniteError, match="at step 3") as info:
+    with pytest.raises(hooks.NonFiniteError, match="at step 3") as info:
         loop.train_and_evaluate(_config(False), str(tmp_path))
     assert "skip_nonfinite" in str(info.value)
     # Only finite checkpoints exist (the guard keeps the state finite; restore verifies it).
@@ -58,10 +58,10 @@ def test_nonfinite_step_is_skipped_when_configured(poisoned, tmp_path):
 
 def test_text_conditioned_digits_train_and_sample_from_captions(tmp_path):
     from configs.digits_text import get_config as text_config
-    from diffjax.generate import Sampler
+    from diffjax.generate import Generator
 
     loop.train_and_evaluate(text_config("quick"), str(tmp_path))
     assert os.path.exists(tmp_path / "samples" / "step_00000008.png")
-    sampler = Sampler.from_workdir(str(tmp_path), num_steps=2)
+    sampler = Generator.from_workdir(str(tmp_path), num_steps=2)
     images, labels = sampler.generate(4, labels=[3], batch_size=4)
     assert images.shape == (4, 8, 8, 1) and labels.tolist() == [3, 3, 3, 3]

@@ -88,12 +88,12 @@ def test_guards_give_identical_states():
 def test_condition_dropout_uses_null_label_and_empty_caption():
     batch = {
         "image": jnp.zeros((2000, 1)),
-        "label": jnp.full((2000,), 3),
+        "labels": jnp.full((2000,), 3),
         "context_mask": jnp.ones((2000, 4), bool),
     }
     out = drop_conditioning(batch, jax.random.key(0), p=0.25, num_classes=10)
-    dropped = out["label"] == 10
-    assert set(np.unique(out["label"]).tolist()) == {3, 10}
+    dropped = out["labels"] == 10
+    assert set(np.unique(out["labels"]).tolist()) == {3, 10}
     assert abs(float(dropped.mean()) - 0.25) < 0.04
     np.testing.assert_array_equal(out["context_mask"].any(axis=1), ~dropped)
 

@@ -458,13 +458,21 @@ def make_schedule(name: str, **kwargs: Any) -> Schedule:
     Raises:
       ValueError: unknown name, unknown keyword for that schedule, or bad values.
     """
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
-    factory = _FACTORIES[name]
-    allowed = set(inspect.signature(factory).parameters)
-    unknown = sorted(set(kwargs) - allowed)
+    allowed = schedule_arguments(name)
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(
             f"schedule {name!r} does not take {unknown}; its arguments are {sorted(allowed)}"
         )
-    return factory(**kwargs)
+    return _FACTORIES[name](**kwargs)
+
+
+def schedule_arguments(name: str) -> tuple[str, ...]:
+    """The keyword arguments the schedule `name` takes.
+
+    Raises:
+      ValueError: unknown name.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
+    return tuple(inspect.signature(_FACTORIES[name]).parameters)

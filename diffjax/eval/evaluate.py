@@ -9,26 +9,26 @@ from typing import Any
 
 import numpy as np
 
-from diffjax import experiment
 
-
-def evaluate_sampler(
-    sampler, *, num_samples: int, batch_size: int, seed: int = 0
+def evaluate_generator(
+    generator, *, num_samples: int, batch_size: int, seed: int = 0
 ) -> dict[str, Any]:
-    """Generates `num_samples` images with `sampler` and computes the configured metrics.
+    """Generates `num_samples` images with `generator` and computes the configured metrics.
 
     Args:
-      sampler: a `diffjax.generate.Sampler`; its config's `eval` section picks metrics:
+      generator: a `diffjax.generate.Generator`; its config's `eval` section picks metrics:
         `digits_metrics` (conditional accuracy + Fréchet distance in a digits
         classifier's feature space), `reference_stats` + `inception_weights` (FID).
     """
-    config = sampler.config
+    config = generator.config
     start = time.perf_counter()
-    images, labels = sampler.generate(num_samples, seed=seed, batch_size=batch_size, progress=True)
+    images, labels = generator.generate(
+        num_samples, seed=seed, batch_size=batch_size, progress=True
+    )
     sample_seconds = time.perf_counter() - start
-    conditional = bool(experiment.conditioning_kind(config))
+    conditional = generator.num_classes > 0
     metrics: dict[str, Any] = {
-        "step": int(sampler.step),
+        "step": int(generator.step),
         "num_samples": int(num_samples),
         "sampler": {
             "method": config.sample.method,

@@ -12,10 +12,6 @@ import optax
 
 from diffjax.train.state import TrainState, ema_decay_at
 
-# Conditioning keys a batch may carry, and the model keyword each one feeds.
-COND_KEYS = {"label": "labels", "context": "context", "context_mask": "context_mask"}
-
-
 def drop_conditioning(
     batch: dict[str, jax.Array], key: jax.Array, *, p: float, num_classes: int
 ) -> dict[str, jax.Array]:
@@ -28,16 +24,16 @@ def drop_conditioning(
     batch = dict(batch)
     n = batch["image"].shape[0]
     drop = jax.random.bernoulli(key, p, (n,))
-    if "label" in batch and num_classes > 0:
-        batch["label"] = jnp.where(drop, num_classes, batch["label"])
+    if "labels" in batch and num_classes > 0:
+        batch["labels"] = jnp.where(drop, num_classes, batch["labels"])
     if "context_mask" in batch:
         batch["context_mask"] = jnp.where(drop[:, None], False, batch["context_mask"])
     return batch
 
 
 def model_kwargs(batch: dict[str, jax.Array], keys: tuple[str, ...]) -> dict[str, jax.Array]:
-    """The conditioning arguments of `model.apply` for the batch keys `keys`."""
-    return {COND_KEYS[k]: batch[k] for k in keys}
+    """The conditioning arguments of `model.apply`: batch keys are the keyword names."""
+    return {k: batch[k] for k in keys}
 
 
 def make_loss_fn(
@@ -143,7 +139,7 @@ def make_train_step(
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-            ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+            ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
             return params, ema, opt_state
 
         unchanged = (state.params, state.ema_params, state.opt_state)

@@ -1,12 +1,23 @@
 """Every config field diffjax knows, each with a one-line comment.
 
-Experiments import `get_base_config()`, override what they need, and return the
-result from their own `get_config(arg=None)`. Fields with no sensible default use
-`placeholder(type)` so they can still be set from the command line.
+Experiment files (`configs/*.py`) import `get_base_config()`, override what they need,
+and return the result from their own `get_config(arg=None)`. Fields with no sensible
+default use `config_dict.placeholder(type)` so they can still be set from the command
+line. Each field reaches the code that uses it, or `diffjax.experiment.check_config`
+refuses it with a message naming it (a schedule's field set under another schedule).
 """
+
+from __future__ import annotations
+
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
+
+# Fields earlier versions wrote into config.json that nothing reads any more; dropped
+# when an old run directory is read back (`diffjax.experiment.upgrade_config`).
+REMOVED_FIELDS = ("data.shuffle_buffer", "sample.batch_size")
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -25,7 +36,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.random_flip = False  # Random horizontal flip augmentation.
     d.skip_corrupt = False  # Skip (and count) unreadable images instead of failing.
     d.worker_count = 0  # grain worker processes (0 = in the main process).
-    d.shuffle_buffer = 0  # Unused by random-access sources; kept for streaming ones.
     d.max_text_len = 16  # Token length of captions for text-conditioned configs.
     d.caption_template = ""  # Caption template for sources that make captions from labels.
 
@@ -44,10 +54,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     f.beta_end = 0.02  # discrete_vp: last beta.
     f.num_timesteps = 1000  # discrete_vp: number of training timesteps.
     f.zero_terminal_snr = False  # discrete_vp: rescale betas so the last step has SNR 0.
+    f.beta_min = 0.1  # continuous_vp: beta(0).
+    f.beta_max = 20.0  # continuous_vp: beta(1).
+    f.t_min = 1e-3  # continuous_vp: last time the sampler evaluates the model at.
+    f.train_t_min = 1e-5  # continuous_vp: training draws t ~ U[train_t_min, 1].
+    f.sigma_min = 0.002  # edm, flow: smallest sigma/alpha of the step placements.
+    f.sigma_max = 80.0  # edm, flow: largest sigma/alpha of the step placements.
     f.prediction = "epsilon"  # What the network predicts: epsilon | x0 | v | flow.
     f.loss_weighting = "eps_mse"  # eps_mse | snr | min_snr | edm | uniform.
-    f.min_snr_gamma = 5.0  # gamma for min_snr weighting.
-    f.sigma_data = 0.5  # edm: data standard deviation.
+    f.min_snr_gamma = 5.0  # min_snr weighting: gamma.
+    f.sigma_data = 0.5  # edm schedule or edm weighting: data standard deviation.
     f.p_mean = -1.2  # edm: mean of log-sigma at training time.
     f.p_std = 1.2  # edm: std of log-sigma at training time.
     f.logit_normal_mean = 0.0  # flow: mean of the logit-normal training t.
@@ -83,9 +99,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     s.num_steps = 50  # Solver steps.
     s.guidance = 1.0  # Classifier-free guidance scale (1 = conditional model only).
     s.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023).
-    s.eta = 0.0  # DDIM eta (0 = deterministic).
+    s.eta = config_dict.placeholder(float)  # ddim / dpmpp_2m_sde eta (None = method default).
     s.num_images = 100  # Images in the training-time sample grid (0 = no grid).
-    s.batch_size = 256  # Images sampled per device call.
 
     # ---------------------------------------------------------------- evaluation
     c.eval = e = ml_collections.ConfigDict()
@@ -103,6 +118,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def optional(type_):
-    """A typed `None` default that can still be overridden from the command line."""
-    return config_dict.placeholder(type_)
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the experiment file at `path` (what `--config=path:arg` loads).
+
+    Lets one experiment file build on another by path (`configs/digits_text.py` on
+    `configs/digits.py`) without the repository being importable as a package.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    name = "_diffjax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -1,4 +1,9 @@
-"""Sampling from a Flax model: conditioning, guidance and the sampler, as one jitted fn."""
+"""`make_sample_fn`: a Flax model, its conditioning, guidance and a sampler as one jitted fn.
+
+The samplers themselves (pure math on a `model_fn(x, t)`) live in
+`diffjax.diffusion.samplers`; drawing batches of images from a run or an export is
+`diffjax.generate`.
+"""
 
 from __future__ import annotations
 
@@ -96,5 +101,5 @@ def make_sample_fn(
 
 
 def cycle_labels(n: int, num_classes: int) -> jnp.ndarray:
-    """Labels 0..K-1 repeated to length n (the DESIGN.md §3 sampling contract)."""
+    """Labels 0..K-1 repeated to length n (the sampling contract of launch/sample.py)."""
     return jnp.arange(n, dtype=jnp.int32) % max(num_classes, 1)

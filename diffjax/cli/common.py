@@ -1,4 +1,8 @@
-"""Shared pieces of the absl entry points: config flag, clean config errors, logging."""
+"""Shared pieces of the command-line entry points: config flag, clean errors, logging.
+
+Each command is a module of this package with a `main(argv)` and an `entry()`;
+`launch/*.py` and the `diffjax-*` console scripts both call `entry()`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 
-def config_flag(required: bool = True):
+def config_flag():
     """`--config=configs/x.py[:arg]`, locked, with `--config.a.b=v` overrides."""
     return config_flags.DEFINE_config_file(
         "config",
@@ -25,7 +29,7 @@ def override_flag():
     The flag parses against the base config, which has every field, so unknown keys
     and wrong types still fail at parse time.
     """
-    from configs.base import get_base_config
+    from diffjax.config import get_base_config
 
     return config_flags.DEFINE_config_dict(
         "config", get_base_config(), "Overrides of the run's config.", lock_config=True
@@ -34,7 +38,7 @@ def override_flag():
 
 def workdir_config(workdir: str, flag):
     """The run's config.json with every `--config.*` given on the command line applied."""
-    from diffjax.train.loop import load_workdir_config
+    from diffjax.rundir import load_workdir_config
 
     config = load_workdir_config(workdir)
     for arg in sys.argv[1:]:
@@ -71,7 +75,7 @@ def _explain_override(argv: list[str], overrides: list[str]) -> str | None:
         if config_arg:
             config = config_flags.config_flags._ConfigFileParser("config").parse(config_arg)  # noqa: SLF001
         else:
-            from configs.base import get_base_config
+            from diffjax.config import get_base_config
 
             config = get_base_config()
     except Exception:  # noqa: BLE001 — the config file itself is broken; absl's message says why.
@@ -112,7 +116,7 @@ def run(main) -> None:
 
     def wrapped(argv):
         from diffjax.checkpoint import CheckpointError
-        from diffjax.train.loop import NonFiniteError
+        from diffjax.train.hooks import NonFiniteError
 
         try:
             return main(argv)
@@ -122,6 +126,9 @@ def run(main) -> None:
             sys.stderr.write(f"error: {e}\n")
             sys.exit(1)
 
+    # absl prints the __main__ module's docstring as the usage text; the command's own
+    # docstring (in this package) is the one that documents it.
+    sys.modules["__main__"].__doc__ = sys.modules[main.__module__].__doc__
     app.run(wrapped, flags_parser=parse_flags)
 
 

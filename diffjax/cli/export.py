@@ -1,0 +1,47 @@
+"""Exports a run's EMA params for sampling elsewhere.
+
+    python launch/export.py --workdir=runs/digits --out=exports/digits [--step=N]
+
+Writes params.safetensors, config.json and sampler.jax_export (see diffjax/export.py).
+Sample from it with `python launch/sample.py --export_dir=exports/digits ...`.
+"""
+
+from absl import flags
+
+from diffjax.cli.common import run, setup_logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Export directory.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Serialized-sampler platforms.")
+
+
+def main(argv):
+    del argv
+    setup_logging()
+    from diffjax import export, parallel
+    from diffjax.rundir import load_state, load_workdir_config
+
+    config = load_workdir_config(_WORKDIR.value)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    state, step, parts = load_state(config, _WORKDIR.value, mesh, _STEP.value)
+    meta = export.export_params(
+        config,
+        parts.model,
+        parts.schedule,
+        state.ema_params,
+        _OUT.value,
+        step=step,
+        platforms=tuple(_PLATFORMS.value),
+    )
+    serialized = meta["serialized_sampler"]
+    print(f"Exported step {step} of {_WORKDIR.value} to {_OUT.value}")
+    if serialized["file"]:
+        print(f"Serialized sampler for {', '.join(serialized['platforms'])}: {serialized['file']}")
+    else:
+        print(f"No serialized sampler could be lowered: {serialized['error']}")
+
+
+def entry() -> None:
+    """Console-script entry point (`diffjax-export`)."""
+    run(main)

@@ -1,0 +1,180 @@
+"""The run directory: what a training run leaves on disk and how it is read back.
+
+A run directory (`workdir`) holds `config.json`, `checkpoints/` (Orbax), `metrics.jsonl`,
+`samples/`, `eval/` and TensorBoard events. Training (`diffjax.train.loop`), sampling
+(`diffjax.generate`), export and evaluation all go through this room to prepare, read and
+check it, so none of them imports another's module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from diffjax import experiment, models
+from diffjax.checkpoint import Checkpointer, abstract_with_shardings
+from diffjax.train.state import TrainState, make_optimizer
+from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
+
+
+class WorkdirMismatchError(ValueError):
+    """The workdir holds checkpoints of a different model."""
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
+    """Creates the workdir, refuses one made by another model, writes config.json."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if has_checkpoints and os.path.exists(path):
+        check_same_model(
+            experiment.model_fingerprint(load_workdir_config(workdir)), config, workdir
+        )
+    if is_main:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def check_same_model(
+    saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str
+) -> None:
+    """Raises WorkdirMismatchError naming every differing field."""
+    current = experiment.model_fingerprint(config)
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        detail = "; ".join(
+            f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diffs
+        )
+        raise WorkdirMismatchError(
+            f"The workdir {workdir} holds checkpoints of a different model ({detail}). "
+            "Nothing was changed there. Use a new --workdir, or the config that trained it."
+        )
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (workdir/config.json)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a diffjax run directory "
+            "(train into it with launch/train.py first)."
+        )
+    with open(path) as f:
+        return experiment.upgrade_config(json.load(f))
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What a config builds: model, diffusion, optimizer and the abstract sharded state."""
+
+    model: Any
+    schedule: Any
+    loss: Any
+    tx: Any
+    lr_fn: Any
+    init: Any  # init(key, unbox=...) -> TrainState
+    abstract_state: Any
+    state_sharding: Any
+    train_step: Any  # train_step(state, batch) -> (state, metrics); pure, not jitted
+
+
+def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
+    """Builds everything static about a run; allocates nothing (`jax.eval_shape`)."""
+    tc = config.train
+    model = experiment.build_model(config)
+    schedule = experiment.build_schedule(config)
+    tx, lr_fn = make_optimizer(
+        learning_rate=tc.learning_rate,
+        lr_schedule=tc.lr_schedule,
+        warmup_steps=tc.warmup_steps,
+        num_steps=tc.num_steps,
+        weight_decay=tc.weight_decay,
+        b1=tc.b1,
+        b2=tc.b2,
+        eps=tc.eps,
+        grad_clip=tc.grad_clip,
+    )
+    init = functools.partial(
+        init_train_state, init_fn=experiment.make_init_fn(model, config), tx=tx
+    )
+    key = jax.random.key(config.seed)
+    boxed = jax.eval_shape(functools.partial(init, unbox=False), key)
+    loss = experiment.build_loss(config, schedule)
+    train_step = make_train_step(
+        make_loss_fn(
+            model.apply,
+            loss,
+            precondition=schedule.precondition,
+            cond_dropout=config.diffusion.cond_dropout,
+            num_classes=config.data.num_classes,
+            cond_keys=experiment.condition_keys(config),
+        ),
+        tx,
+        lr_fn,
+        ema_decay=tc.ema_decay,
+        ema_warmup=tc.ema_warmup,
+        grad_accum_steps=tc.grad_accum_steps,
+    )
+    return Components(
+        model=model,
+        schedule=schedule,
+        loss=loss,
+        train_step=train_step,
+        tx=tx,
+        lr_fn=lr_fn,
+        init=init,
+        abstract_state=jax.eval_shape(functools.partial(init, unbox=True), key),
+        state_sharding=models.param_shardings(boxed, mesh),
+    )
+
+
+def restore_target(parts: Components) -> Any:
+    """The abstract train state carrying its target shardings (what restore reshards to)."""
+    return abstract_with_shardings(parts.abstract_state, parts.state_sharding)
+
+
+def model_check(config: ml_collections.ConfigDict, workdir: str):
+    """`check(meta)` for a checkpoint's meta: refuses checkpoints of another model."""
+    return lambda meta: check_same_model(meta.get("model", {}), config, workdir)
+
+
+def load_state(
+    config: ml_collections.ConfigDict, workdir: str, mesh, step: int | None = None
+) -> tuple[TrainState, int, Components]:
+    """Restores the train state of `workdir` (latest good step, or `step`).
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint (names the fix).
+      WorkdirMismatchError: the checkpoints belong to a different model.
+    """
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        if not ckpt.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint in {ckpt_dir}. Train first: "
+                f"python launch/train.py --config=... --workdir={workdir}"
+            )
+        parts = build_components(config, mesh)
+        check = model_check(config, workdir)
+        if step is None:
+            state, step = ckpt.restore_latest(restore_target(parts), check_meta=check)
+        else:
+            if step not in ckpt.all_steps():
+                raise FileNotFoundError(
+                    f"No checkpoint for step {step} in {ckpt_dir}; available: {ckpt.all_steps()}."
+                )
+            check(ckpt.read_meta(step))
+            state = ckpt.restore_step(step, restore_target(parts))
+    finally:
+        ckpt.close()
+    return state, step, parts

@@ -1,0 +1,300 @@
+"""The periodic actions of the train loop, each a small object the loop calls by step.
+
+`train_and_evaluate` (diffjax/train/loop.py) keeps the linear story; what happens every
+N steps lives here: the metric window (losses, throughput, MFU, non-finite checks), the
+profiler window, the sample grid, evaluation with best-model export, and preemption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffjax import experiment, export, images, parallel
+from diffjax.checkpoint import Checkpointer
+from diffjax.eval.evaluate import evaluate_generator, write_eval
+from diffjax.generate import Generator
+from diffjax.rundir import Components
+from diffjax.sample_fn import cycle_labels, make_sample_fn
+from diffjax.train.writers import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN/inf and the config asks to stop."""
+
+
+def every(step: int, period: int, last: int) -> bool:
+    """True on multiples of `period` (0 = never) and on the last step."""
+    return (period > 0 and step % period == 0) or step == last
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """Records SIGTERM; the loop saves a checkpoint at the next step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class MetricWindow:
+    """Collects per-step losses between log steps and writes one record per window.
+
+    Each step's metrics are read one step late (`add`), so the host never waits on the
+    step it just queued; `flush` reads the last one. A non-finite step stops the run
+    (`NonFiniteError`, after the latest checkpoint commits) or, with
+    `train.skip_nonfinite`, is counted as skipped.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        writer: MetricWriter,
+        ckpt: Checkpointer,
+        *,
+        flops_per_example: float,
+        compile_seconds: float,
+        progress,
+    ):
+        self._config, self._writer, self._ckpt, self._progress = config, writer, ckpt, progress
+        self._flops = flops_per_example
+        self._peak = parallel.peak_flops(jax.devices()[0].device_kind)
+        self._first_extra = {"compile_seconds": compile_seconds}
+        self._pending: tuple[int, dict[str, jax.Array]] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._losses: list[float | None] = []
+        self._start, self._steps = time.perf_counter(), 0
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Records the metrics of `step` (just queued); checks the previous step's."""
+        self.flush()
+        self._pending = (step, metrics)
+        self._steps += 1
+        tc = self._config.train
+        if every(step, tc.log_every_steps, tc.num_steps):
+            self.flush()
+            self._write(step, metrics)
+        self._progress.update(1)
+
+    def flush(self) -> None:
+        """Reads (and checks) the metrics of the last queued step."""
+        if self._pending is not None:
+            self._losses.append(self._check_finite(*self._pending))
+            self._pending = None
+
+    def _write(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        tc = self._config.train
+        elapsed = time.perf_counter() - self._start
+        scalars = {k: float(v) for k, v in parallel.host_value(metrics).items() if k != "finite"}
+        finite = [v for v in self._losses if v is not None]
+        scalars["loss"] = float(np.mean(finite)) if finite else float("nan")
+        if len(finite) < len(self._losses):
+            scalars["skipped_steps"] = len(self._losses) - len(finite)
+        scalars["steps_per_sec"] = self._steps / elapsed
+        scalars["img_per_sec"] = self._steps * tc.batch_size / elapsed
+        scalars["step_seconds"] = elapsed / self._steps
+        achieved = self._flops * scalars["img_per_sec"]
+        scalars["tflops_per_sec"] = achieved / 1e12
+        if self._peak:
+            scalars["mfu"] = achieved / (self._peak * jax.device_count())
+        scalars.update(self._first_extra)
+        self._first_extra = {}
+        self._writer.write(step, scalars)
+        self._progress.set_postfix(
+            loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['img_per_sec']:.0f}"
+        )
+        self._reset()
+
+    def _check_finite(self, step: int, metrics: dict[str, jax.Array]) -> float | None:
+        """The step's loss, None for a skipped non-finite step; else stops the run."""
+        metrics = parallel.host_value({"finite": metrics["finite"], "loss": metrics["loss"]})
+        loss = float(metrics["loss"])
+        if bool(metrics["finite"]):
+            return loss
+        if self._config.train.skip_nonfinite:
+            log.warning("Step %d: non-finite loss or gradients; update skipped.", step)
+            return None
+        self._ckpt.wait()
+        raise NonFiniteError(
+            f"Non-finite loss or gradients at step {step} (loss={loss}). The update was not "
+            f"applied and no NaN was saved; the latest good checkpoint is step "
+            f"{self._ckpt.latest_step()}. Lower train.learning_rate, or set "
+            "train.skip_nonfinite=True to skip such updates."
+        )
+
+
+def train_flops(config: ml_collections.ConfigDict, parts: Components) -> float:
+    """Training FLOPs per example: 3x the forward (forward + backward), from XLA's count."""
+    from diffjax.models import summary
+
+    inputs = summary.abstract_inputs(
+        parts.model,
+        batch_size=1,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
+        text_len=config.data.max_text_len,
+    )
+    return 3.0 * summary.forward_flops(parts.model, parts.abstract_state.params, inputs)
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+class Profiler:
+    """A `jax.profiler` trace of `num_steps` steps, starting 5 steps after `start`."""
+
+    def __init__(self, workdir: str, start: int, num_steps: int):
+        self._dir = os.path.join(workdir, "profile")
+        self._window = (start + 5, start + 5 + num_steps) if num_steps else None
+        self._tracing = False
+
+    def before_step(self, step: int) -> None:
+        if self._window and step == self._window[0]:
+            jax.profiler.start_trace(self._dir)
+            self._tracing = True
+
+    def after_step(self, step: int, state: Any) -> None:
+        if self._tracing and step == self._window[1]:
+            jax.block_until_ready(state)
+            self.stop()
+            log.info("Profiler trace of steps %d-%d in %s.", *self._window, self._dir)
+
+    def stop(self) -> None:
+        if self._tracing:
+            jax.profiler.stop_trace()
+            self._tracing = False
+
+
+# ---------------------------------------------------------------------------- sample grid
+
+
+def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: bool):
+    """`grid(params, step)` writes workdir/samples/step_XXXXXXXX.png from fixed noise.
+
+    Every process runs the sampler (params are global arrays); only `write` saves.
+    """
+    sample_fn = make_sample_fn(
+        parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config), jit=False
+    )
+    n = config.sample.num_images
+    key = jax.random.key(config.seed + 1)
+    rep = parallel.replicated(mesh)
+    sample = jax.jit(
+        sample_fn,
+        out_shardings=rep,
+        compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform, "sample"),
+    )
+    noise = jax.jit(
+        lambda k: jax.random.normal(k, (n, *experiment.image_shape(config)), jnp.float32),
+        out_shardings=rep,
+    )(key)
+    # Captions are tokenized on the host; every process holds the same values.
+    labels = np.asarray(cycle_labels(n, config.data.num_classes))
+    cond = jax.device_put(experiment.sampling_condition(config, labels), rep)
+
+    def grid(params, step: int) -> str | None:
+        x = parallel.host_value(sample(params, noise, cond, jax.random.fold_in(key, 1)))
+        if not write:
+            return None
+        path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+        images.save_grid(images.to_uint8(x), path, ncols=config.data.num_classes or None)
+        return path
+
+    return grid
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: bool):
+    """`evaluate(params, step)`: metrics to eval/step_X.json; the best params to best/.
+
+    The primary metric is FID when reference statistics are configured, else the digits
+    Fréchet distance; lower is better. `best/` is an export (see diffjax.export) of the
+    best EMA params so far and `eval/best.json` names its step, so the best model
+    survives checkpoint rotation.
+    """
+    sample_fn = make_sample_fn(
+        parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
+    )
+    best_path = os.path.join(workdir, "eval", "best.json")
+    best = None
+    if os.path.exists(best_path):
+        with open(best_path) as f:
+            best = json.load(f)
+
+    def evaluate(params, step: int) -> dict[str, Any]:
+        nonlocal best
+        generator = Generator(
+            config=config, params=params, sample_fn=sample_fn, mesh=mesh, step=step
+        )
+        metrics = evaluate_generator(
+            generator, num_samples=config.eval.num_samples, batch_size=config.eval.batch_size
+        )
+        key = next((k for k in ("fid", "frechet_distance") if k in metrics), None)
+        if is_main:
+            write_eval(workdir, step, metrics)
+        if key is not None and (best is None or metrics[key] < best["value"]):
+            best = {"step": int(step), "metric": key, "value": float(metrics[key])}
+            export.export_params(
+                config,
+                parts.model,
+                parts.schedule,
+                params,
+                os.path.join(workdir, "best"),
+                step=step,
+                platforms=(),
+                write=is_main,
+            )
+            if is_main:
+                with open(best_path + ".tmp", "w") as f:
+                    json.dump(best, f)
+                os.replace(best_path + ".tmp", best_path)
+                log.info(
+                    "Step %d: new best %s = %.4g (exported to best/).", step, key, best["value"]
+                )
+        return metrics
+
+    return evaluate
