@@ -33,8 +33,8 @@ from diffjax import experiment, parallel
 from diffjax.diffusion import samplers
 from diffjax.models import layers
 from diffjax.models.summary import model_summary
-from diffjax.sample_fn import cycle_labels, make_sample_fn
 from diffjax.rundir import build_components
+from diffjax.sample_fn import cycle_labels, make_sample_fn
 from diffjax.train.step import make_loss_fn, make_train_step
 
 SAMPLER = "dpmpp_2m"

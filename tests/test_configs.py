@@ -88,6 +88,7 @@ def _config(schedule: str, **diffusion) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize("schedule", sorted(SCHEDULE_OVERRIDES))
 def test_each_schedule_field_reaches_the_schedule(schedule):
     """Every field of a schedule changes what that schedule computes (none is dropped)."""
+
     def observe(sched):
         t = np.linspace(0.1, 0.9, 5) * sched.t_max
         x = np.linspace(-1.0, 1.0, 5).reshape(5, 1).astype(np.float32)

@@ -12,6 +12,7 @@ import optax
 
 from diffjax.train.state import TrainState, ema_decay_at
 
+
 def drop_conditioning(
     batch: dict[str, jax.Array], key: jax.Array, *, p: float, num_classes: int
 ) -> dict[str, jax.Array]:
