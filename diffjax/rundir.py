@@ -9,9 +9,12 @@ check it, so none of them imports another's module.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import json
+import logging
 import os
+import socket
 from typing import Any
 
 import jax
@@ -22,21 +25,127 @@ from diffjax.checkpoint import Checkpointer, abstract_with_shardings
 from diffjax.train.state import TrainState, make_optimizer
 from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
 
+log = logging.getLogger(__name__)
 
-class WorkdirMismatchError(ValueError):
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used: not a directory, not writable, or in use."""
+
+
+class WorkdirMismatchError(WorkdirError):
     """The workdir holds checkpoints of a different model."""
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
-    """Creates the workdir, refuses one made by another model, writes config.json."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+class WorkdirLock:
+    """One trainer per workdir: an advisory lock on `workdir/.lock` (pid and host inside).
+
+    The operating system drops the lock when its holder dies, so a lock left by a killed
+    run is taken over (with a message naming it); a live holder makes the second trainer
+    fail at once, naming it. Only process 0 of a multi-process run takes it.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.path = os.path.join(workdir, ".lock")
+        self._workdir, self._enabled, self._file = workdir, enabled, None
+
+    def __enter__(self) -> WorkdirLock:
+        if not self._enabled:
+            return self
+        _make_dir(self._workdir)
+        f = open(self.path, "a+")  # noqa: SIM115 - held open (and locked) while training
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise WorkdirError(
+                f"{self._workdir} is in use by another trainer ({holder}). Wait for it to "
+                "finish or stop it, or train into another --workdir."
+            ) from None
+        f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            log.warning(
+                "Taking over the lock of %s left by a process that ended (%s).",
+                self._workdir,
+                previous,
+            )
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.close()  # Closing releases the lock.
+            self._file = None
+
+
+def _make_dir(path: str) -> None:
+    """Creates `path` (and parents), with errors that name the path and the fix."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"{path} is a file, not a directory. Pass a directory as --workdir.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(
+            f"Cannot create {path}: {e.strerror}. Pass a writable --workdir."
+        ) from None
+
+
+def _check_writable(directory: str) -> None:
+    """A probe write, so an unwritable checkpoint directory fails now, not at the first save."""
+    _make_dir(directory)
+    probe = os.path.join(directory, f".probe-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(
+            f"{directory} is not writable ({e.strerror}); checkpoints could not be saved. "
+            "Fix its permissions or pass another --workdir."
+        ) from None
+
+
+def saved_fingerprint(workdir: str) -> dict[str, Any] | None:
+    """The model fingerprint in the newest readable checkpoint's metadata (None: none).
+
+    The checkpoint, not config.json, identifies the model a run trained: a missing or
+    edited config.json cannot make a run look like another model.
+    """
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
-    if has_checkpoints and os.path.exists(path):
-        check_same_model(
-            experiment.model_fingerprint(load_workdir_config(workdir)), config, workdir
-        )
+    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+        return None
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        for step in reversed(ckpt.all_steps()):
+            try:
+                return ckpt.read_meta(step).get("model", {})
+            except Exception as e:  # noqa: BLE001 - a corrupt step; an older one may do
+                log.warning("Could not read the metadata of step %d in %s: %s", step, ckpt_dir, e)
+        return None
+    finally:
+        ckpt.close()
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
+    """Creates the workdir, refuses one made by another model, writes config.json.
+
+    Raises:
+      WorkdirError: the workdir is a file or not writable.
+      WorkdirMismatchError: its checkpoints are of another model (nothing is changed).
+    """
+    _check_writable(os.path.join(workdir, "checkpoints"))
+    path = os.path.join(workdir, "config.json")
+    saved = saved_fingerprint(workdir)
+    if saved is not None:
+        check_same_model(saved, config, workdir)
     if is_main:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -157,13 +266,13 @@ def load_state(
       WorkdirMismatchError: the checkpoints belong to a different model.
     """
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if saved_fingerprint(workdir) is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {ckpt_dir}. Train first: "
+            f"python launch/train.py --config=... --workdir={workdir}"
+        )
     ckpt = Checkpointer(ckpt_dir)
     try:
-        if not ckpt.all_steps():
-            raise FileNotFoundError(
-                f"No checkpoint in {ckpt_dir}. Train first: "
-                f"python launch/train.py --config=... --workdir={workdir}"
-            )
         parts = build_components(config, mesh)
         check = model_check(config, workdir)
         if step is None:

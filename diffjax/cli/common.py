@@ -7,6 +7,7 @@ Each command is a module of this package with a `main(argv)` and an `entry()`;
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import flags
@@ -52,17 +53,22 @@ def workdir_config(workdir: str, flag):
     return config
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns a bad `--config.x.y=v` into a message, not a traceback.
-
-    Pass as `app.run(main, flags_parser=parse_flags)`.
-    """
+def parse_flags(argv: list[str], command_module: str | None = None) -> list[str]:
+    """absl flag parsing with one-line errors (a bad `--config.x.y=v` is named) and a
+    `--help` that lists the command's own flags and exits 0."""
+    if "--help" in argv[1:] or "-h" in argv[1:] or "--helpshort" in argv[1:]:
+        module = sys.modules[command_module] if command_module else sys.modules["__main__"]
+        sys.stdout.write((module.__doc__ or "").strip() + "\n\nFlags:\n")
+        for name in (module.__name__, __name__):  # the command's flags, then --config
+            text = flags.FLAGS.module_help(name)
+            sys.stdout.write(text + "\n" if text else "")
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         detail = _explain_override(argv, bad) or str(e)
-        sys.stderr.write(f"error: {detail}\n")
+        sys.stderr.write(f"error: {detail} (--help lists the flags)\n")
         sys.exit(2)
 
 
@@ -97,18 +103,28 @@ def _explain_override(argv: list[str], overrides: list[str]) -> str | None:
 
 def load_config(flag):
     """The parsed config, or an error naming what is wrong with it."""
+    arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
+    path = arg.split(":", 1)[0]
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Config file {path} does not exist (from --config={arg}); configs/ holds the "
+            "shipped ones, e.g. --config=configs/digits.py."
+        )
     config = flag.value
     if config is None:
-        raise flags.ValidationError("--config is required, e.g. --config=configs/digits.py")
+        raise ValueError(
+            "--config is required, e.g. --config=configs/digits.py (--help lists the flags)."
+        )
     return config
 
 
 def run(main) -> None:
     """`app.run(main)` with clean flag errors, and user errors printed without a traceback.
 
-    Errors that name the problem and its fix (missing files, a workdir of another model,
-    corrupt checkpoints, bad values, a non-finite loss) exit 1 with that message; set
-    DIFFJAX_TRACEBACK=1 to see the traceback too.
+    Errors that name the problem and its fix (missing files, an unusable workdir, a
+    workdir of another model, corrupt checkpoints, bad values, a non-finite loss) exit 1
+    with that one line; a second Ctrl-C exits 130. Set DIFFJAX_TRACEBACK=1 to see the
+    traceback too.
     """
     import os
 
@@ -120,7 +136,12 @@ def run(main) -> None:
 
         try:
             return main(argv)
-        except (FileNotFoundError, ValueError, CheckpointError, NonFiniteError) as e:
+        except KeyboardInterrupt:
+            if os.environ.get("DIFFJAX_TRACEBACK"):
+                raise
+            sys.stderr.write("Interrupted; checkpoints already saved are intact.\n")
+            sys.exit(130)
+        except (OSError, ValueError, CheckpointError, NonFiniteError, flags.Error) as e:
             if os.environ.get("DIFFJAX_TRACEBACK"):
                 raise
             sys.stderr.write(f"error: {e}\n")
@@ -129,7 +150,7 @@ def run(main) -> None:
     # absl prints the __main__ module's docstring as the usage text; the command's own
     # docstring (in this package) is the one that documents it.
     sys.modules["__main__"].__doc__ = sys.modules[main.__module__].__doc__
-    app.run(wrapped, flags_parser=parse_flags)
+    app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, main.__module__))
 
 
 def enable_compilation_cache() -> None:

@@ -7,7 +7,7 @@ Writes FILE.npz with `images` (uint8 [N, H, W, C]) and `labels` (int [N]; class-
 conditional models cycle 0..K-1 unless --labels is given) and a PNG grid beside it.
 """
 
-from absl import app, flags
+from absl import flags
 
 from diffjax.cli.common import run, setup_logging
 
@@ -33,12 +33,16 @@ def main(argv):
     del argv
     setup_logging()
     if bool(_WORKDIR.value) == bool(_EXPORT_DIR.value):
-        raise app.UsageError("Pass exactly one of --workdir or --export_dir.")
+        raise ValueError("Pass exactly one of --workdir or --export_dir.")
     if not _OUT.value.endswith(".npz"):
-        raise app.UsageError(f"--out must end in .npz, got {_OUT.value!r}.")
+        raise ValueError(
+            f"--out must end in .npz (a PNG grid is written beside it), got {_OUT.value!r}."
+        )
+    if _NUM.value < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {_NUM.value}.")
+    labels = _parse_labels(_LABELS.value)
     from diffjax import generate
 
-    labels = [int(v) for v in _LABELS.value] if _LABELS.value else None
     overrides = dict(method=_METHOD.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value)
     if _WORKDIR.value:
         generator = generate.Generator.from_workdir(_WORKDIR.value, step=_STEP.value, **overrides)
@@ -53,6 +57,15 @@ def main(argv):
         _OUT.value, images, labels, ncols=generator.num_classes or None
     )
     print(f"Wrote {len(images)} samples to {npz} and a grid to {png}")
+
+
+def _parse_labels(values: list[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    bad = [v for v in values if not v.strip().lstrip("-").isdigit()]
+    if bad:
+        raise ValueError(f"--labels takes class indices such as --labels=3,3,7; got {bad}.")
+    return [int(v) for v in values]
 
 
 def entry() -> None:

@@ -44,31 +44,134 @@ def every(step: int, period: int, last: int) -> bool:
 
 
 class Preemption:
-    """Records SIGTERM; the loop saves a checkpoint at the next step and returns."""
+    """Records SIGTERM (preemption) and SIGINT (Ctrl-C); the loop saves and returns.
+
+    Both ask the loop to save a checkpoint at the next step boundary and stop; a save in
+    flight is always finished. A second Ctrl-C raises KeyboardInterrupt at once (no new
+    checkpoint; the loop still waits for a save already in flight before it exits).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log.warning(
+                "Ctrl-C: saving a checkpoint at the next step, then exiting "
+                "(press Ctrl-C again to stop without saving)."
+            )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def any_process(self) -> bool:
         if jax.process_count() == 1:
-            return self.requested
+            return self.requested is not None
         from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(np.array(self.requested))
+        flags = multihost_utils.process_allgather(np.array(self.requested is not None))
         return bool(np.any(flags))
+
+
+# ---------------------------------------------------------------------------- all of them
+
+
+class PeriodicActions:
+    """What the loop does around each step: metrics, profiler, checkpoints, grids, eval."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        parts: Components,
+        mesh,
+        workdir: str,
+        is_main: bool,
+        ckpt: Checkpointer,
+        writer: MetricWriter,
+        start_step: int,
+        compile_seconds: float,
+    ):
+        self._config, self._ckpt, self._workdir = config, ckpt, workdir
+        self._meta = {"model": experiment.model_fingerprint(config)}
+        self._started = time.perf_counter()
+        tc = config.train
+        self._grid = (
+            make_grid_sampler(config, parts, workdir, mesh, write=is_main)
+            if config.sample.num_images > 0
+            else None
+        )
+        self._evaluate = (
+            make_periodic_eval(config, parts, mesh, workdir, is_main)
+            if config.eval.every_steps
+            else None
+        )
+        self._progress = progress_bar(start_step, tc.num_steps, enabled=is_main)
+        self.window = MetricWindow(
+            config,
+            writer,
+            ckpt,
+            flops_per_example=train_flops(config, parts),
+            compile_seconds=compile_seconds,
+            progress=self._progress,
+        )
+        self._profiler = Profiler(workdir, start_step, tc.profile_steps)
+        self.last_grid: str | None = None
+
+    def before_step(self, step: int) -> None:
+        self._profiler.before_step(step)
+
+    def after_step(self, step: int, state, metrics: dict[str, jax.Array], data_iter) -> None:
+        tc, last = self._config.train, self._config.train.num_steps
+        self.window.add(step, metrics)
+        self._profiler.after_step(step, state)
+        if every(step, tc.checkpoint_every_steps, last):
+            self.save(step, state, data_iter)
+        if self._grid and every(step, tc.sample_every_steps, last):
+            self.last_grid = self._grid(state.ema_params, step) or self.last_grid
+        if self._evaluate and every(step, self._config.eval.every_steps, last):
+            self._evaluate(state.ema_params, step)
+
+    def save(self, step: int, state, data_iter) -> None:
+        self._ckpt.save(step, state, data_iter, meta=self._meta)
+
+    def summary(self, start_step: int, step: int, *, interrupted: str | None) -> None:
+        """Checks the last step's metrics, then logs what the run did and where it is."""
+        self.window.flush()
+        self._ckpt.wait()
+        self._progress.close()
+        how = f"resumed from step {start_step}" if start_step else "started from scratch"
+        stop = f"stopped by {interrupted} at" if interrupted else "finished at"
+        lines = [
+            f"Training {how}, {stop} step {step} of {self._config.train.num_steps} "
+            f"({step - start_step} steps in {time.perf_counter() - self._started:.0f} s).",
+            f"Last logged loss: {self.window.last_loss:.4g}."
+            if self.window.last_loss is not None
+            else "No loss logged.",
+            f"Latest checkpoint: step {self._ckpt.latest_step()} in {self._ckpt.directory}.",
+        ]
+        if self.last_grid:
+            lines.append(f"Sample grid: {self.last_grid}.")
+        if interrupted:
+            lines.append("Rerun the same command to resume.")
+        log.info(" ".join(lines))
+
+    def close(self) -> None:
+        self._profiler.stop()
+        self._progress.close()
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -98,6 +201,7 @@ class MetricWindow:
         self._peak = parallel.peak_flops(jax.devices()[0].device_kind)
         self._first_extra = {"compile_seconds": compile_seconds}
         self._pending: tuple[int, dict[str, jax.Array]] | None = None
+        self.last_loss: float | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -127,6 +231,7 @@ class MetricWindow:
         scalars = {k: float(v) for k, v in parallel.host_value(metrics).items() if k != "finite"}
         finite = [v for v in self._losses if v is not None]
         scalars["loss"] = float(np.mean(finite)) if finite else float("nan")
+        self.last_loss = scalars["loss"]
         if len(finite) < len(self._losses):
             scalars["skipped_steps"] = len(self._losses) - len(finite)
         scalars["steps_per_sec"] = self._steps / elapsed
