@@ -30,8 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model.name = "dit"
     c.model.kwargs = ml_collections.ConfigDict(preset_kwargs(f"DiT-{variant}"))
-    # One nn.scan over the blocks: XL/2 compiles several times faster, same function;
-    # the param layout differs (diffjax.models.dit.stack_block_params converts).
+    # True: the blocks as one nn.scan, the same function; XL/2's train step compiled
+    # 2.5-3.8x faster (BENCHMARKS.md, scan_layers). The params are stacked, so a run
+    # resumes only with its own layout (diffjax.models.dit.stack_block_params converts).
     c.model.kwargs.scan_layers = False
     c.model.dtype = "bfloat16"
 

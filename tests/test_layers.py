@@ -9,8 +9,10 @@ from flax.linen import partitioning as nn_partitioning
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from diffjax import parallel
 from diffjax.models import LOGICAL_AXIS_RULES, build_model, build_preset, param_shardings
 from diffjax.models import layers as L
+from diffjax.models.partitioning import partition_spec, sharding_context
 
 
 def test_sinusoidal_embedding_closed_form():
@@ -136,7 +138,10 @@ def test_remat_policy_names():
 
 
 def test_logical_axis_rules_shard_at_most_one_dim_on_fsdp():
-    assert {mesh for _, mesh in LOGICAL_AXIS_RULES} == {"fsdp", None}
+    # Params: 'fsdp' or nothing. Activations: the batch over every mesh axis.
+    assert {mesh for _, mesh in LOGICAL_AXIS_RULES} == {"fsdp", None, ("data", "fsdp")}
+    assert dict(LOGICAL_AXIS_RULES)["batch"] == parallel.BATCH_AXES
+    assert dict(LOGICAL_AXIS_RULES)["layers"] is None
     model = build_model(
         "dit", patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=3, context_dim=8
     )
@@ -186,3 +191,57 @@ def test_param_shardings_split_only_divisible_dims():
     )()
     sharded = [a for a in jax.tree.leaves(zeros) if not a.sharding.is_fully_replicated]
     assert sum(a.size for a in sharded) > 0.95 * sum(a.size for a in jax.tree.leaves(zeros))
+
+
+def test_partition_spec_takes_tuples_of_mesh_axes():
+    sizes = {"data": 4, "fsdp": 2}
+    assert partition_spec(("batch", "length", "embed"), (8, 3, 6), sizes) == P(
+        ("data", "fsdp"), None, None
+    )
+    # A batch of 4 cannot take 8 devices; 'embed' then gets 'fsdp'.
+    assert partition_spec(("batch", "length", "embed"), (4, 3, 6), sizes) == P(None, None, "fsdp")
+    assert partition_spec(("layers", "embed", "mlp"), (3, 8, 8), sizes) == P(None, None, "fsdp")
+
+
+def test_activation_constraints_bind_only_in_sharding_context():
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated devices of conftest")
+    mesh = parallel.make_mesh(4, 2)
+    x = jnp.ones((8, 4, 4, 2))
+
+    def f(x):
+        return L.constrain(x * 2, L.FEATURE_MAP_AXES) + 1
+
+    def specs():
+        # A fresh function each time: JAX's trace cache does not see the context.
+        eqns = jax.make_jaxpr(lambda x: f(x))(x).jaxpr.eqns
+        return [tuple(e.params["sharding"].spec) for e in eqns if "sharding" in e.params]
+
+    assert specs() == []
+    with sharding_context(mesh):
+        assert specs() == [(("data", "fsdp"), None, None, None)]
+        np.testing.assert_array_equal(jax.jit(lambda x: f(x))(x), 3.0)
+    assert L.ACTIVATION_MESH.get() is None and specs() == []
+
+
+def test_unet_constrains_its_stream_under_a_mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated devices of conftest")
+    mesh = parallel.make_mesh(4, 2)
+    model = build_model(
+        "unet", base_channels=8, channel_mult=(1,), num_res_blocks=1, num_groups=4,
+        attention_resolutions=(), num_classes=0,
+    )  # fmt: skip
+    x, t = jnp.ones((8, 4, 4, 1)), jnp.ones(8)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda a: rng.standard_normal(a.shape).astype(np.float32),
+        nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t)),
+    )
+    with sharding_context(mesh):
+        lowered = jax.jit(model.apply).lower(variables, x, t)
+    text = lowered.as_text()
+    # One per ResBlock: 1 down, 2 in the middle, 2 up.
+    assert text.count("sharding_constraint") + text.count("@Sharding") == 5
+    out = lowered.compile()(variables, x, t)
+    assert out.shape == (8, 4, 4, 1) and np.all(np.isfinite(out))

@@ -9,11 +9,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from diffjax.models import build_model, build_preset
-from diffjax.models.dit import patchify, unpatchify
+from diffjax import parallel
+from diffjax.models import LOGICAL_AXIS_RULES, build_model, build_preset, param_shardings
+from diffjax.models.dit import patchify, stack_block_params, unpatchify, unstack_block_params
+from diffjax.models.partitioning import sharding_context
 from diffjax.models.summary import abstract_inputs, abstract_variables, count_params, forward_flops
+from diffjax.train.state import TrainState
 
 SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
 
@@ -212,3 +217,170 @@ def test_bad_inputs_raise_clear_errors():
         _abstract(_tiny(), labels=jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="cudnn"):
         _abstract(_tiny(attention_impl="cudnn"))
+
+
+# ----------------------------------------------------------------------------- scan_layers
+
+
+def _params(model, seed, **kw):
+    # Random values everywhere (adaLN-Zero's zeros would hide a block mix-up).
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda a: (rng.standard_normal(a.shape) * 0.1).astype(np.float32),
+        nn.meta.unbox(_abstract(model, **kw)),
+    )
+
+
+SCAN = dict(depth=3, hidden_size=16, num_heads=2)
+
+
+@pytest.mark.parametrize("extra", [{}, {"context_dim": 8, "num_classes": 0}])
+def test_scan_layers_matches_unscanned_both_ways(extra):
+    cond = dict(context=jax.random.normal(jax.random.key(5), (2, 3, 8))) if extra else {}
+    if not extra:
+        cond = dict(labels=jnp.array([1, 10]))
+    plain, scanned = _tiny(**SCAN, **extra), _tiny(**SCAN, **extra, scan_layers=True)
+    p_plain, p_scan = _params(plain, 1, **cond), _params(scanned, 2, **cond)
+    stacked = stack_block_params(p_plain, SCAN["depth"])
+    assert jax.tree.structure(stacked) == jax.tree.structure(p_scan)
+    assert stacked["blocks"]["adaLN"]["kernel"].shape == (3, 16, 96)
+
+    def out(model, p):
+        return _apply(model)({"params": p}, X, T, **cond)
+
+    np.testing.assert_allclose(out(scanned, stacked), out(plain, p_plain), rtol=1e-5, atol=1e-5)
+    unstacked = unstack_block_params(p_scan)
+    np.testing.assert_allclose(out(plain, unstacked), out(scanned, p_scan), rtol=1e-5, atol=1e-5)
+    # Exact round trips.
+    jax.tree.map(np.testing.assert_array_equal, unstack_block_params(stacked), p_plain)
+    jax.tree.map(np.testing.assert_array_equal, stack_block_params(unstacked, 3), p_scan)
+
+
+def test_scan_layers_with_remat_gradients_match_unscanned():
+    kw = dict(SCAN, depth=2)
+    plain = _tiny(**kw)
+    scanned = _tiny(**kw, scan_layers=True, remat_policy="dots_saveable")
+    p = _params(plain, 3)
+    y = jnp.array([1, 10])
+
+    def grads(model, p):
+        return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, X, T, y) ** 2)))(p)
+
+    g_scan = unstack_block_params(grads(scanned, stack_block_params(p, 2)))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_scan, grads(plain, p)
+    )
+
+
+def test_scan_layers_keeps_param_count_and_flops():
+    plain, scanned = _tiny(**SCAN), _tiny(**SCAN, scan_layers=True)
+    inputs = abstract_inputs(plain, batch_size=2, image_size=8, channels=4)
+    a, b = (
+        abstract_variables(plain, inputs)["params"],
+        abstract_variables(scanned, inputs)["params"],
+    )
+    assert count_params(a) == count_params(b)
+    assert forward_flops(plain, a, inputs) == forward_flops(scanned, b, inputs)
+    # The stacked axis is named, so param shardings know it (and never split it).
+    spec = nn.get_partition_spec(b)["blocks"]["attn"]["query"]["kernel"]
+    assert tuple(spec) == ("layers", "embed", "heads", "kv")
+
+
+def test_block_param_converters_on_a_train_state():
+    # A text model: its encoder's own block0.. must stay as they are.
+    kw = dict(**SCAN, context_dim=8, text_vocab_size=20, num_classes=0)
+    ids = jnp.ones((2, 3), jnp.int32)
+    plain, scanned = _tiny(**kw), _tiny(**kw, scan_layers=True)
+    p = _params(plain, 0, context=ids)
+    tx = optax.adamw(1e-3, weight_decay=0.1, mask=lambda t: jax.tree.map(lambda a: a.ndim > 1, t))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=jax.tree.map(jnp.asarray, p),
+        ema_params=p,  # numpy leaves stay numpy
+        opt_state=tx.init(p),
+        rng=jax.random.key(0),
+    )
+    stacked = stack_block_params(state, 3)
+    want = jax.tree.structure(nn.meta.unbox(_abstract(scanned, context=ids)))
+    assert jax.tree.structure(stacked.params) == want
+    assert jax.tree.structure(stacked.ema_params) == want
+    assert isinstance(stacked.ema_params["blocks"]["mlp"]["Dense_0"]["kernel"], np.ndarray)
+    assert (
+        "block0" in stacked.params["text_encoder"]
+        and "blocks" not in stacked.params["text_encoder"]
+    )
+    mu = stacked.opt_state[0].mu
+    assert jax.tree.structure(mu) == want
+    back = unstack_block_params(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, back.params, state.params)
+    with pytest.raises(ValueError, match="missing"):
+        stack_block_params(p, 4)
+    with pytest.raises(ValueError, match="unexpected"):
+        stack_block_params(p, 2)
+    with pytest.raises(ValueError, match="no scanned DiT params"):
+        unstack_block_params(p)
+    with pytest.raises(ValueError, match="no DiT params"):
+        stack_block_params({"a": jnp.zeros(2)}, 3)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _constraint_specs(closed_jaxpr):
+    """PartitionSpecs of every sharding_constraint, sub-jaxprs (scan, remat) included."""
+    out = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "sharding_constraint":
+                out.append(tuple(eqn.params["sharding"].spec))
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        visit(sub.jaxpr)  # ClosedJaxpr
+                    elif hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(closed_jaxpr.jaxpr)
+    return out
+
+
+def test_activation_constraints_are_no_ops_without_mesh_and_rules():
+    m = _tiny(**SCAN)
+    p = _params(m, 0)
+    trace = jax.make_jaxpr(lambda p: m.apply({"params": p}, X, T))
+    assert _constraint_specs(trace(p)) == []
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # rules but no mesh
+        assert _constraint_specs(trace(p)) == []
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_forward_on_a_data_fsdp_mesh(scan):
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated devices of conftest")
+    mesh = parallel.make_mesh(4, 2)
+    m = _tiny(**SCAN, scan_layers=scan)
+    x = jax.random.normal(jax.random.key(7), (8, 8, 8, 4))
+    t = jnp.linspace(1.0, 900.0, 8)
+    y = jnp.arange(8) % 11
+    with sharding_context(mesh):  # init traces fine inside it too
+        boxed = jax.eval_shape(m.init, jax.random.key(0), x, t, y)["params"]
+    shardings = param_shardings(boxed, mesh)
+    p = jax.device_put(_params(m, 4), shardings)
+    batch = parallel.batch_sharding(mesh)
+    fwd = jax.jit(
+        lambda p, x, t, y: m.apply({"params": p}, x, t, y),
+        in_shardings=(shardings, batch, batch, batch),
+        out_shardings=batch,
+    )
+    with sharding_context(mesh):
+        specs = _constraint_specs(jax.make_jaxpr(fwd)(p, x, t, y))
+        out = fwd(p, x, t, y)
+    # Patch embedding + one per block (the scan traces its body once).
+    assert len(specs) == (2 if scan else 1 + SCAN["depth"])
+    assert set(specs) == {(("data", "fsdp"), None, None)}
+    if scan:
+        assert shardings["blocks"]["mlp"]["Dense_0"]["kernel"].spec == P(None, None, "fsdp")
+    ref = _apply(m)({"params": jax.device_get(p)}, x, t, y)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,21 @@ Patchify -> fixed 2D sin-cos positions -> adaLN-Zero blocks conditioned on
 final projection start at zero, so the network outputs exactly zero at
 initialisation. With `context_dim > 0` each block gets a (PixArt-alpha style)
 masked cross-attention to the text tokens between self-attention and the MLP.
+
+`scan_layers=True` runs the `depth` blocks as one `nn.scan` over a single block:
+XLA compiles the block once instead of `depth` times (compile time, not speed,
+is the point; BENCHMARKS.md, `scan_layers`). The params of the blocks are then
+stacked along a leading axis (logical name 'layers', never sharded) under
+`params['blocks']` instead of `params['block0']` ... `params['block{depth-1}']`;
+the network computes the same function. The layouts convert both ways with
+`stack_block_params(tree, depth)` / `unstack_block_params(tree)`, which take any
+pytree holding DiT params (params, EMA params, a whole TrainState with its optax
+moments). `scan_layers` is a model kwarg and so part of a run's model fingerprint:
+a workdir trained with one layout is refused when resumed with the other (resume
+it with the setting it was trained with). To carry a run over, restore its state
+(`diffjax.rundir.load_state` with its own config), convert it with these
+functions and save it into a new workdir whose config has the other setting;
+there is no command for that yet.
 """
 
 from __future__ import annotations
@@ -69,6 +84,108 @@ def unpatchify(x: Array, p: int, grid_h: int, grid_w: int) -> Array:
     return x.reshape(b, grid_h * p, grid_w * p, c)
 
 
+# ----------------------------------------------------------------------------- block layouts
+
+_STACKED = "blocks"  # params key of the scanned (stacked) blocks
+
+
+def _block_name(i: int) -> str:
+    return f"block{i}"
+
+
+def _is_dit_params(node: Any, key: str) -> bool:
+    # A DiT's own params mapping (not the "block{i}"s of its text encoder).
+    return hasattr(node, "keys") and "patch_embed" in node and key in node
+
+
+def _stack_one(node: Any, depth: int) -> dict[str, Any]:
+    names = [_block_name(i) for i in range(depth)]
+    missing = [n for n in names if n not in node]
+    extra = sorted(k for k in node if k.startswith("block") and k[5:].isdigit() and k not in names)
+    if missing or extra or _STACKED in node:
+        raise ValueError(
+            f"stack_block_params(depth={depth}) needs exactly the unscanned blocks "
+            f"block0..block{depth - 1}; missing {missing}, unexpected {extra}"
+            + (f", and '{_STACKED}' is already there" if _STACKED in node else "")
+            + "."
+        )
+
+    def stack(*leaves):
+        if all(isinstance(x, np.ndarray) for x in leaves):
+            return np.stack(leaves)
+        return jnp.stack(leaves)
+
+    out = {k: v for k, v in node.items() if k not in names}
+    out[_STACKED] = jax.tree.map(stack, *[node[n] for n in names])
+    return out
+
+
+def _unstack_one(node: Any) -> dict[str, Any]:
+    stacked = node[_STACKED]
+    depths = {int(x.shape[0]) for x in jax.tree.leaves(stacked)}
+    if len(depths) != 1:
+        raise ValueError(f"'{_STACKED}' leaves have different leading (layer) sizes {depths}.")
+    (depth,) = depths
+    clash = [_block_name(i) for i in range(depth) if _block_name(i) in node]
+    if clash:
+        raise ValueError(f"unstack_block_params: {clash} already present beside '{_STACKED}'.")
+    out = {k: v for k, v in node.items() if k != _STACKED}
+    for i in range(depth):
+        out[_block_name(i)] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+def stack_block_params(tree: Any, depth: int) -> Any:
+    """Unscanned -> scanned DiT layout: `block0..block{depth-1}` become `blocks`.
+
+    Every DiT params mapping inside `tree` is converted (found by its 'patch_embed'
+    key), so this works on params, EMA params, gradients, optax states (Adam's
+    moments mirror the params) and a whole `TrainState`; everything else is left as
+    it is. Leaves are stacked along a new leading axis (numpy stays numpy).
+
+    Args:
+      tree: a pytree holding unscanned DiT params ([...] leaves per block).
+      depth: the model's `depth`.
+
+    Returns:
+      The same tree with each DiT mapping's blocks stacked under 'blocks' ([depth, ...]).
+    """
+    found = []
+
+    def one(node):
+        if _is_dit_params(node, "patch_embed"):
+            found.append(True)
+            return _stack_one(node, depth)
+        return node
+
+    out = jax.tree.map(one, tree, is_leaf=lambda n: _is_dit_params(n, "patch_embed"))
+    if not found:
+        raise ValueError("stack_block_params: no DiT params (a mapping with 'patch_embed') found.")
+    return out
+
+
+def unstack_block_params(tree: Any) -> Any:
+    """Scanned -> unscanned DiT layout: the inverse of `stack_block_params`.
+
+    The depth is read from the leading axis of the stacked leaves.
+    """
+    found = []
+
+    def one(node):
+        if _is_dit_params(node, _STACKED):
+            found.append(True)
+            return _unstack_one(node)
+        return node
+
+    out = jax.tree.map(one, tree, is_leaf=lambda n: _is_dit_params(n, _STACKED))
+    if not found:
+        raise ValueError(
+            f"unstack_block_params: no scanned DiT params (a mapping with 'patch_embed' "
+            f"and '{_STACKED}') found."
+        )
+    return out
+
+
 class Mlp(nn.Module):
     """Dense -> GELU (tanh) -> Dense."""
 
@@ -130,7 +247,24 @@ class DiTBlock(nn.Module):
 
         h = modulate(norm(name="norm2")(x), shift2, scale2)
         h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
-        return x + gate2[:, None, :] * h
+        return L.constrain(x + gate2[:, None, :] * h, L.TOKEN_AXES)
+
+
+def _scan_blocks(block: nn.Module, depth: int, x: Array, c: Array, context, context_mask) -> Array:
+    """Applies `block` `depth` times as one `nn.scan`, params stacked on axis 0 ('layers')."""
+
+    def body(mdl, x, c, context, context_mask):
+        return mdl(x, c, context, context_mask), None
+
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scan(block, x, c, context, context_mask)[0]
 
 
 class FinalLayer(nn.Module):
@@ -181,6 +315,8 @@ class DiT(nn.Module):
       dtype: compute dtype string; params stay float32.
       remat_policy: per-block rematerialisation ('none', 'full', or a
         jax.checkpoint_policies name).
+      scan_layers: run the blocks as one `nn.scan` (params stacked under
+        'blocks'; see the module docstring); remat applies inside the scanned body.
     """
 
     patch_size: int = 2
@@ -201,6 +337,7 @@ class DiT(nn.Module):
     attention_impl: str = ""
     dtype: str = "float32"
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -261,6 +398,7 @@ class DiT(nn.Module):
         )(x.astype(dt))
         gh, gw = hh // p, ww // p
         x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_pos_embed_2d(d, gh, gw), dt)
+        x = L.constrain(x, L.TOKEN_AXES)
 
         c = L.TimestepEmbedding(
             d,
@@ -276,16 +414,19 @@ class DiT(nn.Module):
                 labels
             ).astype(c.dtype)
 
-        block = L.maybe_remat(DiTBlock, self.remat_policy)
-        for i in range(self.depth):
-            x = block(
-                self.num_heads,
-                self.mlp_ratio,
-                self.context_dim > 0,
-                self.attention_impl,
-                dt,
-                name=f"block{i}",
-            )(x, c, context, context_mask)
+        block = functools.partial(
+            L.maybe_remat(DiTBlock, self.remat_policy, prevent_cse=not self.scan_layers),
+            self.num_heads,
+            self.mlp_ratio,
+            self.context_dim > 0,
+            self.attention_impl,
+            dt,
+        )
+        if self.scan_layers:
+            x = _scan_blocks(block(name=_STACKED), self.depth, x, c, context, context_mask)
+        else:
+            for i in range(self.depth):
+                x = block(name=_block_name(i))(x, c, context, context_mask)
 
         x = FinalLayer(p * p * out_ch, dt, name="final")(x, c)
         return unpatchify(x, p, gh, gw).astype(jnp.float32)

@@ -14,10 +14,17 @@ Logical axis names:
   conv_out  output channels of a convolution kernel
   vocab     rows of an embedding table (classes, tokens)
   norm      scale/bias of a normalisation layer
+  layers    the stacking axis of blocks run as one `nn.scan` (DiT `scan_layers`)
+
+and of activations (sharding constraints at block boundaries, `TOKEN_AXES` and
+`FEATURE_MAP_AXES`):
+  batch     examples; split over every mesh axis, like the input batch
+  length    tokens of a sequence
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -30,11 +37,15 @@ import numpy as np
 
 Array = jax.Array
 
-# Large dims go to the 'fsdp' mesh axis, nothing else (no tensor parallelism).
+# Large param dims go to the 'fsdp' mesh axis, nothing else (no tensor parallelism).
 # Flax assigns rules in order and never maps two dims of one array to the same
 # mesh axis, so the order is the priority: the first listed name found in a
-# parameter's axes is the one sharded.
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+# parameter's axes is the one sharded. 'batch' comes first and takes both mesh axes
+# (the batch split of `diffjax.parallel.BATCH_AXES`), so an activation keeps its
+# width whole: FSDP gathers a block's weights, it never splits its activations by
+# width. No parameter has a 'batch' axis, so the rule changes no parameter's sharding.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
     ("mlp", "fsdp"),
     ("embed", "fsdp"),
     ("conv_out", "fsdp"),
@@ -43,6 +54,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("heads", None),
     ("kv", None),
     ("norm", None),
+    ("layers", None),
+    ("length", None),
+)
+
+# Logical names of the activations constrained at block boundaries (`constrain`).
+TOKEN_AXES = ("batch", "length", "embed")  # DiT token stream [B, T, D]
+FEATURE_MAP_AXES = ("batch", None, None, None)  # U-Net stream [B, H, W, C]
+
+# The mesh that activation constraints bind to, set by `partitioning.sharding_context`.
+# Not the global mesh of `jax.set_mesh`: under a global mesh with logical rules, Flax
+# (0.12.8) re-applies a DenseGeneral kernel's logical constraint to the kernel
+# flattened to 2-D (in init, and in the shape check of every apply), and the
+# attention projections here then fail to trace.
+ACTIVATION_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "diffjax_activation_mesh", default=None
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -79,7 +105,12 @@ def check_remat_policy(name: str) -> None:
         raise ValueError(f"Unknown remat_policy {name!r}; use one of {list(REMAT_POLICIES)}.")
 
 
-def maybe_remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):
+def maybe_remat(
+    module_cls: type[nn.Module],
+    policy: str,
+    static_argnums: tuple[int, ...] = (),
+    prevent_cse: bool = True,
+):
     """Wraps a block class in `nn.remat` with a named checkpoint policy.
 
     Args:
@@ -87,12 +118,29 @@ def maybe_remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[
       policy: one of `REMAT_POLICIES`; 'none' returns the class unchanged.
       static_argnums: positions of Python-valued call arguments (such as `train`),
         counting `self` as 0.
+      prevent_cse: keep XLA from merging the recomputation with the forward pass.
+        A block that is the body of a scan does not need it (the loop already keeps
+        them apart), and it costs optimisations there: pass False.
     """
     check_remat_policy(policy)
     if policy == "none":
         return module_cls
     fn = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
-    return nn.remat(module_cls, policy=fn, static_argnums=static_argnums, prevent_cse=True)
+    return nn.remat(module_cls, policy=fn, static_argnums=static_argnums, prevent_cse=prevent_cse)
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+    """Sharding constraint on an activation by logical axis names (`nn.with_logical_constraint`).
+
+    Binds inside `diffjax.models.partitioning.sharding_context(mesh)`, or wherever
+    `nn.logical_axis_rules` and a global mesh are both set; traced anywhere else it
+    is a no-op (the program is unchanged).
+
+    Args:
+      x: the activation.
+      axes: one logical name (or None) per dimension, e.g. `TOKEN_AXES`.
+    """
+    return nn.with_logical_constraint(x, tuple(axes), mesh=ACTIVATION_MESH.get())
 
 
 def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:

@@ -90,13 +90,30 @@ def _forward(model: nn.Module, train: bool = False):
     return f
 
 
+def _unscanned(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
+    """The unscanned twin of a `scan_layers` DiT and its (abstract) params; else unchanged.
+
+    XLA's cost analysis counts a loop body once, not once per iteration, so a scanned
+    model's cost is read off the same network written out block by block.
+    """
+    if not getattr(model, "scan_layers", False):
+        return model, params
+    from diffjax.models.dit import unstack_block_params
+
+    return model.clone(scan_layers=False), jax.eval_shape(
+        unstack_block_params, nn.meta.unbox(params)
+    )
+
+
 def forward_flops(model: nn.Module, params: Any, inputs: dict[str, Any]) -> float:
     """XLA's flop count of one forward pass over `inputs` (a whole batch).
 
     XLA counts a multiply-add as 2 flops, plus elementwise work. The count comes
     from the lowered, unoptimised program (no compile), so it is the same on every
-    backend.
+    backend. A DiT with `scan_layers` is counted on its unscanned twin (the same
+    arithmetic; XLA would count the scanned body once).
     """
+    model, params = _unscanned(model, params)
     f = _forward(model)
     lowered = jax.jit(f).lower(
         nn.meta.unbox(params), **inputs, rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype)

@@ -118,7 +118,7 @@ class ResBlock(nn.Module):
 
         if c_in != c_out:
             x = L.conv(c_out, 1, dtype=self.dtype, kernel_init=_INIT, name="skip")(x)
-        return x + h
+        return L.constrain(x + h, L.FEATURE_MAP_AXES)
 
 
 class AttentionBlock(nn.Module):
