@@ -129,13 +129,26 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         json.dumps(
             {
                 "model": config.model.name,
-                "model_kwargs": config.model.kwargs.to_dict(),
+                "model_kwargs": model_kwargs_without_defaults(
+                    config.model.name, config.model.kwargs.to_dict()
+                ),
                 "image_shape": list(image_shape(config)),
                 "num_classes": config.data.num_classes,
             },
             default=list,
         )
     )
+
+
+def model_kwargs_without_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` less the fields equal to the model's defaults.
+
+    A fingerprint made of these does not change when a model gains a field with a
+    default, or when a config spells out a default, so such runs still resume.
+    """
+    defaults = json.loads(json.dumps(models.model_fields(name), default=list))
+    plain = json.loads(json.dumps(kwargs, default=list))
+    return {k: v for k, v in plain.items() if k not in defaults or defaults[k] != v}
 
 
 def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:

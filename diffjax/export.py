@@ -190,7 +190,30 @@ def read_export(export_dir: str) -> tuple[dict[str, Any], ml_collections.ConfigD
             f"{str(meta.get('params_sha256'))[:12]}...): the file is corrupt or from another "
             "export. Re-export the run."
         )
-    return meta, ml_collections.ConfigDict(meta["config"])
+    config = ml_collections.ConfigDict(meta["config"])
+    _check_meta_matches_config(export_dir, meta, config)
+    return meta, config
+
+
+def _check_meta_matches_config(export_dir: str, meta: dict[str, Any], config) -> None:
+    """The summary fields of config.json must agree with the run config it carries (the
+    one readers rebuild the model from); an edited field is named, never ignored."""
+    expected = {
+        "model": {
+            "name": config.model.name,
+            "kwargs": config.model.kwargs.to_dict(),
+            "dtype": config.model.dtype,
+        },
+        "image_shape": list(experiment.image_shape(config)),
+        "num_classes": int(config.data.num_classes),
+    }
+    normal = lambda v: json.loads(json.dumps(v, sort_keys=True, default=list))  # noqa: E731
+    for key, value in expected.items():
+        if normal(meta.get(key)) != normal(value):
+            raise ExportError(
+                f"{export_dir}/config.json: '{key}' is {meta.get(key)!r} but the run config "
+                f"in the same file says {value!r}; the file was edited. Re-export the run."
+            )
 
 
 def load_params(export_dir: str, config: ml_collections.ConfigDict, model: Any) -> Any:
@@ -239,7 +262,13 @@ def load_serialized(export_dir: str, meta: dict[str, Any]) -> jax.export.Exporte
             f"The serialized sampler in {export_dir} was lowered for {info['platforms']}, not "
             f"{platform}; re-export with --platforms={platform}."
         )
-    with open(os.path.join(export_dir, info["file"]), "rb") as f:
+    path = os.path.join(export_dir, info["file"])
+    if not os.path.isfile(path):
+        raise ExportError(
+            f"{path} is missing although {export_dir}/config.json lists it; re-export the "
+            "run, or sample without --serialized."
+        )
+    with open(path, "rb") as f:
         try:
             return jax.export.deserialize(bytearray(f.read()))
         except Exception as e:  # noqa: BLE001 — flatbuffer errors have assorted types.

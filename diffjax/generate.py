@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -19,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import experiment, export, images, parallel, rundir
-from diffjax.sample_fn import cycle_labels, make_sample_fn
+from diffjax.sample_fn import make_sample_fn
 
 
 @dataclasses.dataclass
@@ -101,7 +104,7 @@ class Generator:
         )
         return cls(config=config, params=params, sample_fn=sample_fn, mesh=mesh, step=meta["step"])
 
-    def generate(
+    def batches(
         self,
         num_samples: int,
         *,
@@ -109,46 +112,55 @@ class Generator:
         labels: Sequence[int] | None = None,
         batch_size: int = 256,
         progress: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Draws `num_samples` images: (uint8 [N, H, W, C], labels int32 [N]).
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (uint8 images [n, H, W, C], labels int32 [n]) batch by batch, in order.
 
-        Labels cycle 0..K-1 for class-conditional models unless `labels` is given
-        (then it is cycled to length N). The noise of image i depends only on `seed`
-        and i's batch, so results do not depend on the device count.
+        Memory is bounded by one batch whatever `num_samples` is. Labels cycle 0..K-1
+        for class-conditional models unless `labels` is given (then it is cycled to
+        length N). The noise of image i depends only on `seed` and i's batch, so results
+        do not depend on the device count.
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
-        k = self.num_classes
-        if labels is not None and len(labels):
-            labels = np.resize(np.asarray(labels, np.int32), num_samples)
-            if k and (labels.min() < 0 or labels.max() >= k):
-                raise ValueError(
-                    f"labels must lie in [0, {k - 1}], got {sorted(set(labels.tolist()))}."
-                )
-        else:
-            labels = np.asarray(cycle_labels(num_samples, k))
+        label_at = self._label_rule(labels)
         shape = experiment.image_shape(self.config)
         ndev = self.mesh.devices.size
         batch_size = max(ndev, batch_size - batch_size % ndev)
         sharding = parallel.batch_sharding(self.mesh)
         key = jax.random.key(seed)
-        out = []
-        batches = range(0, num_samples, batch_size)
+        starts = range(0, num_samples, batch_size)
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="sample", unit="batch")
-        for b, start in enumerate(batches):
+            starts = tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True)
+        for b, start in enumerate(starts):
             n = min(batch_size, num_samples - start)
             k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
             # A fixed batch shape means one compilation; the tail is padded and dropped.
             noise = jax.random.normal(k_noise, (batch_size, *shape), jnp.float32)
-            lab = np.resize(labels[start : start + n], batch_size)
+            lab = label_at(np.arange(start, start + batch_size))
             cond = experiment.sampling_condition(self.config, lab)
             noise, cond = jax.device_put((noise, cond), sharding)
             x = self.sample_fn(self.params, noise, cond, k_sample)
-            out.append(images.to_uint8(parallel.gather(x))[:n])
-        return np.concatenate(out), labels
+            yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
+
+    def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """All of `batches(num_samples, **kwargs)` in memory: (uint8 [N, H, W, C], int32 [N])."""
+        parts = list(self.batches(num_samples, **kwargs))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _label_rule(self, labels: Sequence[int] | None):
+        """`label_at(indices) -> int32 labels` (computed per batch, never all at once)."""
+        k = self.num_classes
+        if labels is not None and len(labels):
+            given = np.asarray(labels, np.int32)
+            if k and (given.min() < 0 or given.max() >= k):
+                raise ValueError(
+                    f"labels must lie in [0, {k - 1}], got {sorted(set(given.tolist()))}."
+                )
+            return lambda idx: given[idx % len(given)]
+        # The sampling contract (`cycle_labels`): 0..K-1 repeated; all 0 when unconditional.
+        return lambda idx: (idx % max(k, 1)).astype(np.int32)
 
 
 def _with_sampling(config, method, num_steps, guidance):
@@ -163,14 +175,67 @@ def _with_sampling(config, method, num_steps, guidance):
     return config
 
 
-def save_samples(
-    path: str, imgs: np.ndarray, labels: np.ndarray, ncols: int | None = None
+def write_samples(
+    path: str,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    num_samples: int,
+    image_shape: tuple[int, int, int],
+    ncols: int | None = None,
 ) -> tuple[str, str]:
-    """Writes `images`/`labels` to `path` (.npz) and a PNG grid beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    """Streams (images, labels) batches into `path` (.npz) and writes a PNG grid beside it.
+
+    The .npz holds `images` uint8 [N, H, W, C] and `labels` int32 [N] (what `np.load`
+    reads); it is written batch by batch into an uncompressed zip, so memory stays
+    bounded by one batch, and refused at once when it would not fit on the disk. The
+    file appears (atomically) only when complete; the grid shows the first 400 images.
+    """
+    if not path.endswith(".npz"):
+        raise ValueError(f"The samples file must end in .npz, got {path!r}.")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    need = num_samples * (int(np.prod(image_shape)) + 4) + (1 << 20)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise ValueError(
+            f"{num_samples} samples of shape {tuple(image_shape)} need {need / 2**30:.1f} GiB "
+            f"in {directory}, which has {free / 2**30:.1f} GiB free; sample fewer or write "
+            "elsewhere."
+        )
     tmp = path[: -len(".npz")] + ".tmp.npz"
-    np.savez(tmp, images=imgs, labels=np.asarray(labels, np.int32))
+    try:
+        head = []
+        with (
+            tempfile.TemporaryFile(dir=directory) as labels,
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+        ):
+            with zf.open("images.npy", "w", force_zip64=True) as f:
+                header = {
+                    "descr": "|u1",
+                    "fortran_order": False,
+                    "shape": (num_samples, *image_shape),
+                }
+                np.lib.format.write_array_header_2_0(f, header)
+                written = 0
+                for imgs, labs in batches:
+                    f.write(np.ascontiguousarray(imgs, np.uint8).tobytes())
+                    written += len(imgs)
+                    labels.write(np.asarray(labs, "<i4").tobytes())
+                    if sum(len(h) for h in head) < 400:
+                        head.append(imgs[: 400 - sum(len(h) for h in head)])
+            if written != num_samples:
+                raise RuntimeError(f"wrote {written} samples, expected {num_samples}")
+            with zf.open("labels.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(
+                    f, {"descr": "<i4", "fortran_order": False, "shape": (num_samples,)}
+                )
+                labels.seek(0)
+                shutil.copyfileobj(labels, f)
+    except BaseException:
+        # An interrupted or failed write leaves no partial file behind.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
     png = path[: -len(".npz")] + ".png"
-    images.save_grid(imgs[: min(len(imgs), 400)], png, ncols=ncols)
+    images.save_grid(np.concatenate(head), png, ncols=ncols)
     return path, png

@@ -158,6 +158,13 @@ def check_same_model(
 ) -> None:
     """Raises WorkdirMismatchError naming every differing field."""
     current = experiment.model_fingerprint(config)
+    if saved.get("model") in models.MODELS:  # Fingerprints of older runs kept the defaults.
+        saved = {
+            **saved,
+            "model_kwargs": experiment.model_kwargs_without_defaults(
+                saved["model"], saved.get("model_kwargs", {})
+            ),
+        }
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(

@@ -239,11 +239,31 @@ def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
     shutil.copytree(export_dir, other)
     meta = json.load(open(os.path.join(other, "config.json")))
     meta["config"]["model"]["kwargs"]["base_channels"] = 32
+    meta["model"]["kwargs"]["base_channels"] = 32
     json.dump(meta, open(os.path.join(other, "config.json"), "w"))
     with pytest.raises(ExportError, match="does not fit the model"):
         Generator.from_export(other)
     with pytest.raises(ExportError, match="not a diffjax export"):
         Generator.from_export(str(tmp_path))
+
+    # A hand-edited summary field is named, never ignored; a deleted artifact is named.
+    edited = str(tmp_path / "edited")
+    shutil.copytree(export_dir, edited)
+    meta = json.load(open(os.path.join(edited, "config.json")))
+    meta["image_shape"] = [16, 16, 1]
+    json.dump(meta, open(os.path.join(edited, "config.json"), "w"))
+    with pytest.raises(ExportError, match="'image_shape' is .* the file was edited"):
+        Generator.from_export(edited)
+    os.remove(os.path.join(other, "sampler.jax_export"))
+    meta = json.load(open(os.path.join(export_dir, "config.json")))
+    with pytest.raises(ExportError, match="sampler.jax_export is missing"):
+        from diffjax.export import load_serialized
+
+        load_serialized(other, meta)
+
+    # An existing export is replaced only with --overwrite.
+    proc = _run("export.py", f"--workdir={reference_run}", f"--out={export_dir}", check=False)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr, proc.stderr
 
 
 def test_evaluate_with_fid_and_a_test_made_inception(reference_run, tmp_path):

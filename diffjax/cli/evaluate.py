@@ -20,10 +20,13 @@ _CONFIG = override_flag()
 def main(argv):
     del argv
     setup_logging()
-    from diffjax.eval.evaluate import evaluate_generator, write_eval
+    from diffjax import experiment
+    from diffjax.eval.evaluate import check_eval_inputs, evaluate_generator, write_eval
     from diffjax.generate import Generator
 
     config = workdir_config(_WORKDIR.value, _CONFIG)
+    experiment.check_config(config)
+    check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
     generator = Generator.from_workdir(_WORKDIR.value, step=_STEP.value, config=config)
     metrics = evaluate_generator(
         generator,
@@ -32,6 +35,8 @@ def main(argv):
         seed=_SEED.value,
     )
     path = write_eval(_WORKDIR.value, generator.step, metrics)
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    print(f"Step {generator.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
     print(f"Wrote {path}")
 
 

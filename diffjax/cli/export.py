@@ -6,6 +6,8 @@ Writes params.safetensors, config.json and sampler.jax_export (see diffjax/expor
 Sample from it with `python launch/sample.py --export_dir=exports/digits ...`.
 """
 
+import os
+
 from absl import flags
 
 from diffjax.cli.common import run, setup_logging
@@ -14,11 +16,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Export directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Serialized-sampler platforms.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export at --out.")
 
 
 def main(argv):
     del argv
     setup_logging()
+    out = _OUT.value
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; pass a directory for the export.")
+    if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
+        raise ValueError(
+            f"--out {out} already holds files; pass --overwrite to replace that export, or "
+            "choose another directory."
+        )
     from diffjax import export, parallel
     from diffjax.rundir import load_state, load_workdir_config
 

@@ -41,7 +41,7 @@ def main(argv):
     if _NUM.value < 1:
         raise ValueError(f"--num_samples must be >= 1, got {_NUM.value}.")
     labels = _parse_labels(_LABELS.value)
-    from diffjax import generate
+    from diffjax import experiment, generate
 
     overrides = dict(method=_METHOD.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value)
     if _WORKDIR.value:
@@ -50,13 +50,22 @@ def main(argv):
         generator = generate.Generator.from_export(
             _EXPORT_DIR.value, serialized=_SERIALIZED.value, **overrides
         )
-    images, labels = generator.generate(
-        _NUM.value, seed=_SEED.value, labels=labels, batch_size=_BATCH.value
+    source = _WORKDIR.value or _EXPORT_DIR.value
+    sc = generator.config.sample
+    print(
+        f"Sampling {_NUM.value} images from step {generator.step} of {source} "
+        f"({sc.method}, {sc.num_steps} steps, guidance {sc.guidance})."
     )
-    npz, png = generate.save_samples(
-        _OUT.value, images, labels, ncols=generator.num_classes or None
+    npz, png = generate.write_samples(
+        _OUT.value,
+        generator.batches(
+            _NUM.value, seed=_SEED.value, labels=labels, batch_size=_BATCH.value, progress=True
+        ),
+        _NUM.value,
+        experiment.image_shape(generator.config),
+        ncols=generator.num_classes or None,
     )
-    print(f"Wrote {len(images)} samples to {npz} and a grid to {png}")
+    print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
 
 
 def _parse_labels(values: list[str] | None) -> list[int] | None:

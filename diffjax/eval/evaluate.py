@@ -21,6 +21,7 @@ def evaluate_generator(
         classifier's feature space), `reference_stats` + `inception_weights` (FID).
     """
     config = generator.config
+    check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
     start = time.perf_counter()
     images, labels = generator.generate(
         num_samples, seed=seed, batch_size=batch_size, progress=True
@@ -53,6 +54,31 @@ def evaluate_generator(
     return metrics
 
 
+def check_eval_inputs(reference_stats: str, inception_weights: str) -> None:
+    """Loads the FID inputs once before any sampling, so a bad path fails in seconds.
+
+    Raises:
+      FileNotFoundError / ValueError naming the file and the fix.
+    """
+    if not reference_stats:
+        return
+    if not inception_weights:
+        raise ValueError(
+            "eval.reference_stats is set but eval.inception_weights is empty; convert the "
+            "pytorch-fid weights with launch/convert_inception.py and set it."
+        )
+    from diffjax.eval import inception
+    from diffjax.eval.stats import load_statistics
+
+    load_statistics(reference_stats)
+    if not os.path.isfile(inception_weights):
+        raise FileNotFoundError(
+            f"eval.inception_weights {inception_weights!r} does not exist; convert the "
+            "pytorch-fid weights with launch/convert_inception.py."
+        )
+    inception.load_params(inception_weights)
+
+
 def fid_metrics(
     images: np.ndarray, reference_stats: str, inception_weights: str, *, batch_size: int = 200
 ) -> dict[str, float]:
@@ -63,11 +89,7 @@ def fid_metrics(
     """
     from diffjax.eval import fid
 
-    if not inception_weights:
-        raise ValueError(
-            "eval.reference_stats is set but eval.inception_weights is empty; convert the "
-            "pytorch-fid weights with launch/convert_inception.py and set it."
-        )
+    check_eval_inputs(reference_stats, inception_weights)
     return {
         "fid": fid.fid_from_images(
             images, reference_stats, inception_weights, batch_size, method="eigh"
@@ -76,12 +98,26 @@ def fid_metrics(
 
 
 def write_eval(workdir: str, step: int, metrics: dict[str, Any]) -> str:
-    """Writes workdir/eval/step_XXXXXXXX.json atomically; returns its path."""
+    """Writes workdir/eval/step_XXXXXXXX.json atomically; returns its path.
+
+    The file's top level holds the newest metrics; an evaluation of the same step made
+    earlier (another sampler, seed or sample count) is kept under `earlier`, newest last.
+    """
     directory = os.path.join(workdir, "eval")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"step_{int(step):08d}.json")
+    record = dict(metrics)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if isinstance(previous, dict):
+            earlier = previous.pop("earlier", [])
+            record["earlier"] = [*earlier, previous]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+        json.dump(record, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
     return path

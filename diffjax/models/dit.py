@@ -86,7 +86,7 @@ def unpatchify(x: Array, p: int, grid_h: int, grid_w: int) -> Array:
 
 # ----------------------------------------------------------------------------- block layouts
 
-_STACKED = "blocks"  # params key of the scanned (stacked) blocks
+STACKED_KEY = "blocks"  # params key of the scanned (stacked) blocks
 
 
 def _block_name(i: int) -> str:
@@ -102,11 +102,11 @@ def _stack_one(node: Any, depth: int) -> dict[str, Any]:
     names = [_block_name(i) for i in range(depth)]
     missing = [n for n in names if n not in node]
     extra = sorted(k for k in node if k.startswith("block") and k[5:].isdigit() and k not in names)
-    if missing or extra or _STACKED in node:
+    if missing or extra or STACKED_KEY in node:
         raise ValueError(
             f"stack_block_params(depth={depth}) needs exactly the unscanned blocks "
             f"block0..block{depth - 1}; missing {missing}, unexpected {extra}"
-            + (f", and '{_STACKED}' is already there" if _STACKED in node else "")
+            + (f", and '{STACKED_KEY}' is already there" if STACKED_KEY in node else "")
             + "."
         )
 
@@ -116,20 +116,20 @@ def _stack_one(node: Any, depth: int) -> dict[str, Any]:
         return jnp.stack(leaves)
 
     out = {k: v for k, v in node.items() if k not in names}
-    out[_STACKED] = jax.tree.map(stack, *[node[n] for n in names])
+    out[STACKED_KEY] = jax.tree.map(stack, *[node[n] for n in names])
     return out
 
 
 def _unstack_one(node: Any) -> dict[str, Any]:
-    stacked = node[_STACKED]
+    stacked = node[STACKED_KEY]
     depths = {int(x.shape[0]) for x in jax.tree.leaves(stacked)}
     if len(depths) != 1:
-        raise ValueError(f"'{_STACKED}' leaves have different leading (layer) sizes {depths}.")
+        raise ValueError(f"'{STACKED_KEY}' leaves have different leading (layer) sizes {depths}.")
     (depth,) = depths
     clash = [_block_name(i) for i in range(depth) if _block_name(i) in node]
     if clash:
-        raise ValueError(f"unstack_block_params: {clash} already present beside '{_STACKED}'.")
-    out = {k: v for k, v in node.items() if k != _STACKED}
+        raise ValueError(f"unstack_block_params: {clash} already present beside '{STACKED_KEY}'.")
+    out = {k: v for k, v in node.items() if k != STACKED_KEY}
     for i in range(depth):
         out[_block_name(i)] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return out
@@ -172,16 +172,16 @@ def unstack_block_params(tree: Any) -> Any:
     found = []
 
     def one(node):
-        if _is_dit_params(node, _STACKED):
+        if _is_dit_params(node, STACKED_KEY):
             found.append(True)
             return _unstack_one(node)
         return node
 
-    out = jax.tree.map(one, tree, is_leaf=lambda n: _is_dit_params(n, _STACKED))
+    out = jax.tree.map(one, tree, is_leaf=lambda n: _is_dit_params(n, STACKED_KEY))
     if not found:
         raise ValueError(
             f"unstack_block_params: no scanned DiT params (a mapping with 'patch_embed' "
-            f"and '{_STACKED}') found."
+            f"and '{STACKED_KEY}') found."
         )
     return out
 
@@ -423,7 +423,7 @@ class DiT(nn.Module):
             dt,
         )
         if self.scan_layers:
-            x = _scan_blocks(block(name=_STACKED), self.depth, x, c, context, context_mask)
+            x = _scan_blocks(block(name=STACKED_KEY), self.depth, x, c, context, context_mask)
         else:
             for i in range(self.depth):
                 x = block(name=_block_name(i))(x, c, context, context_mask)

@@ -20,6 +20,8 @@ import ml_collections
 from diffjax import data as data_lib
 from diffjax import experiment, parallel, rundir
 from diffjax.checkpoint import Checkpointer
+from diffjax.eval.evaluate import check_eval_inputs
+from diffjax.models.partitioning import sharding_context
 from diffjax.train import hooks
 from diffjax.train.state import TrainState
 from diffjax.train.writers import MetricWriter
@@ -39,6 +41,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     # -- setup: checks before any work, one trainer per workdir, Ctrl-C/SIGTERM handling
     experiment.check_config(config)
+    if config.eval.every_steps:
+        check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
     workdir, tc = os.path.abspath(workdir), config.train
     is_main = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
@@ -118,15 +122,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _compile_step(parts: rundir.Components, state: TrainState, batch, mesh):
-    """The train step compiled ahead of time, with explicit shardings and donated state."""
-    return (
-        jax.jit(
-            parts.train_step,
-            in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh)),
-            out_shardings=(parts.state_sharding, parallel.replicated(mesh)),
-            donate_argnums=0,
-            compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
+    """The train step compiled ahead of time, with explicit shardings and donated state.
+
+    Traced under the mesh's activation-sharding context, so the models' constraints at
+    block boundaries (`models.layers.constrain`) pin the batch to the data axes.
+    """
+    with sharding_context(mesh):
+        return (
+            jax.jit(
+                parts.train_step,
+                in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh)),
+                out_shardings=(parts.state_sharding, parallel.replicated(mesh)),
+                donate_argnums=0,
+                compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
+            )
+            .lower(state, batch)
+            .compile()
         )
-        .lower(state, batch)
-        .compile()
-    )

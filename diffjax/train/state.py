@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffjax.models.dit import STACKED_KEY
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -58,8 +60,16 @@ def learning_rate_schedule(
 
 
 def _decay_mask(params: Any) -> Any:
-    # Biases, norm scales and embeddings of rank <= 1 are not decayed (standard AdamW use).
-    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+    """Biases and norm scales (rank <= 1 per layer) are not decayed (standard AdamW use).
+
+    Params of scanned blocks carry a leading stacked-layers axis, which does not count.
+    """
+
+    def decayed(path, p) -> bool:
+        stacked = any(getattr(k, "key", None) == STACKED_KEY for k in path)
+        return jnp.ndim(p) - int(stacked) > 1
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(
