@@ -112,3 +112,34 @@ def test_optimizer_warmup_and_decay_mask():
     params2 = optax.apply_updates(params, updates)
     assert float(params2["k"][0, 0]) < 1.0
     assert float(params2["b"][0]) == 1.0
+
+
+def test_weight_decay_skips_biases_also_when_blocks_are_stacked():
+    """A scanned DiT stacks its blocks on a leading axis: a stacked bias [depth, C] is still a
+    bias (not decayed), a stacked kernel [depth, C, D] still a kernel (decayed)."""
+    from diffjax.models.dit import STACKED_KEY
+    from diffjax.train.state import make_optimizer
+
+    tx, _ = make_optimizer(
+        learning_rate=0.1,
+        lr_schedule="constant",
+        warmup_steps=0,
+        num_steps=10,
+        weight_decay=0.5,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip=0.0,
+    )
+    ones = jnp.ones
+    params = {
+        STACKED_KEY: {"bias": ones((3, 4)), "kernel": ones((3, 4, 5))},
+        "head": {"bias": ones((4,)), "kernel": ones((4, 5))},
+    }
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    assert moved == {
+        STACKED_KEY: {"bias": False, "kernel": True},
+        "head": {"bias": False, "kernel": True},
+    }

@@ -6,10 +6,13 @@ each costs about the start-up of the command.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import ml_collections
+import numpy as np
 import pytest
 
 from diffjax import rundir
@@ -105,3 +108,72 @@ def test_unwritable_checkpoint_directory_fails_at_once(tmp_path):
     (tmp_path / "checkpoints").write_text("not a directory")
     with pytest.raises(rundir.WorkdirError, match="checkpoints is a file"):
         rundir.prepare_workdir(None, str(tmp_path), True)
+
+
+def test_evaluate_checks_fid_inputs_before_sampling(tmp_path):
+    (tmp_path / "config.json").write_text(get_base_config().to_json())
+    proc = _run(
+        "evaluate.py",
+        f"--workdir={tmp_path}",
+        "--config.eval.reference_stats=/nonexistent/ref.npz",
+        "--config.eval.inception_weights=/nonexistent/inception.safetensors",
+    )
+    _one_line_error(proc, "/nonexistent/ref.npz", "not found")
+
+
+def test_export_refuses_a_file_or_an_existing_export(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    _one_line_error(_run("export.py", f"--workdir={tmp_path}", f"--out={afile}"), "is a file")
+    existing = tmp_path / "export"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    proc = _run("export.py", f"--workdir={tmp_path}", f"--out={existing}")
+    _one_line_error(proc, "--overwrite")
+    assert afile.read_text() == "mine" and (existing / "config.json").read_text() == "{}"
+
+
+def test_repeated_evaluation_of_a_step_keeps_the_earlier_one(tmp_path):
+    from diffjax.eval.evaluate import write_eval
+
+    write_eval(str(tmp_path), 7, {"step": 7, "fid": 3.0})
+    path = write_eval(str(tmp_path), 7, {"step": 7, "fid": 2.0})
+    with open(path) as f:
+        record = json.load(f)
+    assert record["fid"] == 2.0 and [e["fid"] for e in record["earlier"]] == [3.0]
+
+
+def test_streamed_samples_file_is_an_ordinary_npz(tmp_path):
+    from diffjax.generate import write_samples
+
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8), np.arange(n, dtype=np.int32) % 3)
+        for n in (5, 5, 2)
+    ]
+    npz, png = write_samples(str(tmp_path / "s.npz"), iter(batches), 12, (4, 4, 1), ncols=3)
+    with np.load(npz) as data:
+        np.testing.assert_array_equal(data["images"], np.concatenate([b[0] for b in batches]))
+        np.testing.assert_array_equal(data["labels"], np.concatenate([b[1] for b in batches]))
+    assert os.path.exists(png) and sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]
+    with pytest.raises(ValueError, match="GiB free"):
+        write_samples(str(tmp_path / "big.npz"), iter([]), 10**13, (64, 64, 3))
+    with pytest.raises(RuntimeError, match="wrote 5 samples, expected 12"):
+        write_samples(str(tmp_path / "short.npz"), iter(batches[:1]), 12, (4, 4, 1))
+    assert not [n for n in os.listdir(tmp_path) if "short" in n]  # no partial file left
+
+
+def test_model_fingerprint_ignores_defaults():
+    config = get_base_config()
+    config.model.kwargs = ml_collections.ConfigDict({"base_channels": 8})
+    spelled = get_base_config()
+    defaults = rundir.models.model_fields("unet")
+    spelled.model.kwargs = ml_collections.ConfigDict(
+        {"base_channels": 8, "num_res_blocks": defaults["num_res_blocks"]}
+    )
+    fingerprint = rundir.experiment.model_fingerprint(spelled)
+    assert fingerprint == rundir.experiment.model_fingerprint(config)
+    old = dict(fingerprint, model_kwargs=spelled.model.kwargs.to_dict())  # an older run's
+    rundir.check_same_model(old, config, "/run")
+    with pytest.raises(rundir.WorkdirMismatchError, match="base_channels"):
+        rundir.check_same_model(dict(old, model_kwargs={"base_channels": 16}), config, "/run")
