@@ -264,8 +264,11 @@ def test_folder_layout_errors(tmp_path):
         data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)
     _save(tmp_path / "k1" / "a.png", np.zeros((4, 4, 3), np.uint8))
     _save(tmp_path / "k2" / "a.png", np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(ValueError, match="data.num_classes=2"):
-        data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3, num_classes=1)
+    for wrong in (1, 10):  # more folders than classes, and classes with no folder
+        with pytest.raises(ValueError, match="has 2 class folders .* set data.num_classes=2"):
+            data.make_source(
+                "folder", data_dir=str(tmp_path), image_size=4, channels=3, num_classes=wrong
+            )
     _save(tmp_path / "loose.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="loose.png"):
         data.make_source("folder", data_dir=str(tmp_path), image_size=4, channels=3)

@@ -291,9 +291,9 @@ def make_folder_source(
 ) -> FolderSource:
     """`data.source='folder'`: builds a `FolderSource` from `config.data` fields.
 
-    Raises if the folder has more classes than `num_classes` (their labels would
-    collide with the null class), or none while `num_classes > 0` (a class-conditional
-    model would silently see only the null class).
+    Raises if the folder's class count differs from `num_classes` (more would collide
+    with the null class; fewer leave classes the model never sees), or it has none while
+    `num_classes > 0` (a class-conditional model would silently see only the null class).
     """
     del unused
     if not data_dir:
@@ -312,9 +312,9 @@ def make_folder_source(
             "images are unlabelled; set data.num_classes=0 (unconditional or caption-"
             "conditioned), or sort the images into one sub-folder per class."
         )
-    if num_classes > 0 and k > num_classes:
+    if num_classes > 0 and k != num_classes:
         raise ValueError(
             f"{src._root} has {k} class folders but data.num_classes={num_classes}; set "
-            f"data.num_classes={k} (and the model's num_classes)."
+            f"data.num_classes={k} and model.kwargs.num_classes={k} (one class per folder)."
         )
     return src
