@@ -87,7 +87,7 @@ def build_loss(config: ml_collections.ConfigDict, schedule) -> Callable:
         weighting=f.loss_weighting,
         min_snr_gamma=f.min_snr_gamma,
         sigma_data=f.sigma_data,
-        learned_sigma=bool(config.model.kwargs.get("learn_sigma", False)),
+        learn_sigma=bool(config.model.kwargs.get("learn_sigma", False)),
     )
 
 

@@ -36,9 +36,9 @@ def test_beta_variance_gives_the_closed_form_kl(setup):
     np.testing.assert_allclose(vb, expected, rtol=1e-3, atol=1e-8)
 
 
-def test_learned_sigma_loss_trains_only_v_through_the_bound(setup):
+def test_learn_sigma_loss_trains_only_v_through_the_bound(setup):
     sched, *_ = setup
-    loss = losses.make_loss(sched, learned_sigma=True)
+    loss = losses.make_loss(sched, learn_sigma=True)
     x0 = jnp.zeros((8, 2, 2, 1))
 
     def total(out_scale, v_scale):
@@ -58,4 +58,4 @@ def test_learned_sigma_loss_trains_only_v_through_the_bound(setup):
     g_plain = jax.grad(lambda s: plain(lambda x, t: s * x, x0, jax.random.key(0))[0].mean())(0.7)
     np.testing.assert_allclose(g_mean, g_plain, rtol=1e-5)
     with pytest.raises(ValueError, match="discrete VP"):
-        losses.make_loss(schedules.flow(), learned_sigma=True)
+        losses.make_loss(schedules.flow(), learn_sigma=True)

@@ -126,7 +126,7 @@ def make_loss(
     weighting: str = "eps_mse",
     min_snr_gamma: float = 5.0,
     sigma_data: float = 0.5,
-    learned_sigma: bool = False,
+    learn_sigma: bool = False,
     vlb_weight: float = 1.0,
 ) -> Callable[..., tuple[Array, dict[str, Array]]]:
     """Builds the denoising loss for `schedule`.
@@ -138,10 +138,11 @@ def make_loss(
       weighting: `eps_mse` | `snr` | `min_snr` | `edm` | `uniform` (module docstring).
       min_snr_gamma: gamma of `min_snr` (> 0).
       sigma_data: data standard deviation for `edm` (> 0); must match an EDM schedule's.
-      learned_sigma: the network outputs 2C channels, the prediction and a variance
+      learn_sigma: the network outputs 2C channels, the prediction and a variance
         interpolation `v` (Nichol & Dhariwal 2021); the loss adds `vlb_weight` times the
         variational bound term (`vlb_term`), which trains only `v`. Discrete VP with
-        epsilon prediction only, as in ADM and DiT.
+        epsilon prediction only, as in ADM and DiT. Same name as the models' field
+        (`model.kwargs.learn_sigma`).
       vlb_weight: weight of the bound (1.0 = DiT's `mse + vb` for 1000 steps).
 
     Returns:
@@ -165,10 +166,10 @@ def make_loss(
             f"sigma_data={sigma_data} differs from the EDM schedule's {schedule.sigma_data}; "
             "pass the same value to both"
         )
-    if learned_sigma and prediction != "epsilon":
-        raise ValueError(f"learned_sigma needs prediction='epsilon', got {prediction!r}")
+    if learn_sigma and prediction != "epsilon":
+        raise ValueError(f"learn_sigma needs prediction='epsilon', got {prediction!r}")
     with jax.ensure_compile_time_eval():  # make_loss may be called inside a jit trace
-        vlb = make_vlb_term(schedule) if learned_sigma else None
+        vlb = make_vlb_term(schedule) if learn_sigma else None
         reaches_snr0 = bool(schedule.alpha_sigma(jnp.float32(schedule.t_max))[0] == 0)
     if reaches_snr0 and prediction == "epsilon" and weighting in ("uniform", "edm"):
         raise ValueError(
@@ -191,7 +192,7 @@ def make_loss(
         if vlb is not None:
             if pred.shape[-1] != 2 * x0.shape[-1]:
                 raise ValueError(
-                    f"learned_sigma expects {2 * x0.shape[-1]} output channels, got {pred.shape}"
+                    f"learn_sigma expects {2 * x0.shape[-1]} output channels, got {pred.shape}"
                 )
             pred, v = jnp.split(pred, 2, axis=-1)
             vb = vlb(x0, x_t, t, jax.lax.stop_gradient(pred), v)
@@ -256,7 +257,7 @@ def make_vlb_term(schedule: Schedule) -> Callable[..., Array]:
     Pass `eps_pred` through `stop_gradient` so the bound trains only the variance.
     """
     if not schedule.is_discrete:
-        raise ValueError(f"learned_sigma needs a discrete VP schedule, got {schedule.name!r}")
+        raise ValueError(f"learn_sigma needs a discrete VP schedule, got {schedule.name!r}")
     abar = discrete_alphas_cumprod(schedule)
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     betas = 1.0 - abar / abar_prev
