@@ -104,6 +104,7 @@ class PeriodicActions:
         writer: MetricWriter,
         start_step: int,
         compile_seconds: float,
+        window_losses: list[float | None] = (),
     ):
         self._config, self._ckpt, self._workdir = config, ckpt, workdir
         self._meta = {"model": experiment.model_fingerprint(config)}
@@ -128,6 +129,7 @@ class PeriodicActions:
             compile_seconds=compile_seconds,
             progress=self._progress,
         )
+        self.window.losses.extend(window_losses)
         self._profiler = Profiler(workdir, start_step, tc.profile_steps)
         self.last_grid: str | None = None
 
@@ -146,7 +148,11 @@ class PeriodicActions:
             self._evaluate(state.ema_params, step)
 
     def save(self, step: int, state, data_iter) -> None:
-        self._ckpt.save(step, state, data_iter, meta=self._meta)
+        # The losses of the metric window so far travel with the checkpoint, so a run
+        # resumed from any step logs the same window means as an uninterrupted one.
+        self.window.flush()
+        meta = {**self._meta, "window_losses": list(self.window.losses)}
+        self._ckpt.save(step, state, data_iter, meta=meta)
 
     def summary(self, start_step: int, step: int, *, interrupted: str | None) -> None:
         """Checks the last step's metrics, then logs what the run did and where it is."""
@@ -205,7 +211,7 @@ class MetricWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self._losses: list[float | None] = []
+        self.losses: list[float | None] = []  # per step since the last log (None: skipped)
         self._start, self._steps = time.perf_counter(), 0
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
@@ -222,18 +228,18 @@ class MetricWindow:
     def flush(self) -> None:
         """Reads (and checks) the metrics of the last queued step."""
         if self._pending is not None:
-            self._losses.append(self._check_finite(*self._pending))
+            self.losses.append(self._check_finite(*self._pending))
             self._pending = None
 
     def _write(self, step: int, metrics: dict[str, jax.Array]) -> None:
         tc = self._config.train
         elapsed = time.perf_counter() - self._start
         scalars = {k: float(v) for k, v in parallel.host_value(metrics).items() if k != "finite"}
-        finite = [v for v in self._losses if v is not None]
+        finite = [v for v in self.losses if v is not None]
         scalars["loss"] = float(np.mean(finite)) if finite else float("nan")
         self.last_loss = scalars["loss"]
-        if len(finite) < len(self._losses):
-            scalars["skipped_steps"] = len(self._losses) - len(finite)
+        if len(finite) < len(self.losses):
+            scalars["skipped_steps"] = len(self.losses) - len(finite)
         scalars["steps_per_sec"] = self._steps / elapsed
         scalars["img_per_sec"] = self._steps * tc.batch_size / elapsed
         scalars["step_seconds"] = elapsed / self._steps

@@ -76,8 +76,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         restored = ckpt.restore_latest(
             rundir.restore_target(parts), data_iter, check_meta=rundir.model_check(config, workdir)
         )
+        window_losses = []
         if restored is not None:
             state, start_step = restored
+            window_losses = ckpt.read_meta(start_step).get("window_losses", [])
             log.info("Resumed from step %d of %s.", start_step, ckpt_dir)
         else:
             init = functools.partial(parts.init, unbox=True)
@@ -95,7 +97,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
         # -- periodic actions
         acts = hooks.PeriodicActions(
-            config, parts, mesh, workdir, is_main, ckpt, writer, start_step, compile_seconds
+            config,
+            parts,
+            mesh,
+            workdir,
+            is_main,
+            ckpt,
+            writer,
+            start_step,
+            compile_seconds,
+            window_losses=window_losses,
         )
         stack.callback(acts.close)
 
