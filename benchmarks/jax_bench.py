@@ -4,7 +4,7 @@ Everything is built the way `diffjax.train.loop.train_and_evaluate` builds it:
 `build_components(config, mesh)`, `make_loss_fn` + `make_train_step`, one
 `jax.jit(..., donate_argnums=0)` with the library's `parallel.compiler_options`,
 compiled ahead of time, and the sampler of
-`diffjax.sampling.make_sample_fn` (one `lax.scan`). Batches are synthetic arrays
+`diffjax.sample_fn.make_sample_fn` (one `lax.scan`). Batches are synthetic arrays
 of the config's shapes, already on the device, so data loading is not timed
 (except in the prefetch experiment, which is about exactly that).
 """

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from configs.cifar10_ddpm import get_config
-from diffjax.train.loop import train_and_evaluate
+from diffjax.train import train_and_evaluate
 from tests.test_data_sources import DiffjaxTestImages
 
 

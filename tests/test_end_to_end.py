@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -15,14 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "--config=configs/digits.py:quick"
 
 
-# One compilation cache for every subprocess of this module: the first run compiles,
-# the rest (resume, sample, evaluate) load the executables.
-_CACHE = tempfile.mkdtemp(prefix="diffjax-xla-")
-
-
 def _env(devices=1):
+    # JAX_COMPILATION_CACHE_DIR comes from conftest: the first run compiles, the rest
+    # (resume, sample, evaluate) load the executables.
     env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
@@ -301,7 +296,7 @@ def test_evaluate_with_fid_and_a_test_made_inception(reference_run, tmp_path):
 def test_periodic_evaluation_tracks_the_best_params(tmp_path):
     from configs.digits import get_config
     from diffjax.generate import Generator
-    from diffjax.train.loop import train_and_evaluate
+    from diffjax.train import train_and_evaluate
 
     config = get_config("quick")
     config.eval.every_steps = 4

@@ -11,7 +11,7 @@ Modules, lowest first (each imports only modules above it in this list, plus
   * this package: `make_source`, the one entry that picks a source by name.
 
 Records are dicts of numpy arrays: `image`, and where the source has them `labels`,
-`context`, `context_mask` (docs/internals.md).
+`context`, `context_mask` (docs/architecture.md).
 """
 
 from diffjax.data.captions import make_digits_text_source

@@ -145,7 +145,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     # The digits U-Net with its own trainable word-level text encoder: `context`
-    # is WordTokenizer ids [B, L] (diffjax.models.text), captions like "a handwritten seven".
+    # is WordTokenizer ids [B, L] (diffjax.text), captions like "a handwritten seven".
     "unet_digits_text": (
         "unet",
         dict(
