@@ -177,3 +177,12 @@ def test_model_fingerprint_ignores_defaults():
     rundir.check_same_model(old, config, "/run")
     with pytest.raises(rundir.WorkdirMismatchError, match="base_channels"):
         rundir.check_same_model(dict(old, model_kwargs={"base_channels": 16}), config, "/run")
+
+
+def test_console_scripts_run_the_same_commands():
+    """`pip install` puts diffjax-train & co. beside the interpreter; they are the commands."""
+    script = os.path.join(os.path.dirname(sys.executable), "diffjax-train")
+    if not os.path.exists(script):
+        pytest.skip("diffjax is not installed in this environment (pip install -e .)")
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--workdir" in proc.stdout and "--config" in proc.stdout
