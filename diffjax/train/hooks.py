@@ -106,7 +106,7 @@ class PeriodicActions:
         compile_seconds: float,
         window_losses: list[float | None] = (),
     ):
-        self._config, self._ckpt, self._workdir = config, ckpt, workdir
+        self._config, self._ckpt = config, ckpt
         self._meta = {"model": experiment.model_fingerprint(config)}
         self._started = time.perf_counter()
         tc = config.train
