@@ -9,11 +9,15 @@ distance between the two halves of the real set is reported beside it.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import numpy as np
 
 from diffjax.data.sources import load_digits_arrays
 from diffjax.eval.frechet import frechet_distance
+
+log = logging.getLogger(__name__)
 
 
 def _pixels(images_uint8: np.ndarray) -> np.ndarray:
@@ -31,7 +35,10 @@ class DigitsClassifier:
         self._mlp = MLPClassifier(
             hidden_layer_sizes=(128,), alpha=1e-3, max_iter=600, random_state=seed, tol=1e-5
         )
+        log.info("Fitting the digits classifier (an MLP on %d real digits)...", len(labels))
+        start = time.perf_counter()
         self._mlp.fit(_pixels(images_uint8), labels)
+        log.info("Digits classifier fitted in %.1f s.", time.perf_counter() - start)
 
     def predict(self, images_uint8: np.ndarray) -> np.ndarray:
         return self._mlp.predict(_pixels(images_uint8))
