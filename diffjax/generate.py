@@ -218,10 +218,10 @@ def write_samples(
                 written = 0
                 for imgs, labs in batches:
                     f.write(np.ascontiguousarray(imgs, np.uint8).tobytes())
-                    written += len(imgs)
                     labels.write(np.asarray(labs, "<i4").tobytes())
-                    if sum(len(h) for h in head) < 400:
-                        head.append(imgs[: 400 - sum(len(h) for h in head)])
+                    if written < 400:  # the grid shows the first 400 images
+                        head.append(imgs[: 400 - written])
+                    written += len(imgs)
             if written != num_samples:
                 raise RuntimeError(f"wrote {written} samples, expected {num_samples}")
             with zf.open("labels.npy", "w", force_zip64=True) as f:

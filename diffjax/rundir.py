@@ -113,15 +113,21 @@ def _check_writable(directory: str) -> None:
         ) from None
 
 
+def has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds step directories (a listing; opens nothing)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+
+
 def saved_fingerprint(workdir: str) -> dict[str, Any] | None:
     """The model fingerprint in the newest readable checkpoint's metadata (None: none).
 
     The checkpoint, not config.json, identifies the model a run trained: a missing or
     edited config.json cannot make a run look like another model.
     """
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    if not has_checkpoints(workdir):
         return None
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir)
     try:
         for step in reversed(ckpt.all_steps()):
@@ -273,7 +279,7 @@ def load_state(
       WorkdirMismatchError: the checkpoints belong to a different model.
     """
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if saved_fingerprint(workdir) is None:
+    if not has_checkpoints(workdir):
         raise FileNotFoundError(
             f"No checkpoint in {ckpt_dir}. Train first: "
             f"python launch/train.py --config=... --workdir={workdir}"

@@ -55,7 +55,10 @@ def evaluate_generator(
 
 
 def check_eval_inputs(reference_stats: str, inception_weights: str) -> None:
-    """Loads the FID inputs once before any sampling, so a bad path fails in seconds.
+    """Checks the FID inputs before any sampling, so a bad path fails in seconds.
+
+    Loads the reference statistics and reads the Inception file's header (its tensor
+    names; the weights themselves are loaded once, by the FID computation).
 
     Raises:
       FileNotFoundError / ValueError naming the file and the fix.
@@ -67,7 +70,8 @@ def check_eval_inputs(reference_stats: str, inception_weights: str) -> None:
             "eval.reference_stats is set but eval.inception_weights is empty; convert the "
             "pytorch-fid weights with launch/convert_inception.py and set it."
         )
-    from diffjax.eval import inception
+    from safetensors import SafetensorError, safe_open
+
     from diffjax.eval.stats import load_statistics
 
     load_statistics(reference_stats)
@@ -76,7 +80,16 @@ def check_eval_inputs(reference_stats: str, inception_weights: str) -> None:
             f"eval.inception_weights {inception_weights!r} does not exist; convert the "
             "pytorch-fid weights with launch/convert_inception.py."
         )
-    inception.load_params(inception_weights)
+    try:
+        with safe_open(inception_weights, "np") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{inception_weights!r} is not a readable safetensors file: {e}") from e
+    if not any(n.startswith("params/") for n in names):
+        raise ValueError(
+            f"{inception_weights!r} holds no converted Inception weights; convert pytorch-fid's "
+            "weights with launch/convert_inception.py."
+        )
 
 
 def fid_metrics(
@@ -89,7 +102,6 @@ def fid_metrics(
     """
     from diffjax.eval import fid
 
-    check_eval_inputs(reference_stats, inception_weights)
     return {
         "fid": fid.fid_from_images(
             images, reference_stats, inception_weights, batch_size, method="eigh"
