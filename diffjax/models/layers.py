@@ -251,23 +251,36 @@ def make_norm(kind: str, channels: int, *, dtype: Any, num_groups: int = 32, nam
 # ----------------------------------------------------------------------------- time embeddings
 
 
-def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+def sinusoidal_embedding(
+    t: Array,
+    dim: int,
+    max_period: float = 10000.0,
+    *,
+    freq_shift: float = 0.0,
+    flip_sin_to_cos: bool = True,
+) -> Array:
     """Transformer sinusoidal features of a scalar per example (ADM/DiT convention).
 
     Args:
       t: [B] float (already multiplied by the model's `time_scale`).
       dim: output width (even).
-      max_period: the lowest frequency is 1/max_period.
+      max_period: the lowest frequency is about 1/max_period.
+      freq_shift: f_i = max_period^(-i/(dim/2 - freq_shift)); 0 in ADM/DiT/Stable
+        Diffusion, 1 in diffusers' DiT (`downscale_freq_shift`).
+      flip_sin_to_cos: `[cos, sin]` (True, ADM/DiT/SD) or `[sin, cos]` (False).
 
     Returns:
-      [B, dim] float32, `[cos(t f_i), sin(t f_i)]` with f_i = max_period^(-i/(dim/2)).
+      [B, dim] float32, `[cos(t f_i), sin(t f_i)]` (or `[sin, cos]`).
     """
     if dim % 2:
         raise ValueError(f"sinusoidal_embedding needs an even dim, got {dim}.")
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(
+        -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    )
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    return jnp.concatenate(parts, axis=-1)
 
 
 @functools.lru_cache(maxsize=32)
