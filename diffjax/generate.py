@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import experiment, export, images, parallel, rundir
-from diffjax.sample_fn import make_sample_fn
+from diffjax.sample_fn import check_noise, make_sample_fn
 
 
 @dataclasses.dataclass
@@ -112,18 +112,21 @@ class Generator:
         labels: Sequence[int] | None = None,
         batch_size: int = 256,
         progress: bool = False,
+        noise: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, C], labels int32 [n]) batch by batch, in order.
 
         Memory is bounded by one batch whatever `num_samples` is. Labels cycle 0..K-1
         for class-conditional models unless `labels` is given (then it is cycled to
         length N). The noise of image i depends only on `seed` and i's batch, so results
-        do not depend on the device count.
+        do not depend on the device count. `noise` (float [N, H, W, C], standard normal)
+        replaces the draw from `seed`, e.g. to reproduce a run of another framework.
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         label_at = self._label_rule(labels)
         shape = experiment.image_shape(self.config)
+        noise_given = check_noise(noise, num_samples, shape)
         ndev = self.mesh.devices.size
         batch_size = max(ndev, batch_size - batch_size % ndev)
         sharding = parallel.batch_sharding(self.mesh)
@@ -138,6 +141,8 @@ class Generator:
             k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
             # A fixed batch shape means one compilation; the tail is padded and dropped.
             noise = jax.random.normal(k_noise, (batch_size, *shape), jnp.float32)
+            if noise_given is not None:
+                noise = jnp.concatenate([jnp.asarray(noise_given[start : start + n]), noise[n:]])
             lab = label_at(np.arange(start, start + batch_size))
             cond = experiment.sampling_condition(self.config, lab)
             noise, cond = jax.device_put((noise, cond), sharding)

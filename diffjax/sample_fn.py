@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax import parallel
 from diffjax.diffusion import guidance as guidance_lib
@@ -40,8 +41,8 @@ def make_sample_fn(
     num_classes: int = 0,
     jit: bool = True,
     **sampler_kwargs: Any,
-) -> Callable[[Any, jax.Array, dict[str, jax.Array], jax.Array], jax.Array]:
-    """Builds `sample_fn(params, noise, cond, key) -> images`, jitted once per shape.
+) -> Callable[..., jax.Array]:
+    """Builds `sample_fn(params, noise, cond, key, null_cond=None) -> images`, jitted once per shape.
 
     Args:
       apply_fn: the Flax module's `apply`.
@@ -55,11 +56,14 @@ def make_sample_fn(
       **sampler_kwargs: passed to `samplers.sample` (eta, clip_x0, ...).
 
     `cond` holds the model's conditioning keywords (`labels`, or `context` and
-    `context_mask`), batched like `noise`; `{}` for unconditional models. Images come
+    `context_mask`), batched like `noise`; `{}` for unconditional models. `null_cond`
+    (same keys) is guidance's unconditional branch; None derives it from `cond` (the
+    null class, an all-False caption mask), a pretrained text model passes the encoding
+    of its negative prompt. Images come
     back in model space ([-1, 1] for pixels), float32.
     """
 
-    def sample_fn(params, noise, cond, key):
+    def sample_fn(params, noise, cond, key, null_cond=None):
         channels = noise.shape[-1]
 
         def net_fn(x, t, c):
@@ -74,7 +78,7 @@ def make_sample_fn(
             model_fn = guidance_lib.classifier_free(
                 cond_model_fn,
                 cond,
-                null_condition(cond, num_classes),
+                null_condition(cond, num_classes) if null_cond is None else null_cond,
                 guidance,
                 rescale=guidance_rescale,
                 schedule=schedule,
@@ -103,3 +107,21 @@ def make_sample_fn(
 def cycle_labels(n: int, num_classes: int) -> jnp.ndarray:
     """Labels 0..K-1 repeated to length n (the sampling contract of launch/sample.py)."""
     return jnp.arange(n, dtype=jnp.int32) % max(num_classes, 1)
+
+
+def check_noise(
+    noise: np.ndarray | None, num_samples: int, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """Validates user-given initial noise: float [num_samples, *shape] (NHWC)."""
+    if noise is None:
+        return None
+    noise = np.asarray(noise)
+    want = (num_samples, *shape)
+    if noise.shape != want:
+        raise ValueError(
+            f"--noise must hold float32 [N, h, w, c] = {list(want)} (NHWC; latent shape for "
+            f"latent models, before any init_noise_sigma scaling), got {list(noise.shape)}."
+        )
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise ValueError(f"--noise must be floating point, got {noise.dtype}.")
+    return noise.astype(np.float32)

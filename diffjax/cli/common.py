@@ -41,7 +41,11 @@ def workdir_config(workdir: str, flag):
     """The run's config.json with every `--config.*` given on the command line applied."""
     from diffjax.rundir import load_workdir_config
 
-    config = load_workdir_config(workdir)
+    return apply_overrides(load_workdir_config(workdir), flag)
+
+
+def apply_overrides(config, flag):
+    """`config` with every `--config.a.b=v` given on the command line set in it."""
     for arg in sys.argv[1:]:
         if not arg.startswith("--config."):
             continue

@@ -1,0 +1,438 @@
+"""A diffusers pipeline directory -> Flax components and a sampler that reproduces it.
+
+    pipe = load_pipeline("stable-diffusion-v1-5")       # model_index.json, unet/, vae/, ...
+    gen = PretrainedGenerator(pipe, num_steps=20, guidance=7.5)
+    images, _ = gen.generate(4, prompts=["a photo of a cat"], seed=0)   # uint8 [4, H, W, 3]
+
+Supported pipelines (`model_index.json` `_class_name`):
+  * `StableDiffusionPipeline` (SD 1.x/2.x): `unet/` (UNet2DConditionModel), `vae/`,
+    `text_encoder/` (CLIPTextModel), `tokenizer/` (CLIP BPE), `scheduler/`;
+  * `DiTPipeline`: `transformer/` (DiTTransformer2DModel, into diffjax's `dit`), `vae/`,
+    `scheduler/`; class labels, the null class is `num_classes`;
+  * `DDIMPipeline` / `DDPMPipeline`: `unet/` (UNet2DModel, into diffjax's `unet`) and
+    `scheduler/`: what `export.py --format=diffusers` writes for pixel models.
+
+The scheduler's config picks the schedule, the prediction, the sampler and its exact
+step grid (`diffjax.pretrained.scheduler`); `method` overrides the sampler. Guidance is
+diffusers' `uncond + w * (cond - uncond)`, where the unconditional branch of a text
+model is the encoding of the negative prompt (`""` by default), as in diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffjax import images, parallel
+from diffjax.config import get_base_config
+from diffjax.diffusion import schedules
+from diffjax.models import autoencoder_kl, clip_text, registry, sd_unet
+from diffjax.pretrained import convert, diffusers_dit, diffusers_unet2d, safetensors_io
+from diffjax.pretrained import scheduler as scheduler_lib
+from diffjax.sample_fn import check_noise, make_sample_fn
+from diffjax.text.clip_bpe import CLIPTokenizer
+
+TEXT_PIPELINES = ("StableDiffusionPipeline",)
+CLASS_PIPELINES = ("DiTPipeline",)
+PIXEL_PIPELINES = ("DDIMPipeline", "DDPMPipeline")
+PIPELINES = TEXT_PIPELINES + CLASS_PIPELINES + PIXEL_PIPELINES
+
+
+@dataclasses.dataclass
+class Component:
+    """A Flax module with its params (and its diffusers/HF config)."""
+
+    module: Any
+    params: Any
+    config: dict
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """The loaded parts of a pipeline directory."""
+
+    path: str
+    class_name: str
+    denoiser: Component
+    scheduler: scheduler_lib.SchedulerSpec
+    scheduler_config: dict
+    vae: Component | None = None
+    text_encoder: Component | None = None
+    tokenizer: CLIPTokenizer | None = None
+    num_classes: int = 0
+
+    @property
+    def kind(self) -> str:
+        """'text', 'label' or '' (unconditional)."""
+        if self.text_encoder is not None:
+            return "text"
+        return "label" if self.num_classes else ""
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.get("in_channels", 4))
+
+    def default_size(self) -> int:
+        """The output resolution the denoiser was trained at (pixels)."""
+        size = self.denoiser.config.get("sample_size", 64)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_scale
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_model_index(path: str) -> dict:
+    """`model_index.json` of a pipeline directory, with a clear error."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"--pretrained={path} is not a directory; point it at a downloaded diffusers "
+            "pipeline (the folder holding model_index.json)."
+        )
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(
+            f"{path} has no model_index.json: it is not a diffusers pipeline directory "
+            "(e.g. `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+            "--local-dir DIR` gives one)."
+        )
+    return safetensors_io.read_config(path, "model_index.json")
+
+
+def _component_dir(path: str, index: dict, name: str) -> str:
+    entry = index.get(name)
+    if not entry or entry[0] is None:
+        raise ValueError(f"{path}/model_index.json names no {name!r} component.")
+    directory = os.path.join(path, name)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is missing (model_index.json lists {name!r}).")
+    return directory
+
+
+def _abstract(module, *args, **kwargs):
+    return jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)[
+        "params"
+    ]
+
+
+def load_vae(directory: str, dtype: str = "float32") -> Component:
+    """A diffusers `AutoencoderKL` directory (`vae/`)."""
+    cfg = safetensors_io.read_config(directory)
+    module = autoencoder_kl.from_diffusers_config(cfg, dtype=dtype)
+    size = 8 * 2 ** (len(cfg["block_out_channels"]) - 1)
+    x = jax.ShapeDtypeStruct((1, size, size, int(cfg.get("in_channels", 3))), jnp.float32)
+    tensors = autoencoder_kl.fix_legacy_tensors(safetensors_io.read_tensors(directory))
+    params = convert.torch_to_flax(tensors, _abstract(module, x), what=f"vae ({directory})")
+    return Component(module, params, cfg)
+
+
+def load_text_encoder(directory: str, dtype: str = "float32") -> Component:
+    """A transformers `CLIPTextModel` directory (`text_encoder/`)."""
+    cfg = safetensors_io.read_config(directory)
+    module = clip_text.from_hf_config(cfg, dtype=dtype)
+    ids = jax.ShapeDtypeStruct((1, int(cfg.get("max_position_embeddings", 77))), jnp.int32)
+    params = convert.torch_to_flax(
+        safetensors_io.read_tensors(directory),
+        _abstract(module, ids),
+        what=f"text_encoder ({directory})",
+        rename=clip_text.canonical_key,
+        ignore=clip_text.ignored_key,
+    )
+    return Component(module, params, cfg)
+
+
+def load_sd_unet(directory: str, dtype: str = "float32") -> Component:
+    """A diffusers `UNet2DConditionModel` directory (`unet/`)."""
+    cfg = safetensors_io.read_config(directory)
+    module = sd_unet.from_diffusers_config(cfg, dtype=dtype)
+    levels = len(cfg["block_out_channels"])
+    size = 2 ** (levels - 1)
+    x = jax.ShapeDtypeStruct((1, size, size, int(cfg["in_channels"])), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((1, 1, int(cfg["cross_attention_dim"])), jnp.float32)
+    params = convert.torch_to_flax(
+        safetensors_io.read_tensors(directory),
+        _abstract(module, x, t, context=ctx),
+        what=f"unet ({directory})",
+    )
+    return Component(module, params, cfg)
+
+
+def _load_own(directory: str, loader: Callable, name: str, dtype: str) -> Component:
+    """diffjax's own `dit`/`unet` from a diffusers DiT / UNet2DModel directory."""
+    kwargs, params = loader(directory)
+    module = registry.build_model(name, **kwargs, dtype=dtype)
+    cfg = safetensors_io.read_config(directory)
+    return Component(module, params, {**cfg, "diffjax_model": name, "diffjax_kwargs": kwargs})
+
+
+def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32") -> Pipeline:
+    """Loads every component of a pipeline directory.
+
+    Args:
+      path: the directory holding `model_index.json`.
+      method: a diffjax sampler name overriding the scheduler's own.
+      dtype: compute dtype of the networks ('float32' | 'bfloat16'); params stay float32.
+
+    Raises:
+      FileNotFoundError / ValueError naming the missing file, the unsupported pipeline,
+      scheduler option or component, and `convert.ConversionError` naming every
+      missing, unexpected or mis-shaped tensor.
+    """
+    index = read_model_index(path)
+    name = index.get("_class_name", "")
+    if name not in PIPELINES:
+        raise ValueError(
+            f"{path}: pipeline {name!r} is not supported; diffjax loads {list(PIPELINES)}."
+        )
+    sched_dir = _component_dir(path, index, "scheduler")
+    sched_cfg = safetensors_io.read_config(sched_dir, "scheduler_config.json")
+    spec = scheduler_lib.scheduler_from_config(sched_cfg, method=method)
+    if name in TEXT_PIPELINES:
+        return Pipeline(
+            path=path,
+            class_name=name,
+            denoiser=load_sd_unet(_component_dir(path, index, "unet"), dtype),
+            scheduler=spec,
+            scheduler_config=sched_cfg,
+            vae=load_vae(_component_dir(path, index, "vae"), dtype),
+            text_encoder=load_text_encoder(_component_dir(path, index, "text_encoder"), dtype),
+            tokenizer=CLIPTokenizer.from_dir(_component_dir(path, index, "tokenizer")),
+        )
+    if name in CLASS_PIPELINES:
+        den = _load_own(
+            _component_dir(path, index, "transformer"), diffusers_dit.load_dit, "dit", dtype
+        )
+        return Pipeline(
+            path=path,
+            class_name=name,
+            denoiser=den,
+            scheduler=spec,
+            scheduler_config=sched_cfg,
+            vae=load_vae(_component_dir(path, index, "vae"), dtype),
+            num_classes=int(den.config["diffjax_kwargs"].get("num_classes", 0)),
+        )
+    den = _load_own(
+        _component_dir(path, index, "unet"), diffusers_unet2d.load_unet2d, "unet", dtype
+    )
+    return Pipeline(
+        path=path,
+        class_name=name,
+        denoiser=den,
+        scheduler=spec,
+        scheduler_config=sched_cfg,
+        num_classes=int(den.config["diffjax_kwargs"].get("num_classes", 0)),
+    )
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> jax.Array:
+    """Prompts -> the text encoder's last hidden states [B, L, D] (float32)."""
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        raise ValueError(f"{pipe.class_name} is not a text-to-image pipeline; pass labels.")
+    ids, _ = pipe.tokenizer.encode(list(prompts))
+    out = _text_apply(pipe.text_encoder.module)(pipe.text_encoder.params, jnp.asarray(ids))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _text_apply(module):
+    @jax.jit
+    def fn(params, ids):
+        return module.apply({"params": params}, ids)["last_hidden_state"].astype(jnp.float32)
+
+    return fn
+
+
+def decode_latents(pipe: Pipeline, params: Any, latents: jax.Array) -> jax.Array:
+    """Model-space latents -> images in [-1, 1] (the VAE's `1/scaling_factor + shift`)."""
+    if pipe.vae is None:
+        return latents
+    cfg = pipe.vae.config
+    z = autoencoder_kl.from_latents(
+        latents, float(cfg.get("scaling_factor", 0.18215)), float(cfg.get("shift_factor") or 0.0)
+    )
+    return pipe.vae.module.apply({"params": params}, z, method=pipe.vae.module.decode)
+
+
+def sampler_config(
+    pipe: Pipeline,
+    *,
+    num_steps: int,
+    guidance: float,
+    height: int | None = None,
+    width: int | None = None,
+) -> ml_collections.ConfigDict:
+    """The run-config view of a pretrained pipeline (what evaluation and sample.py read)."""
+    c = get_base_config()
+    size_h, size_w = height or pipe.default_size(), width or pipe.default_size()
+    if size_h != size_w:
+        raise ValueError(f"height and width must be equal for now, got {size_h}x{size_w}.")
+    c.data.image_size = size_h
+    c.data.channels = 3 if pipe.vae is not None else pipe.latent_channels
+    c.data.num_classes = pipe.num_classes
+    c.sample.method = pipe.scheduler.method
+    c.sample.num_steps = num_steps
+    c.sample.guidance = guidance
+    c.diffusion.prediction = pipe.scheduler.prediction
+    return c
+
+
+class PretrainedGenerator:
+    """A pipeline with a compiled sampler: draws uint8 images in fixed-size batches.
+
+    The interface of `diffjax.generate.Generator` (`config`, `step`, `num_classes`,
+    `batches`, `generate`), plus prompts and explicit initial noise.
+    """
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        *,
+        num_steps: int = 50,
+        guidance: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        mesh: Any = None,
+    ) -> None:
+        self.pipe = pipe
+        self.step = 0
+        self.config = sampler_config(
+            pipe, num_steps=num_steps, guidance=guidance, height=height, width=width
+        )
+        size = self.config.data.image_size
+        if size % pipe.vae_scale:
+            raise ValueError(
+                f"height/width must be multiples of {pipe.vae_scale} for this VAE, got {size}."
+            )
+        lat = size // pipe.vae_scale
+        self.latent_shape = (lat, lat, pipe.latent_channels)
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(-1, 1)
+        spec = pipe.scheduler
+        schedule = schedules.make_schedule("discrete_vp", **spec.schedule_kwargs)
+        self._sample = make_sample_fn(
+            pipe.denoiser.module.apply,
+            schedule,
+            num_classes=pipe.num_classes,
+            jit=False,
+            **spec.sampler_kwargs(num_steps, guidance),
+        )
+        vae_params = None if pipe.vae is None else pipe.vae.params
+        rep = parallel.replicated(self.mesh)
+        self.params = jax.device_put((pipe.denoiser.params, vae_params), rep)
+
+        def run(params, noise, cond, null_cond, key):
+            den, vae = params
+            x = self._sample(den, noise, cond, key, null_cond=null_cond)
+            return decode_latents(self.pipe, vae, x)
+
+        self._run = jax.jit(run)
+
+    @property
+    def num_classes(self) -> int:
+        return self.pipe.num_classes
+
+    def _conditions(
+        self, idx: np.ndarray, labels, prompts, negative_prompt: str
+    ) -> tuple[dict, dict | None, np.ndarray]:
+        kind = self.pipe.kind
+        if kind == "text":
+            if not prompts:
+                raise ValueError("A text-to-image pipeline needs --prompt (one or more).")
+            rows = [prompts[i % len(prompts)] for i in idx]
+            ctx = encode_prompts(self.pipe, rows)
+            neg = encode_prompts(self.pipe, [negative_prompt])
+            null = jnp.broadcast_to(neg, ctx.shape)
+            return {"context": ctx}, {"context": null}, np.zeros(len(idx), np.int32)
+        if prompts:
+            raise ValueError(f"{self.pipe.class_name} is not text-conditioned; drop --prompt.")
+        if kind == "label":
+            k = self.num_classes
+            if labels is not None and len(labels):
+                given = np.asarray(labels, np.int32)
+                if given.min() < 0 or given.max() >= k:
+                    raise ValueError(f"labels must lie in [0, {k - 1}], got {given.tolist()}.")
+                lab = given[idx % len(given)]
+            else:
+                lab = (idx % k).astype(np.int32)
+            return {"labels": jnp.asarray(lab)}, None, lab
+        return {}, None, np.zeros(len(idx), np.int32)
+
+    def batches(
+        self,
+        num_samples: int,
+        *,
+        seed: int = 0,
+        labels: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        negative_prompt: str = "",
+        noise: np.ndarray | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (uint8 images [n, H, W, 3], labels int32 [n]) batch by batch.
+
+        `noise` [N, h, w, c] (standard normal, latent shape) replaces the draw from
+        `seed`; prompts and labels are cycled to `num_samples`.
+        """
+        noise = check_noise(noise, num_samples, self.latent_shape)
+        ndev = self.mesh.devices.size
+        batch_size = max(ndev, batch_size - batch_size % ndev)
+        sharding = parallel.batch_sharding(self.mesh)
+        key = jax.random.key(seed)
+        starts = range(0, num_samples, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True)
+        for b, start in enumerate(starts):
+            n = min(batch_size, num_samples - start)
+            k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
+            idx = np.arange(start, start + batch_size)
+            z = jax.random.normal(k_noise, (batch_size, *self.latent_shape), jnp.float32)
+            if noise is not None:
+                given = noise[start : start + n]
+                z = jnp.concatenate([jnp.asarray(given), z[n:]])
+            cond, null, lab = self._conditions(idx, labels, prompts, negative_prompt)
+            z, cond, null = jax.device_put((z, cond, null), sharding)
+            x = self._run(self.params, z, cond, null, k_sample)
+            yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
+
+    def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """All of `batches(num_samples, **kwargs)` in memory."""
+        parts = list(self.batches(num_samples, **kwargs))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def describe(pipe: Pipeline) -> str:
+    """One line for logs: the pipeline, its denoiser and scheduler."""
+    return (
+        f"{pipe.class_name} from {pipe.path} ({pipe.kind or 'unconditional'}; scheduler "
+        f"{pipe.scheduler_config.get('_class_name', '?')} -> {pipe.scheduler.method}, "
+        f"prediction {pipe.scheduler.prediction})"
+    )
+
+
+def model_index_json(class_name: str, components: dict[str, tuple[str, str]]) -> str:
+    """A `model_index.json` text for a pipeline of `components` (name -> (lib, class))."""
+    body = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+    body.update({k: list(v) for k, v in components.items()})
+    return json.dumps(body, indent=2) + "\n"
