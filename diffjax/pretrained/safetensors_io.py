@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
@@ -110,9 +110,7 @@ def read_tensors(path: str, variant: str | None = None) -> dict[str, np.ndarray]
                     if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
                         x = x.astype(np.float32)
                     out[key] = x
-        except (OSError, ValueError) as e:
-            if "appears in two shards" in str(e):
-                raise
+        except (OSError, SafetensorError) as e:
             raise ValueError(f"cannot read {file} as safetensors: {e}") from e
     return out
 
