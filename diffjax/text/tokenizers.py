@@ -1,4 +1,5 @@
-"""Deterministic tokenizers with built-in vocabularies (no vocabulary file, nothing downloaded).
+"""Deterministic tokenizers with built-in vocabularies (no vocabulary file, nothing downloaded),
+and the registry of every tokenizer.
 
   * `WordTokenizer`: lower-cased alphanumeric words hashed (CRC-32) into a fixed
     number of buckets; "a handwritten seven" is 3 tokens.
@@ -6,6 +7,11 @@
 
 Id 0 (`PAD_ID`) is padding in both. An empty caption encodes to an all-False mask
 row: the null caption used for classifier-free guidance (caption dropout).
+
+`TOKENIZERS` also lists the tokenizers read from a pretrained directory ("clip":
+`clip_bpe.CLIPTokenizer`, "t5": `t5_spm.T5Tokenizer`); they follow transformers'
+conventions instead (their own padding id, BOS/EOS, a non-empty mask for ""), and
+`make_tokenizer` builds them with `from_dir(path, max_len)`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from diffjax.text.base import PAD_ID, check_texts, pad
+from diffjax.text.clip_bpe import CLIPTokenizer
+from diffjax.text.t5_spm import T5Tokenizer
 
 
 class WordTokenizer:
@@ -77,14 +85,47 @@ class ByteTokenizer:
         return f"ByteTokenizer(max_len={self.max_len})"
 
 
-TOKENIZERS = {"word": WordTokenizer, "byte": ByteTokenizer}
+TOKENIZERS = {
+    "word": WordTokenizer,
+    "byte": ByteTokenizer,
+    "clip": CLIPTokenizer,
+    "t5": T5Tokenizer,
+}
+# Kinds read from a pretrained tokenizer directory: built with `cls.from_dir(path, max_len)`.
+FILE_TOKENIZERS = frozenset({"clip", "t5"})
+
+AnyTokenizer = WordTokenizer | ByteTokenizer | CLIPTokenizer | T5Tokenizer
 
 
-def make_tokenizer(kind: str, max_len: int, **kwargs: Any) -> WordTokenizer | ByteTokenizer:
-    """Tokenizer by name: 'word' | 'byte'."""
+def make_tokenizer(kind: str, max_len: int | None, **kwargs: Any) -> AnyTokenizer:
+    """Tokenizer by name: 'word' | 'byte' | 'clip' | 't5'.
+
+    'clip' and 't5' need `path=` (a pretrained `tokenizer/` folder); with `max_len=None` they
+    take the folder's `model_max_length`.
+    """
     if kind not in TOKENIZERS:
         raise ValueError(f"Unknown tokenizer {kind!r}; use one of {sorted(TOKENIZERS)}.")
+    if kind in FILE_TOKENIZERS:
+        path = kwargs.pop("path", None)
+        if path is None:
+            raise ValueError(
+                f"Tokenizer {kind!r} is read from files: pass path=<pretrained tokenizer folder>."
+            )
+        if kwargs:
+            raise TypeError(
+                f"Tokenizer {kind!r} takes only path and max_len, got {sorted(kwargs)}."
+            )
+        return TOKENIZERS[kind].from_dir(path, max_len=max_len)
     return TOKENIZERS[kind](max_len, **kwargs)
 
 
-__all__ = ["PAD_ID", "TOKENIZERS", "ByteTokenizer", "WordTokenizer", "make_tokenizer"]
+__all__ = [
+    "FILE_TOKENIZERS",
+    "PAD_ID",
+    "TOKENIZERS",
+    "ByteTokenizer",
+    "CLIPTokenizer",
+    "T5Tokenizer",
+    "WordTokenizer",
+    "make_tokenizer",
+]
