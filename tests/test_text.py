@@ -47,7 +47,8 @@ def test_byte_tokenizer_roundtrip():
 
 
 def test_registry_and_shared_helpers():
-    assert TOKENIZERS == {"word": WordTokenizer, "byte": ByteTokenizer}
+    assert TOKENIZERS["word"] is WordTokenizer and TOKENIZERS["byte"] is ByteTokenizer
+    assert {"clip", "t5"} <= set(TOKENIZERS)  # read from a pretrained directory's files
     assert make_tokenizer("word", 4, num_buckets=7).vocab_size == 8
     ids, mask = pad([[5, 6, 7], [], [9]], 2)
     np.testing.assert_array_equal(ids, [[5, 6], [PAD_ID, PAD_ID], [9, PAD_ID]])

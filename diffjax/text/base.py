@@ -7,7 +7,9 @@ from typing import Protocol
 
 import numpy as np
 
-PAD_ID = 0  # token id 0 is padding in every tokenizer here
+# Token id 0 is padding in the built-in tokenizers (and T5); CLIP pads with the pad token of
+# its directory (`<|endoftext|>` in SD 1.x) and its mask marks BOS..EOS.
+PAD_ID = 0
 
 
 class Tokenizer(Protocol):
