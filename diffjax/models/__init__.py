@@ -1,4 +1,4 @@
-"""Diffusion backbones (Flax linen): U-Net, DiT, a small text encoder, and a registry.
+"""Diffusion backbones (Flax linen): U-Net, DiT, SD U-Net, a small text encoder, and a registry.
 
     model = diffjax.models.build_model(config.model.name, **config.model.kwargs,
                                        dtype=config.model.dtype,
@@ -14,6 +14,8 @@
   the rules only where a dimension divides by the mesh axis.
 * Cost: `diffjax.models.summary.model_summary` (params, forward GFLOPs per
   image, activation memory), computed abstractly.
+* Stable Diffusion: `SDUNet` ('sd_unet') mirrors diffusers' `UNet2DConditionModel`
+  (SD 1.x/2.x); `sd_unet.from_diffusers_config(cfg)` builds it from a `unet/config.json`.
 * Text: `diffjax.models.text` (`TextEncoder`); a model built with
   `text_vocab_size > 0` takes token ids as `context` (from a tokenizer in
   `diffjax.text`) and trains its own encoder.
@@ -32,6 +34,7 @@ from diffjax.models.registry import (
     preset_kwargs,
     preset_names,
 )
+from diffjax.models.sd_unet import SDUNet
 from diffjax.models.unet import UNet
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "MODELS",
     "PRESETS",
     "REMAT_POLICIES",
+    "SDUNet",
     "UNet",
     "build_model",
     "build_preset",

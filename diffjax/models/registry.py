@@ -13,9 +13,10 @@ from typing import Any
 import flax.linen as nn
 
 from diffjax.models.dit import DiT
+from diffjax.models.sd_unet import SDUNet
 from diffjax.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "sd_unet": SDUNet}
 
 
 def model_fields(name: str) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds a registered model from its keyword fields.
 
     Args:
-      name: 'unet' or 'dit' (`config.model.name`).
+      name: 'unet', 'dit' or 'sd_unet' (`config.model.name`).
       **kwargs: the module's fields (`config.model.kwargs`) plus `dtype`
         ('float32' | 'bfloat16') and `remat_policy`.
 
