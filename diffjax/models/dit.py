@@ -305,6 +305,9 @@ class DiT(nn.Module):
       time_scale: t is multiplied by this before the time embedding.
       time_embedding: 'sinusoidal' | 'fourier'.
       frequency_dim: width of the fixed time features (256 in DiT).
+      time_freq_shift: frequency shift of the sinusoidal time features (0 as in
+        DiT; 1 for weights from diffusers' `DiTTransformer2DModel`, whose
+        `Timesteps` use `downscale_freq_shift=1`; see diffjax.pretrained.diffusers_dit).
       context_dim: text embedding width (0 = no text); > 0 adds cross-attention.
       text_vocab_size: > 0 gives the model its own trainable `TextEncoder`
         (width context_dim); `context` is then int token ids [B, L] (see
@@ -330,6 +333,7 @@ class DiT(nn.Module):
     time_scale: float = 1.0
     time_embedding: str = "sinusoidal"
     frequency_dim: int = 256
+    time_freq_shift: float = 0.0
     context_dim: int = 0
     text_vocab_size: int = 0
     text_depth: int = 2
@@ -405,6 +409,7 @@ class DiT(nn.Module):
             self.frequency_dim,
             kind=self.time_embedding,
             time_scale=self.time_scale,
+            freq_shift=self.time_freq_shift,
             dtype=dt,
             kernel_init=nn.initializers.normal(0.02),
             name="time_embed",

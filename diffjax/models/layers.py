@@ -319,6 +319,8 @@ class TimestepEmbedding(nn.Module):
       frequency_dim: width of the fixed feature vector.
       kind: 'sinusoidal' | 'fourier'.
       time_scale: multiplies t before the features (e.g. 1000 for t in [0, 1]).
+      freq_shift: `sinusoidal_embedding`'s frequency shift (0 = ADM/DiT; 1 =
+        diffusers' DiT, `downscale_freq_shift=1`).
       dtype: compute dtype.
       kernel_init: init of both Dense kernels.
     """
@@ -327,6 +329,7 @@ class TimestepEmbedding(nn.Module):
     frequency_dim: int
     kind: str = "sinusoidal"
     time_scale: float = 1.0
+    freq_shift: float = 0.0
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
 
@@ -335,7 +338,7 @@ class TimestepEmbedding(nn.Module):
         """[B] float -> [B, features]."""
         t = t.astype(jnp.float32) * self.time_scale
         if self.kind == "sinusoidal":
-            e = sinusoidal_embedding(t, self.frequency_dim)
+            e = sinusoidal_embedding(t, self.frequency_dim, freq_shift=self.freq_shift)
         elif self.kind == "fourier":
             e = fourier_embedding(t, self.frequency_dim)
         else:
