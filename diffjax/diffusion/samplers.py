@@ -11,7 +11,9 @@ no division by `alpha` or `sigma` where they vanish.
 The grid has `num_steps` evaluation times `t_0 > ... > t_{K-1}` (from a placement,
 see `step_times`) followed by the clean end point (`alpha = 1`, `sigma = 0`). The last
 step of every method goes to the clean point and returns the x0 prediction at
-`t_{K-1}` (Karras et al.'s final Euler step to sigma = 0, DDIM's step to alpha_bar = 1).
+`t_{K-1}` (Karras et al.'s final Euler step to sigma = 0, DDIM's step to alpha_bar = 1),
+or, with `t_final`, lands on that time with the deterministic DDIM update (diffusers'
+DDIM with `set_alpha_to_one=False` ends at alpha_bar[0], `t_final = 0`).
 
 Zero terminal SNR (`alpha(t_0) = 0`): all updates stay finite because `exp(-h)` with
 `h = inf` is 0, so the first step is the exact limit of the first-order step. An
@@ -291,6 +293,28 @@ def _run_times(
     return ts
 
 
+def _final_point(
+    schedule: Schedule, m: Method, eta: float, ts: np.ndarray, t_final: float | None
+) -> tuple[float, float] | None:
+    """(alpha, sigma) at `t_final`, where the last step lands; None for the clean point."""
+    if t_final is None:
+        return None
+    if m.injects_noise(eta, 0.0):
+        raise ValueError(
+            f"t_final is a deterministic last step; method {m.name!r} with eta={eta} injects "
+            "noise at every step (its last step would need noise too). Use t_final=None, or "
+            "'ddim' with eta=0 or another deterministic method."
+        )
+    t_final = float(t_final)
+    if not schedule.t_min <= t_final < ts[-1]:
+        raise ValueError(
+            f"t_final={t_final} must lie in [t_min, t_last) = [{schedule.t_min}, {ts[-1]}) "
+            "(below the last evaluation time); use t_final=None for the clean point."
+        )
+    a, s = np_eval(schedule.alpha_sigma, t_final)
+    return float(a), float(s)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Solver:
     """One run's per-step arithmetic, with the model and every static option bound."""
@@ -371,11 +395,17 @@ class _Solver:
                 traj.append(ys)
         return carry[0]
 
-    def final(self, tab: _Tables, x: Array, keys: Array | None) -> Array:
-        """The last step, to the clean point: the x0 prediction at the last point."""
+    def final(
+        self, tab: _Tables, x: Array, keys: Array | None, end: tuple[float, float] | None = None
+    ) -> Array:
+        """The last step: the x0 prediction at the last point (the clean point), or,
+        with `end = (alpha, sigma)` of `t_final`, the deterministic DDIM step there."""
         e = {n: jnp.asarray(v[-1], self.dtype) for n, v in tab.ev.items()}
         x = self.apply_churn(x, e, None if keys is None else jax.random.split(keys[-1])[0])
-        return self.denoise(x, e)[0]
+        x0, eps = self.denoise(x, e)
+        if end is None:
+            return x0
+        return jnp.asarray(end[0], self.dtype) * x0 + jnp.asarray(end[1], self.dtype) * eps
 
 
 def sample(
@@ -398,6 +428,7 @@ def sample(
     dynamic_threshold: float | None = None,
     strength: float = 1.0,
     init_image: Array | None = None,
+    t_final: float | None = None,
     return_trajectory: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Draws samples by integrating from noise to data.
@@ -428,6 +459,12 @@ def sample(
         `int(num_steps * strength)` steps of the grid, starting from `init_image` noised
         to the first of them.
       init_image: [B, ...] data for `strength < 1`.
+      t_final: None (the last step goes to the clean point and returns the x0
+        prediction), or a time in `[t_min, t_last)` (`t_last` the last evaluation time)
+        where the last step lands instead, with the deterministic DDIM update
+        `alpha(t_final) x0 + sigma(t_final) eps` from the last evaluation: diffusers'
+        DDIM with `set_alpha_to_one=False` ends at `t_final = 0` (alpha_bar[0]) this way.
+        Refused for runs that inject noise of their own (`ddpm`, `eta > 0`).
       return_trajectory: also return the states [K+1, B, ...]: the start, the state at
         each later evaluation point and the final sample (K = steps run).
 
@@ -435,8 +472,9 @@ def sample(
       Samples [B, ...] float32 (and the trajectory).
 
     Raises:
-      ValueError: unknown method/placement/prediction, a missing key, bad strength, or
-        options the method does not take.
+      ValueError: unknown method/placement/prediction, a missing key, bad strength, a
+        `t_final` outside `[t_min, t_last)` or on a noise-injecting run, or options the
+        method does not take.
     """
     m = get_method(method)
     parametrizations.check_prediction(prediction)
@@ -456,6 +494,7 @@ def sample(
 
     # Initialise: the grid, its coefficient tables and the start point.
     ts = _run_times(schedule, num_steps, placement, rho, strength)
+    end = _final_point(schedule, m, eta, ts, t_final)
     tab = _build_tables(
         schedule,
         ts,
@@ -486,10 +525,10 @@ def sample(
     )
     keys = jax.random.split(key, ts.size) if stochastic else None
 
-    # Integrate, then the final step to the clean point.
+    # Integrate, then the final step to the clean point (or to t_final).
     traj = [x[None]] if return_trajectory else None
     x = solver.integrate(tab, x, keys, traj)
-    x0 = solver.final(tab, x, keys)
+    x0 = solver.final(tab, x, keys, end)
     if traj is None:
         return x0
     traj.append(x0[None])
