@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -275,3 +276,121 @@ def load_serialized(export_dir: str, meta: dict[str, Any]) -> jax.export.Exporte
             raise ExportError(
                 f"{export_dir}/{info['file']} is corrupt ({e}); re-export the run."
             ) from e
+
+
+# ----------------------------------------------------------------------------- diffusers format
+
+DIFFUSERS_MODELS = {
+    "unet": ("unet", "UNet2DModel"),
+    "dit": ("transformer", "DiTTransformer2DModel"),
+}
+
+
+def export_diffusers(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    out_dir: str,
+    *,
+    step: int,
+    method: str | None = None,
+    write: bool = True,
+) -> dict[str, Any] | None:
+    """Writes `params` as a diffusers pipeline directory that `from_pretrained` loads.
+
+    `out_dir/unet` (`UNet2DModel`, diffjax's `unet`) or `out_dir/transformer`
+    (`DiTTransformer2DModel`, diffjax's `dit`), `out_dir/scheduler/scheduler_config.json`
+    (the training schedule and the sampling grid of `method`, default the run's
+    `sample.method`, or DDIM where that sampler has no diffusers scheduler) and
+    `model_index.json`. Class-conditional models store `num_class_embeds =
+    num_classes + 1`; the last index is the null class. The directory appears only when
+    complete.
+
+    Args:
+      config: the run config.
+      params: EMA params (gathered here; every process must call).
+      out_dir: the directory to create.
+      step: the training step (recorded in `out_dir/diffjax.json`).
+      method: the diffjax sampler the scheduler config reproduces.
+      write: False on processes that only take part in the gather.
+
+    Raises:
+      ExportError: an architecture, schedule or sampler diffusers cannot express
+        exactly, with the reason.
+    """
+    from diffjax import parallel
+    from diffjax.pretrained import diffusers_dit, diffusers_unet2d, pipeline
+    from diffjax.pretrained import scheduler as scheduler_lib
+
+    name = config.model.name
+    if name not in DIFFUSERS_MODELS:
+        raise ExportError(f"--format=diffusers exports the 'unet' and 'dit' models, not {name!r}.")
+    if experiment.conditioning_kind(config) == "text":
+        raise ExportError(
+            "--format=diffusers: text-conditioned diffjax models have no diffusers "
+            "equivalent (UNet2DModel and DiTTransformer2DModel take no text); export them "
+            "with the default format."
+        )
+    if config.diffusion.schedule != "discrete_vp":
+        raise ExportError(
+            f"--format=diffusers needs a discrete_vp schedule (diffusers' schedulers are "
+            f"discrete); this run trains with {config.diffusion.schedule!r}."
+        )
+    schedule = experiment.build_schedule(config)
+    prediction = config.diffusion.prediction
+    wanted = method or config.sample.method
+    try:
+        sched_cfg = scheduler_lib.scheduler_config_for(schedule, prediction, wanted)
+        used = wanted
+    except ValueError as e:
+        if method is not None:
+            raise ExportError(f"--format=diffusers: {e}") from e
+        sched_cfg = scheduler_lib.scheduler_config_for(schedule, prediction, "ddim")
+        used = "ddim"
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32), parallel.gather(params))
+    if not write:
+        return None
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ExportError(f"{out_dir} already holds files; choose a new directory.")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    component, class_name = DIFFUSERS_MODELS[name]
+    kwargs = config.model.kwargs.to_dict()
+    try:
+        if name == "unet":
+            diffusers_unet2d.export_unet2d(
+                host, kwargs, os.path.join(tmp, component), sample_size=config.data.image_size
+            )
+        else:
+            p = int(kwargs.get("patch_size", 2))
+            diffusers_dit.export_dit(
+                host, kwargs, os.path.join(tmp, component), sample_size=config.data.image_size // p
+            )
+    except ValueError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"--format=diffusers: {e}") from e
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched_cfg, f, indent=2, sort_keys=True)
+    pipeline_class = "DiTPipeline" if name == "dit" else "DDIMPipeline"
+    components = {
+        component: ("diffusers", class_name),
+        "scheduler": ("diffusers", sched_cfg["_class_name"]),
+    }
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+        f.write(pipeline.model_index_json(pipeline_class, components))
+    meta = {
+        "diffjax_version": diffjax.__version__,
+        "step": int(step),
+        "format": "diffusers",
+        "scheduler_method": used,
+        "num_classes": int(config.data.num_classes),
+        "null_class": int(config.data.num_classes) if config.data.num_classes else None,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    with open(os.path.join(tmp, "diffjax.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=list)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked above)
+    os.replace(tmp, out_dir)
+    return meta

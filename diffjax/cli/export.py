@@ -1,9 +1,13 @@
 """Exports a run's EMA params for sampling elsewhere.
 
     python launch/export.py --workdir=runs/digits --out=exports/digits [--step=N]
+    python launch/export.py --workdir=runs/digits --out=exports/digits-diffusers --format=diffusers
 
-Writes params.safetensors, config.json and sampler.jax_export (see diffjax/export.py).
-Sample from it with `python launch/sample.py --export_dir=exports/digits ...`.
+The default format writes params.safetensors, config.json and sampler.jax_export (see
+diffjax/export.py); sample from it with `python launch/sample.py --export_dir=DIR`.
+`--format=diffusers` writes a directory diffusers loads with `from_pretrained`
+(`unet/` UNet2DModel or `transformer/` DiTTransformer2DModel, `scheduler/`,
+`model_index.json`); sample from it with `python launch/sample.py --pretrained=DIR`.
 """
 
 import os
@@ -17,6 +21,15 @@ _OUT = flags.DEFINE_string("out", None, "Export directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Serialized-sampler platforms.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export at --out.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "diffjax", ["diffjax", "diffusers"], "diffjax export, or a diffusers directory."
+)
+_METHOD = flags.DEFINE_string(
+    "method",
+    None,
+    "--format=diffusers: the sampler the scheduler config reproduces (default: the run's "
+    "sample.method, or ddim where it has no diffusers scheduler).",
+)
 
 
 def main(argv):
@@ -36,6 +49,21 @@ def main(argv):
     config = load_workdir_config(_WORKDIR.value)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     state, step, parts = load_state(config, _WORKDIR.value, mesh, _STEP.value)
+    if _FORMAT.value == "diffusers":
+        if _OVERWRITE.value and os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)
+        meta = export.export_diffusers(
+            config, state.ema_params, out, step=step, method=_METHOD.value
+        )
+        print(
+            f"Exported step {step} of {_WORKDIR.value} to {out} in diffusers format "
+            f"(scheduler reproduces diffjax's {meta['scheduler_method']!r} sampler)."
+        )
+        return
+    if _METHOD.value:
+        raise ValueError("--method applies to --format=diffusers only.")
     meta = export.export_params(
         config,
         parts.model,

@@ -126,9 +126,12 @@ def _component_dir(path: str, index: dict, name: str) -> str:
 
 
 def _abstract(module, *args, **kwargs):
-    return jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)[
-        "params"
-    ]
+    """The params tree of `module.init(key, *args, **kwargs)` as shapes (no compute)."""
+
+    def init(key, args, kwargs):
+        return module.init(key, *args, **kwargs)["params"]
+
+    return jax.eval_shape(init, jax.random.key(0), args, kwargs)
 
 
 def load_vae(directory: str, dtype: str = "float32") -> Component:
@@ -225,7 +228,10 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
             denoiser=den,
             scheduler=spec,
             scheduler_config=sched_cfg,
-            vae=load_vae(_component_dir(path, index, "vae"), dtype),
+            # A pixel-space DiT exported by diffjax has no VAE.
+            vae=load_vae(_component_dir(path, index, "vae"), dtype)
+            if (index.get("vae") or [None])[0]
+            else None,
             num_classes=int(den.config["diffjax_kwargs"].get("num_classes", 0)),
         )
     den = _load_own(
@@ -335,13 +341,16 @@ class PretrainedGenerator:
             jit=False,
             **spec.sampler_kwargs(num_steps, guidance),
         )
+        # diffusers starts from `noise * init_noise_sigma`; diffjax's samplers from
+        # `sigma(t_0) * noise`: this factor makes a given noise start where diffusers does.
+        scale = spec.noise_scale(num_steps)
         vae_params = None if pipe.vae is None else pipe.vae.params
         rep = parallel.replicated(self.mesh)
         self.params = jax.device_put((pipe.denoiser.params, vae_params), rep)
 
         def run(params, noise, cond, null_cond, key):
             den, vae = params
-            x = self._sample(den, noise, cond, key, null_cond=null_cond)
+            x = self._sample(den, noise * scale, cond, key, null_cond=null_cond)
             return decode_latents(self.pipe, vae, x)
 
         self._run = jax.jit(run)

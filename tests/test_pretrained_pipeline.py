@@ -1,0 +1,122 @@
+"""Whole pipelines against diffusers: a tiny random SD 1.x and DiT saved by diffusers.
+
+The fixtures (tests/fixtures/pipelines, made by tests/fixtures/make_pipelines.py) hold
+diffusers' own images from fixed latents; diffjax must reproduce them within 2/255 per
+pixel from the same directory, prompts, noise, steps and guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffjax.pretrained import pipeline
+from diffjax.pretrained import scheduler as scheduler_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "pipelines")
+SD = os.path.join(ROOT, "tiny-sd")
+DIT = os.path.join(ROOT, "tiny-dit")
+TOL = 2.0 / 255.0
+
+
+@pytest.fixture(scope="module")
+def refs():
+    with open(os.path.join(ROOT, "reference.json")) as f:
+        cases = json.load(f)
+    return cases, np.load(os.path.join(ROOT, "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    return pipeline.load_pipeline(SD)
+
+
+def _max_diff(images_uint8, ref_float01):
+    return float(np.abs(images_uint8.astype(np.float64) / 255.0 - ref_float01).max())
+
+
+@pytest.mark.parametrize("case", ["ddim_cfg", "ddim_negative", "ddim_noguide", "dpmpp_cfg"])
+def test_stable_diffusion_matches_diffusers(refs, sd_pipe, case):
+    cases, arrays = refs
+    c = cases[f"sd_{case}"]
+    pipe = sd_pipe
+    if c["scheduler"] != "ddim":
+        cfg = c["scheduler_config"]
+        pipe = pipeline.Pipeline(
+            **{**pipe.__dict__, "scheduler": scheduler_lib.scheduler_from_config(cfg)}
+        )
+    gen = pipeline.PretrainedGenerator(
+        pipe, num_steps=c["steps"], guidance=c["guidance"], height=16, width=16
+    )
+    noise = arrays[f"sd_{case}_noise"]
+    got, _ = gen.generate(
+        len(noise),
+        prompts=c["prompts"],
+        negative_prompt=c["negative_prompt"] or "",
+        noise=noise,
+        batch_size=len(noise),
+    )
+    ref = arrays[f"sd_{case}_images"]
+    assert got.shape == ref.shape
+    assert _max_diff(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("case", ["ddim_cfg", "ddim_noguide"])
+def test_dit_matches_diffusers(refs, case):
+    cases, arrays = refs
+    c = cases[f"dit_{case}"]
+    pipe = pipeline.load_pipeline(DIT)
+    assert pipe.kind == "label" and pipe.num_classes == 1000
+    gen = pipeline.PretrainedGenerator(pipe, num_steps=c["steps"], guidance=c["guidance"])
+    noise = arrays[f"dit_{case}_noise"]
+    got, labels = gen.generate(len(noise), labels=c["labels"], noise=noise, batch_size=len(noise))
+    np.testing.assert_array_equal(labels, c["labels"])
+    assert _max_diff(got, arrays[f"dit_{case}_images"]) <= TOL
+
+
+def test_sample_cli_pretrained(refs, tmp_path):
+    cases, arrays = refs
+    c = cases["sd_ddim_cfg"]
+    noise = tmp_path / "noise.npy"
+    np.save(noise, arrays["sd_ddim_cfg_noise"])
+    out = tmp_path / "s.npz"
+    cmd = [
+        sys.executable,
+        "launch/sample.py",
+        f"--pretrained={SD}",
+        f"--prompt={c['prompts'][0]}",
+        f"--prompt={c['prompts'][1]}",
+        "--num_samples=2",
+        f"--steps={c['steps']}",
+        f"--guidance={c['guidance']}",
+        "--height=16",
+        "--width=16",
+        f"--noise={noise}",
+        f"--out={out}",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(out)["images"]
+    assert _max_diff(got, arrays["sd_ddim_cfg_images"]) <= TOL
+    assert os.path.isfile(tmp_path / "s.png")
+
+
+def test_clear_errors(tmp_path, sd_pipe):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        pipeline.load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="'FluxPipeline' is not supported"):
+        pipeline.load_pipeline(str(tmp_path))
+    gen = pipeline.PretrainedGenerator(sd_pipe, num_steps=2, guidance=1.0, height=16, width=16)
+    with pytest.raises(
+        ValueError, match=r"--noise must hold float32 \[N, h, w, c\] = \[1, 8, 8, 4\]"
+    ):
+        next(gen.batches(1, prompts=["x"], noise=np.zeros((1, 16, 16, 3), np.float32)))
+    with pytest.raises(ValueError, match="needs --prompt"):
+        next(gen.batches(1))
