@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import diffjax
 from diffjax import experiment
+from diffjax.pretrained import safetensors_io
 from diffjax.sample_fn import make_sample_fn
 
 FORMAT_VERSION = 1
@@ -117,7 +118,7 @@ def export_params(
     os.makedirs(out_dir, exist_ok=True)
     params_path = os.path.join(out_dir, "params.safetensors")
     tmp = params_path + ".tmp"
-    save_file(flat, tmp)
+    safetensors_io.write_tensors(flat, tmp)
     os.replace(tmp, params_path)
 
     if platforms:
@@ -338,13 +339,14 @@ def export_diffusers(
     schedule = experiment.build_schedule(config)
     prediction = config.diffusion.prediction
     wanted = method or config.sample.method
+    clip = bool(config.diffusion.clip_x0)
     try:
-        sched_cfg = scheduler_lib.scheduler_config_for(schedule, prediction, wanted)
+        sched_cfg = scheduler_lib.scheduler_config_for(schedule, prediction, wanted, clip_x0=clip)
         used = wanted
     except ValueError as e:
         if method is not None:
             raise ExportError(f"--format=diffusers: {e}") from e
-        sched_cfg = scheduler_lib.scheduler_config_for(schedule, prediction, "ddim")
+        sched_cfg = scheduler_lib.scheduler_config_for(schedule, prediction, "ddim", clip_x0=clip)
         used = "ddim"
     host = jax.tree.map(lambda x: np.asarray(x, np.float32), parallel.gather(params))
     if not write:
@@ -384,6 +386,9 @@ def export_diffusers(
         "step": int(step),
         "format": "diffusers",
         "scheduler_method": used,
+        # diffjax recomputes eps from the clipped x0; diffusers' DDIM does so only with
+        # step(use_clipped_model_output=True) (DDIMPipeline(...)(use_clipped_model_output=True)).
+        "use_clipped_model_output": clip and sched_cfg["_class_name"] == "DDIMScheduler",
         "num_classes": int(config.data.num_classes),
         "null_class": int(config.data.num_classes) if config.data.num_classes else None,
         "config": json.loads(config.to_json_best_effort()),

@@ -212,6 +212,30 @@ def test_export_then_sample_matches_checkpoint(reference_run, tmp_path):
     assert np.abs(x_py.astype(int) - x_ser.astype(int)).max() <= 1
 
 
+def test_export_diffusers_then_pretrained_matches_checkpoint(reference_run, tmp_path):
+    """--format=diffusers writes a directory that samples, through --pretrained, the
+    images the checkpoint gives from the same noise (diffusers' own loop on such a
+    directory: tests/test_pretrained_pipeline.py)."""
+    out = str(tmp_path / "diffusers")
+    _run("export.py", f"--workdir={reference_run}", f"--out={out}", "--format=diffusers")
+    assert sorted(os.listdir(out)) == ["diffjax.json", "model_index.json", "scheduler", "unet"]
+    unet_cfg = json.load(open(os.path.join(out, "unet", "config.json")))
+    assert unet_cfg["_class_name"] == "UNet2DModel" and unet_cfg["num_class_embeds"] == 11
+
+    noise = np.random.default_rng(0).standard_normal((6, 8, 8, 1)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    # digits samples with dpmpp_2m on logsnr steps, which no diffusers scheduler takes:
+    # the export writes DDIM (it says so), and both sides sample with it.
+    args = ("--num_samples=6", "--method=ddim", "--steps=5", "--guidance=2.0", "--labels=0,3,5")
+    a, b = str(tmp_path / "ckpt.npz"), str(tmp_path / "diffusers.npz")
+    noise_arg = f"--noise={tmp_path / 'noise.npy'}"
+    _run("sample.py", f"--workdir={reference_run}", f"--out={a}", noise_arg, *args)
+    _run("sample.py", f"--pretrained={out}", f"--out={b}", noise_arg, *args)
+    with np.load(a) as za, np.load(b) as zb:
+        np.testing.assert_array_equal(za["labels"], zb["labels"])
+        assert np.abs(za["images"].astype(int) - zb["images"].astype(int)).max() <= 2
+
+
 def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
     import shutil
 

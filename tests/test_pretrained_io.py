@@ -133,3 +133,14 @@ def test_write_tensors_has_torch_metadata(tmp_path):
     safetensors_io.write_tensors({"w": np.ones((2, 2), np.float32)}, path)
     with safe_open(path, framework="numpy") as f:
         assert f.metadata()["format"] == "pt"  # transformers/diffusers refuse files without it
+
+
+def test_written_weights_are_readable_by_others(tmp_path):
+    # safetensors creates files 0600; exported weights get the usual 0666 & ~umask.
+    path = os.path.join(tmp_path, "w.safetensors")
+    old = os.umask(0o022)
+    try:
+        safetensors_io.write_tensors({"w": np.ones(2, np.float32)}, path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644

@@ -120,3 +120,21 @@ def test_clear_errors(tmp_path, sd_pipe):
         next(gen.batches(1, prompts=["x"], noise=np.zeros((1, 16, 16, 3), np.float32)))
     with pytest.raises(ValueError, match="needs --prompt"):
         next(gen.batches(1))
+
+
+def test_digits_export_reproduces_diffusers_own_ddim_loop():
+    """tests/fixtures/digits_diffusers: the digits model exported by diffjax, and the images
+    diffusers' own UNet2DModel + DDIMScheduler loop drew from it (class labels, the null
+    class 10, guidance 1 and 3)."""
+    root = os.path.join(os.path.dirname(__file__), "fixtures", "digits_diffusers")
+    ref = np.load(os.path.join(root, "reference.npz"))
+    pipe = pipeline.load_pipeline(os.path.join(root, "pipeline"))
+    assert pipe.kind == "label" and pipe.num_classes == 10 and pipe.vae is None
+    labels = ref["labels"].tolist()
+    for g in (1.0, 3.0):
+        gen = pipeline.PretrainedGenerator(pipe, num_steps=int(ref["steps"]), guidance=g)
+        got, lab = gen.generate(
+            len(labels), labels=labels, noise=ref["noise"], batch_size=len(labels)
+        )
+        np.testing.assert_array_equal(lab, labels)
+        assert _max_diff(got, ref[f"images_guidance_{g:g}"]) <= TOL

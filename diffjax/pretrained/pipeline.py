@@ -206,7 +206,12 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
         )
     sched_dir = _component_dir(path, index, "scheduler")
     sched_cfg = safetensors_io.read_config(sched_dir, "scheduler_config.json")
-    spec = scheduler_lib.scheduler_from_config(sched_cfg, method=method)
+    # A diffjax export says how its DDIM steps with clip_sample (diffjax.json).
+    own = os.path.join(path, "diffjax.json")
+    clipped = bool(os.path.isfile(own) and json.load(open(own)).get("use_clipped_model_output"))
+    spec = scheduler_lib.scheduler_from_config(
+        sched_cfg, method=method, use_clipped_model_output=clipped
+    )
     if name in TEXT_PIPELINES:
         return Pipeline(
             path=path,
@@ -377,8 +382,11 @@ class PretrainedGenerator:
             k = self.num_classes
             if labels is not None and len(labels):
                 given = np.asarray(labels, np.int32)
-                if given.min() < 0 or given.max() >= k:
-                    raise ValueError(f"labels must lie in [0, {k - 1}], got {given.tolist()}.")
+                if given.min() < 0 or given.max() > k:
+                    raise ValueError(
+                        f"labels must lie in [0, {k - 1}] ({k}: the null class, an "
+                        f"unconditional sample), got {given.tolist()}."
+                    )
                 lab = given[idx % len(given)]
             else:
                 lab = (idx % k).astype(np.int32)

@@ -116,9 +116,17 @@ def read_tensors(path: str, variant: str | None = None) -> dict[str, np.ndarray]
 
 
 def write_tensors(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None):
-    """Writes tensors (C-contiguous numpy copies) to one safetensors file."""
+    """Writes tensors (C-contiguous numpy copies) to one safetensors file.
+
+    The file gets the permissions of any file the user creates (0666 less the umask):
+    safetensors itself creates it readable by its owner only, which hides exported
+    weights from the other users of a shared cluster.
+    """
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
     save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_config(directory: str, name: str = "config.json") -> dict:
