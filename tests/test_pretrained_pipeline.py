@@ -138,3 +138,28 @@ def test_digits_export_reproduces_diffusers_own_ddim_loop():
         )
         np.testing.assert_array_equal(lab, labels)
         assert _max_diff(got, ref[f"images_guidance_{g:g}"]) <= TOL
+
+
+def test_evaluate_cli_pretrained(tmp_path):
+    """evaluate.py --pretrained: the eval.* and sample.* fields apply, results go to --out."""
+    root = os.path.join(os.path.dirname(__file__), "fixtures", "digits_diffusers", "pipeline")
+    out = tmp_path / "eval.json"
+    cmd = [
+        sys.executable,
+        "launch/evaluate.py",
+        f"--pretrained={root}",
+        f"--out={out}",
+        "--config.eval.digits_metrics=True",
+        "--config.eval.num_samples=40",
+        "--config.eval.batch_size=40",
+        "--config.sample.num_steps=4",
+        "--config.sample.guidance=2.0",
+    ]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["num_samples"] == 40
+    assert metrics["sampler"] == {"method": "ddim", "num_steps": 4, "guidance": 2.0}
+    assert 0.0 <= metrics["conditional_accuracy"] <= 1.0 and metrics["frechet_distance"] > 0
+    assert metrics["pretrained"] == os.path.abspath(root)

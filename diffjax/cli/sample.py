@@ -121,6 +121,8 @@ def _sample_pretrained(labels, noise) -> None:
         f"Sampling {_NUM.value} images: {pipeline.describe(pipe)}; {sc.num_steps} steps, "
         f"guidance {sc.guidance}."
     )
+    for note in pipe.scheduler.differences + pipe.scheduler.grid_differences(sc.num_steps):
+        print(f"  differs from diffusers' scheduler: {note}")
     size = gen.config.data.image_size
     npz, png = generate.write_samples(
         _OUT.value,

@@ -209,9 +209,15 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
     # A diffjax export says how its DDIM steps with clip_sample (diffjax.json).
     own = os.path.join(path, "diffjax.json")
     clipped = bool(os.path.isfile(own) and json.load(open(own)).get("use_clipped_model_output"))
-    spec = scheduler_lib.scheduler_from_config(
-        sched_cfg, method=method, use_clipped_model_output=clipped
-    )
+    try:
+        spec = scheduler_lib.scheduler_from_config(
+            sched_cfg, method=method, use_clipped_model_output=clipped
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"{sched_dir}/scheduler_config.json: {e} (on the command line: --method=ddim, "
+            "for example)"
+        ) from e
     if name in TEXT_PIPELINES:
         return Pipeline(
             path=path,
