@@ -120,6 +120,12 @@ def test_clear_errors(tmp_path, sd_pipe):
         next(gen.batches(1, prompts=["x"], noise=np.zeros((1, 16, 16, 3), np.float32)))
     with pytest.raises(ValueError, match="needs --prompt"):
         next(gen.batches(1))
+    with pytest.raises(ValueError, match="multiples of 2 for this VAE, got 16x15"):
+        pipeline.PretrainedGenerator(sd_pipe, num_steps=2, height=16, width=15)
+    # Non-square output, as diffusers allows.
+    wide = pipeline.PretrainedGenerator(sd_pipe, num_steps=2, guidance=1.0, height=16, width=24)
+    images, _ = wide.generate(1, prompts=["x"], batch_size=1)
+    assert images.shape == (1, 16, 24, 3) and wide.latent_shape == (8, 12, 4)
 
 
 def test_digits_export_reproduces_diffusers_own_ddim_loop():

@@ -123,7 +123,6 @@ def _sample_pretrained(labels, noise) -> None:
     )
     for note in pipe.scheduler.differences + pipe.scheduler.grid_differences(sc.num_steps):
         print(f"  differs from diffusers' scheduler: {note}")
-    size = gen.config.data.image_size
     npz, png = generate.write_samples(
         _OUT.value,
         gen.batches(
@@ -137,7 +136,7 @@ def _sample_pretrained(labels, noise) -> None:
             progress=True,
         ),
         _NUM.value,
-        (size, size, gen.config.data.channels),
+        gen.image_shape,
     )
     print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
 

@@ -290,20 +290,11 @@ def decode_latents(pipe: Pipeline, params: Any, latents: jax.Array) -> jax.Array
     return pipe.vae.module.apply({"params": params}, z, method=pipe.vae.module.decode)
 
 
-def sampler_config(
-    pipe: Pipeline,
-    *,
-    num_steps: int,
-    guidance: float,
-    height: int | None = None,
-    width: int | None = None,
-) -> ml_collections.ConfigDict:
-    """The run-config view of a pretrained pipeline (what evaluation and sample.py read)."""
+def sampler_config(pipe: Pipeline, *, num_steps: int, guidance: float) -> ml_collections.ConfigDict:
+    """The run-config view of a pretrained pipeline (what evaluation and sample.py read):
+    the sampler, the class count and `data.image_size`/`channels` at the default size."""
     c = get_base_config()
-    size_h, size_w = height or pipe.default_size(), width or pipe.default_size()
-    if size_h != size_w:
-        raise ValueError(f"height and width must be equal for now, got {size_h}x{size_w}.")
-    c.data.image_size = size_h
+    c.data.image_size = pipe.default_size()
     c.data.channels = 3 if pipe.vae is not None else pipe.latent_channels
     c.data.num_classes = pipe.num_classes
     c.sample.method = pipe.scheduler.method
@@ -332,16 +323,17 @@ class PretrainedGenerator:
     ) -> None:
         self.pipe = pipe
         self.step = 0
-        self.config = sampler_config(
-            pipe, num_steps=num_steps, guidance=guidance, height=height, width=width
-        )
-        size = self.config.data.image_size
-        if size % pipe.vae_scale:
+        self.config = sampler_config(pipe, num_steps=num_steps, guidance=guidance)
+        h, w = height or pipe.default_size(), width or pipe.default_size()
+        if h % pipe.vae_scale or w % pipe.vae_scale:
             raise ValueError(
-                f"height/width must be multiples of {pipe.vae_scale} for this VAE, got {size}."
+                f"--height/--width must be multiples of {pipe.vae_scale} for this VAE, got {h}x{w}."
             )
-        lat = size // pipe.vae_scale
-        self.latent_shape = (lat, lat, pipe.latent_channels)
+        if h == w:
+            self.config.data.image_size = h
+        #: uint8 output images [H, W, C] and the noise they start from [h, w, c].
+        self.image_shape = (h, w, self.config.data.channels)
+        self.latent_shape = (h // pipe.vae_scale, w // pipe.vae_scale, pipe.latent_channels)
         self.mesh = mesh if mesh is not None else parallel.make_mesh(-1, 1)
         spec = pipe.scheduler
         schedule = schedules.make_schedule("discrete_vp", **spec.schedule_kwargs)
