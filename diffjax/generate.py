@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import experiment, export, images, parallel, rundir
-from diffjax.sample_fn import check_noise, make_sample_fn
+from diffjax.sample_fn import make_sample_fn, noise_batches
 
 
 @dataclasses.dataclass
@@ -122,31 +122,16 @@ class Generator:
         do not depend on the device count. `noise` (float [N, H, W, C], standard normal)
         replaces the draw from `seed`, e.g. to reproduce a run of another framework.
         """
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
         label_at = self._label_rule(labels)
-        shape = experiment.image_shape(self.config)
-        noise_given = check_noise(noise, num_samples, shape)
-        ndev = self.mesh.devices.size
-        batch_size = max(ndev, batch_size - batch_size % ndev)
         sharding = parallel.batch_sharding(self.mesh)
-        key = jax.random.key(seed)
-        starts = range(0, num_samples, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True)
-        for b, start in enumerate(starts):
-            n = min(batch_size, num_samples - start)
-            k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
-            # A fixed batch shape means one compilation; the tail is padded and dropped.
-            noise = jax.random.normal(k_noise, (batch_size, *shape), jnp.float32)
-            if noise_given is not None:
-                noise = jnp.concatenate([jnp.asarray(noise_given[start : start + n]), noise[n:]])
-            lab = label_at(np.arange(start, start + batch_size))
+        shape = experiment.image_shape(self.config)
+        for start, n, z, key in noise_batches(
+            num_samples, batch_size, self.mesh, shape, seed=seed, noise=noise, progress=progress
+        ):
+            lab = label_at(np.arange(start, start + z.shape[0]))
             cond = experiment.sampling_condition(self.config, lab)
-            noise, cond = jax.device_put((noise, cond), sharding)
-            x = self.sample_fn(self.params, noise, cond, k_sample)
+            z, cond = jax.device_put((z, cond), sharding)
+            x = self.sample_fn(self.params, z, cond, key)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
 
     def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:

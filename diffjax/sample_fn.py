@@ -125,3 +125,41 @@ def check_noise(
     if not np.issubdtype(noise.dtype, np.floating):
         raise ValueError(f"--noise must be floating point, got {noise.dtype}.")
     return noise.astype(np.float32)
+
+
+def noise_batches(
+    num_samples: int,
+    batch_size: int,
+    mesh: Any,
+    shape: tuple[int, ...],
+    *,
+    seed: int = 0,
+    noise: np.ndarray | None = None,
+    progress: bool = False,
+):
+    """The batches of a sampling run: yields `(start, n, noise, key)` in order.
+
+    Every batch has the same shape (one compilation; the tail is padded and its extra
+    images are dropped by the caller, `n` being the real count); `batch_size` is rounded
+    to a multiple of the mesh's device count. `noise` [batch, *shape] is drawn from
+    `seed` and the batch index, so image i does not depend on the device count; a given
+    `noise` [num_samples, *shape] (checked) replaces the draw. `key` is the sampler's.
+    """
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    given = check_noise(noise, num_samples, shape)
+    ndev = mesh.devices.size
+    batch_size = max(ndev, batch_size - batch_size % ndev)
+    key = jax.random.key(seed)
+    starts = range(0, num_samples, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True)
+    for b, start in enumerate(starts):
+        n = min(batch_size, num_samples - start)
+        k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
+        z = jax.random.normal(k_noise, (batch_size, *shape), jnp.float32)
+        if given is not None:
+            z = jnp.concatenate([jnp.asarray(given[start : start + n]), z[n:]])
+        yield start, n, z, k_sample

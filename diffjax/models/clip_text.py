@@ -57,17 +57,7 @@ def _activation(name: str):
 
 
 def _layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
-    # Two-pass variance, as torch: the one-pass E[x^2] - E[x]^2 loses precision on the
-    # large-magnitude channels real CLIP checkpoints have.
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        scale_init=L.partitioned(nn.initializers.ones_init(), ("norm",)),
-        bias_init=L.partitioned(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+    return L.layer_norm(dtype=dtype, epsilon=eps, fast_variance=False, name=name)
 
 
 def masked_attention(

@@ -211,13 +211,24 @@ def group_norm(num_groups: int, channels: int, *, dtype: Any, name: str | None =
 
 
 def layer_norm(
-    *, dtype: Any, affine: bool = True, epsilon: float = 1e-6, name: str | None = None
+    *,
+    dtype: Any,
+    affine: bool = True,
+    epsilon: float = 1e-6,
+    fast_variance: bool = True,
+    name: str | None = None,
 ) -> nn.LayerNorm:
-    """LayerNorm; `affine=False` gives the parameter-free norm of adaLN blocks."""
+    """LayerNorm; `affine=False` gives the parameter-free norm of adaLN blocks.
+
+    `fast_variance=False` computes the variance in two passes, as PyTorch does: the
+    one-pass E[x^2] - E[x]^2 loses precision on the large-magnitude channels of
+    pretrained checkpoints (CLIP's), so the ports of pretrained models use it.
+    """
     return nn.LayerNorm(
         epsilon=epsilon,
         use_scale=affine,
         use_bias=affine,
+        use_fast_variance=fast_variance,
         dtype=dtype,
         param_dtype=jnp.float32,
         scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),

@@ -89,15 +89,7 @@ def _group_norm(groups: int, channels: int, eps: float, *, dtype: Any, name: str
 
 
 def _layer_norm(eps: float, *, dtype: Any, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        scale_init=L.partitioned(nn.initializers.ones_init(), ("norm",)),
-        bias_init=L.partitioned(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+    return L.layer_norm(dtype=dtype, epsilon=eps, fast_variance=False, name=name)
 
 
 def _resize_nearest(x: Array, size: tuple[int, int]) -> Array:

@@ -62,10 +62,34 @@ def to_torch_layout(leaf: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _fmt(keys: Iterable[str], limit: int = 20) -> str:
+def fmt_keys(keys: Iterable[str], limit: int = 20) -> str:
+    """Sorted keys, comma-separated, the first `limit` of them."""
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_fit(
+    headline: str,
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    misshaped: Iterable[str],
+    hint: str = "",
+) -> None:
+    """Raises one `ConversionError` naming every missing, unexpected and mis-shaped key."""
+    missing, unexpected, misshaped = list(missing), list(unexpected), list(misshaped)
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [headline]
+    if missing:
+        parts.append(f"missing {len(missing)}: {fmt_keys(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}: {fmt_keys(unexpected)}")
+    if misshaped:
+        parts.append(f"mis-shaped {len(misshaped)}: {fmt_keys(misshaped, 10)}")
+    if hint:
+        parts.append(hint)
+    raise ConversionError("; ".join(parts) + ".")
 
 
 def torch_to_flax(
@@ -124,19 +148,14 @@ def torch_to_flax(
     unexpected = (set(by_key) - set(wanted)) | others
     if ignore is not None:
         unexpected = {k for k in unexpected if not ignore(k)}
-    if missing or unexpected or misshaped:
-        parts = [f"{what}: the weights do not fit the model"]
-        if missing:
-            parts.append(f"missing {len(missing)}: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_fmt(unexpected)}")
-        if misshaped:
-            parts.append(f"mis-shaped {len(misshaped)}: {_fmt(misshaped, 10)}")
-        parts.append(
-            "check that the directory and its config.json belong together (a different "
-            "model size or version gives this)"
-        )
-        raise ConversionError("; ".join(parts) + ".")
+    check_fit(
+        f"{what}: the weights do not fit the model",
+        missing,
+        unexpected,
+        misshaped,
+        hint="check that the directory and its config.json belong together (a different "
+        "model size or version gives this)",
+    )
     return traverse_util.unflatten_dict(out)
 
 

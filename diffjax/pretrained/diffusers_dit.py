@@ -53,7 +53,7 @@ from flax import traverse_util
 
 from diffjax.models import dit as dit_lib
 from diffjax.pretrained import safetensors_io
-from diffjax.pretrained.convert import ConversionError
+from diffjax.pretrained.convert import ConversionError, check_fit, fmt_keys
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -170,13 +170,6 @@ def flat_params(tree: Any) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(dict(tree))
 
 
-def _fmt(keys, limit: int = 20) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (
-        f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    )
-
-
 def entries_to_flax(
     tensors: Mapping[str, np.ndarray],
     entries: Sequence[Entry],
@@ -206,15 +199,12 @@ def entries_to_flax(
         x = _permute(to_flax(e.kind, x, want), e.perm, inverse=False)
         out[e.path] = np.ascontiguousarray(x, np.float32)
     unexpected = set(tensors) - used
-    if missing or unexpected or misshaped:
-        parts = [f"{what}: the weights do not fit the model its config.json describes"]
-        if missing:
-            parts.append(f"missing {len(missing)}: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_fmt(unexpected)}")
-        if misshaped:
-            parts.append(f"mis-shaped {len(misshaped)}: {_fmt(misshaped, 10)}")
-        raise ConversionError("; ".join(parts) + ".")
+    check_fit(
+        f"{what}: the weights do not fit the model its config.json describes",
+        missing,
+        unexpected,
+        misshaped,
+    )
     return traverse_util.unflatten_dict(out)
 
 
@@ -231,15 +221,12 @@ def entries_to_torch(
         for p, s in want.items()
         if p in flat and tuple(flat[p].shape) != s
     )
-    if missing or unexpected or misshaped:
-        parts = [f"{what}: the params do not fit the model the kwargs describe"]
-        if missing:
-            parts.append(f"missing {len(missing)}: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_fmt(unexpected)}")
-        if misshaped:
-            parts.append(f"mis-shaped {len(misshaped)}: {_fmt(misshaped, 10)}")
-        raise ConversionError("; ".join(parts) + ".")
+    check_fit(
+        f"{what}: the params do not fit the model the kwargs describe",
+        missing,
+        unexpected,
+        misshaped,
+    )
     out: dict[str, np.ndarray] = {}
     for e in entries:
         x = to_torch(e.kind, _permute(flat[e.path], e.perm, inverse=True))
@@ -495,7 +482,7 @@ def _check_shared_embedder(tensors: Mapping[str, np.ndarray], depth: int) -> Non
                 differ.append(other)
     if differ:
         raise ConversionError(
-            f"DiT: the blocks' time/class embedders differ from block 0's ({_fmt(differ)}); "
+            f"DiT: the blocks' time/class embedders differ from block 0's ({fmt_keys(differ)}); "
             "diffjax's DiT has ONE shared time + class embedding (published DiT copies the "
             "same one into every block), so this checkpoint cannot be loaded exactly."
         )

@@ -38,7 +38,7 @@ from diffjax.diffusion import schedules
 from diffjax.models import autoencoder_kl, clip_text, registry, sd_unet
 from diffjax.pretrained import convert, diffusers_dit, diffusers_unet2d, safetensors_io
 from diffjax.pretrained import scheduler as scheduler_lib
-from diffjax.sample_fn import check_noise, make_sample_fn
+from diffjax.sample_fn import make_sample_fn, noise_batches
 from diffjax.text.clip_bpe import CLIPTokenizer
 
 TEXT_PIPELINES = ("StableDiffusionPipeline",)
@@ -218,43 +218,27 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
             f"{sched_dir}/scheduler_config.json: {e} (on the command line: --method=ddim, "
             "for example)"
         ) from e
+    parts = dict(path=path, class_name=name, scheduler=spec, scheduler_config=sched_cfg)
     if name in TEXT_PIPELINES:
         return Pipeline(
-            path=path,
-            class_name=name,
             denoiser=load_sd_unet(_component_dir(path, index, "unet"), dtype),
-            scheduler=spec,
-            scheduler_config=sched_cfg,
             vae=load_vae(_component_dir(path, index, "vae"), dtype),
             text_encoder=load_text_encoder(_component_dir(path, index, "text_encoder"), dtype),
             tokenizer=CLIPTokenizer.from_dir(_component_dir(path, index, "tokenizer")),
+            **parts,
         )
     if name in CLASS_PIPELINES:
-        den = _load_own(
-            _component_dir(path, index, "transformer"), diffusers_dit.load_dit, "dit", dtype
-        )
-        return Pipeline(
-            path=path,
-            class_name=name,
-            denoiser=den,
-            scheduler=spec,
-            scheduler_config=sched_cfg,
-            # A pixel-space DiT exported by diffjax has no VAE.
-            vae=load_vae(_component_dir(path, index, "vae"), dtype)
-            if (index.get("vae") or [None])[0]
-            else None,
-            num_classes=int(den.config["diffjax_kwargs"].get("num_classes", 0)),
-        )
-    den = _load_own(
-        _component_dir(path, index, "unet"), diffusers_unet2d.load_unet2d, "unet", dtype
-    )
+        den_dir, loader, model = "transformer", diffusers_dit.load_dit, "dit"
+    else:
+        den_dir, loader, model = "unet", diffusers_unet2d.load_unet2d, "unet"
+    den = _load_own(_component_dir(path, index, den_dir), loader, model, dtype)
+    # Pixel-space models (a diffjax export, a pixel DiT) have no VAE.
+    has_vae = (index.get("vae") or [None])[0] is not None
     return Pipeline(
-        path=path,
-        class_name=name,
         denoiser=den,
-        scheduler=spec,
-        scheduler_config=sched_cfg,
+        vae=load_vae(_component_dir(path, index, "vae"), dtype) if has_vae else None,
         num_classes=int(den.config["diffjax_kwargs"].get("num_classes", 0)),
+        **parts,
     )
 
 
@@ -408,27 +392,20 @@ class PretrainedGenerator:
         `noise` [N, h, w, c] (standard normal, latent shape) replaces the draw from
         `seed`; prompts and labels are cycled to `num_samples`.
         """
-        noise = check_noise(noise, num_samples, self.latent_shape)
-        ndev = self.mesh.devices.size
-        batch_size = max(ndev, batch_size - batch_size % ndev)
         sharding = parallel.batch_sharding(self.mesh)
-        key = jax.random.key(seed)
-        starts = range(0, num_samples, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True)
-        for b, start in enumerate(starts):
-            n = min(batch_size, num_samples - start)
-            k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
-            idx = np.arange(start, start + batch_size)
-            z = jax.random.normal(k_noise, (batch_size, *self.latent_shape), jnp.float32)
-            if noise is not None:
-                given = noise[start : start + n]
-                z = jnp.concatenate([jnp.asarray(given), z[n:]])
+        for start, n, z, key in noise_batches(
+            num_samples,
+            batch_size,
+            self.mesh,
+            self.latent_shape,
+            seed=seed,
+            noise=noise,
+            progress=progress,
+        ):
+            idx = np.arange(start, start + z.shape[0])
             cond, null, lab = self._conditions(idx, labels, prompts, negative_prompt)
             z, cond, null = jax.device_put((z, cond, null), sharding)
-            x = self._run(self.params, z, cond, null, k_sample)
+            x = self._run(self.params, z, cond, null, key)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
 
     def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
