@@ -85,3 +85,36 @@ def test_reference_matches_parameter_counts():
         assert sum(p.numel() for p in model.parameters()) == n
         with pytest.raises(ValueError, match="more than 1% apart"):
             torch_reference.build_reference(spec, int(n * 1.05))
+
+
+def test_pretrained_quick_writes_json(tmp_path):
+    """benchmarks/pretrained.py --quick --no-torch: every case measured, the JSON complete."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "pretrained.py"), "--suite", "cpu",
+           "--quick", "--no-torch", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| case" in proc.stdout and "t2i" in proc.stdout
+
+    (path,) = glob.glob(str(tmp_path / "pretrained_cpu-quick_cpu_*.json"))
+    result = json.load(open(path))
+    assert result["benchmark"] == "pretrained" and result["errors"] == []
+    assert result["torch"] is None and len(result["load_avg_before"]) == 3
+    # The shared random-weight pipeline: every component written, counts recorded.
+    assert set(result["weights"]["params"]) == {"unet", "vae", "vae_mem", "text_encoder"}
+    cases = {c["name"]: c for c in result["cases"]}
+    assert list(cases) == ["unet_float32", "t2i", "vae_full", "vae_tiled"]
+    for c in cases.values():
+        dj = c["diffjax"]
+        assert c["params"] > 0 and dj["ms"] > 0 and len(dj["window_s"]) == 2
+        assert dj["setup"]["load_s"] >= 0 and dj["setup"]["first_run_s"] > 0
+        assert "ratio" not in c  # no diffusers side
+    assert cases["unet_float32"]["params"] == result["weights"]["params"]["unet"]
+    assert cases["unet_float32"]["diffjax"]["setup"]["compile_s"] > 0
+    t2i = result["weights"]["params"]
+    assert cases["t2i"]["params"] == t2i["unet"] + t2i["vae"] + t2i["text_encoder"]
+    assert cases["t2i"]["diffjax"]["setup"]["method"] == "ddim"
+    full, tiled = cases["vae_full"]["diffjax"]["setup"], cases["vae_tiled"]["diffjax"]["setup"]
+    # XLA's plan of one 8x8 tile is smaller than that of the whole 16x16 latent.
+    assert 0 < tiled["memory"]["total_bytes"] < full["memory"]["total_bytes"]
+    assert tiled["tile"] == 8 and tiled["overlap"] == 2 and full["tile"] is None
+    assert tiled["memory"]["host_blend_bytes"] > 0

@@ -1,0 +1,1139 @@
+"""Pretrained components side by side with diffusers: SD U-Net, text-to-image, VAE tiling.
+
+    python benchmarks/pretrained.py --suite cpu            # shrunken shapes, here (minutes)
+    python benchmarks/pretrained.py --suite gpu            # SD 1.5 shapes on one GPU
+    python benchmarks/pretrained.py --suite gpu --quick    # the script's logic, tiny, any device
+
+Three measurements, each for diffjax and, in the same run, for diffusers 0.42.1
+(`pip install torch==2.13.0 diffusers==0.42.1 transformers`; `--no-torch` skips it,
+`--torch-python PATH` runs the diffusers side with another interpreter):
+
+* `unet`: one forward of an SD-1.5-shaped `UNet2DConditionModel` (GPU: 64x64x4
+  latents, batch 2 as under classifier-free guidance, 77x768 context, float32 and
+  bfloat16; CPU: the same block structure at widths 32/64/128/128 on 16x16 latents,
+  77x64 context, float32). diffjax: `SDUNet` jitted ahead of time (compile time
+  reported apart), warm calls with `block_until_ready`. diffusers: eval, no_grad.
+* `t2i`: a whole 20-step DDIM text-to-image sample with guidance 7.5, batch 1 (text
+  encoder, U-Net, VAE decode; GPU: 512x512 with SD 1.5's U-Net, VAE and CLIP text
+  encoder; CPU: shrunken components at 128x128). diffjax: `load_pipeline` +
+  `PretrainedGenerator` (one jitted sampler + decode); diffusers:
+  `StableDiffusionPipeline.from_pretrained` called with the same `latents=`.
+* `vae`: SD VAE (`preset_kwargs('sd')`) decode of 128x128 latents (1024 px) on a GPU,
+  32x32 (256 px) on a CPU, full and tiled (tiles of the config's `sample_size`, as
+  diffusers' `enable_tiling()`). Memory: diffjax's is XLA's compiled buffer plan of the
+  decode (`memory_analysis()`: arguments + outputs + temporaries, deterministic, also on
+  a CPU; tiled: the plan for one tile plus the host-side blend buffers); diffusers' is
+  `torch.cuda.max_memory_allocated` (GPU only; n/a on a CPU).
+
+Both frameworks read the SAME random weights: the JAX worker writes a diffusers-layout
+pipeline directory (random weights, SD 1.5's DDIM scheduler config, the CLIP BPE
+tokenizer of `tests/fixtures/clip_tokenizer`) to a temporary directory, and each side
+loads it through its real loading path. Parameter counts are checked equal, and the
+outputs are compared (float32 cases agree to about 1e-5; the table's last column).
+
+As in `benchmarks/run.py`, the orchestrator imports neither framework: diffjax and
+diffusers run in worker processes and their timing windows alternate (3 rounds,
+median), so the load of other processes falls on both. On a CPU diffusers runs twice,
+with spinning and with passive OpenMP waits (`torch`, `torch_passive`), and diffjax is
+compared with the faster. Ratios are diffjax time / diffusers time (below 1: diffjax is
+faster). Prints a table and writes
+`benchmarks/results/pretrained_<suite>[-quick]_<device>_<time>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info  # noqa: E402
+
+TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
+KINDS = ("unet", "t2i", "vae")
+
+# Stable Diffusion 1.5's scheduler/scheduler_config.json, DDIM variant (as users swap in).
+SD15_DDIM = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.42.1",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+# ----------------------------------------------------------------------------- configs
+
+
+def unet_config(
+    widths: tuple[int, ...],
+    *,
+    context_dim: int,
+    heads: int = 8,
+    layers: int = 2,
+    groups: int = 32,
+    sample_size: int = 64,
+) -> dict[str, Any]:
+    """A diffusers `unet/config.json` with SD 1.5's structure at the given sizes.
+
+    Every key either side reads is written out, so diffusers' and diffjax's defaults
+    never come into play. `widths=(320, 640, 1280, 1280), context_dim=768` is SD 1.5.
+    """
+    n = len(widths)
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+        "only_cross_attention": False,
+        "block_out_channels": list(widths),
+        "layers_per_block": layers,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "dropout": 0.0,
+        "act_fn": "silu",
+        "norm_num_groups": groups,
+        "norm_eps": 1e-05,
+        "cross_attention_dim": context_dim,
+        "transformer_layers_per_block": 1,
+        "attention_head_dim": heads,  # diffusers' quirk: SD 1.x's NUMBER of heads
+        "use_linear_projection": False,
+        "upcast_attention": False,
+        "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+    }
+
+
+def vae_config(
+    widths: tuple[int, ...], *, layers: int = 2, groups: int = 32, sample_size: int = 512
+) -> dict[str, Any]:
+    """A diffusers `vae/config.json`; the defaults are SD's VAE (`preset_kwargs('sd')`).
+
+    `sample_size` (pixels) is also the tile size of tiled decoding, on both sides.
+    """
+    n = len(widths)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.42.1",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(widths),
+        "layers_per_block": layers,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": groups,
+        "sample_size": sample_size,
+        "scaling_factor": 0.18215,
+    }
+
+
+def text_config(
+    hidden: int, *, layers: int = 12, heads: int = 12, mlp: int | None = None
+) -> dict[str, Any]:
+    """A transformers CLIPTextModel `config.json`; `hidden=768` is SD 1.5's text encoder."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": mlp or 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-05,
+        "bos_token_id": 0,  # SD 1.5's text_encoder/config.json ids (old CLIP configs)
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "projection_dim": hidden,
+    }
+
+
+SD_VAE_WIDTHS = (128, 256, 512, 512)
+
+
+def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
+    """Component configs and measured cases of a suite (JSON-able).
+
+    GPU: SD 1.5 shapes. CPU: SD 1.5's block structure at about a tenth of the width (the
+    U-Net forward is then ~0.1 s on 2 cores), SD's real VAE for the tiling case.
+    `quick`: tiny stand-ins of the chosen suite's cases (logic only, seconds).
+    """
+    prompt = "a photograph of an astronaut riding a horse"
+    if quick:
+        unet = unet_config((16, 32), context_dim=16, heads=2, layers=1, groups=8, sample_size=8)
+        plan = {
+            "unet": unet,
+            "vae": vae_config((8, 16), layers=1, groups=4, sample_size=16),
+            "text": text_config(16, layers=2, heads=2),
+            "vae_mem": vae_config((8, 16), layers=1, groups=4, sample_size=16),
+            "unet_case": {"batch": 2, "latent": 8, "context_len": 77, "dtypes": ["float32"]},
+            "t2i_case": {"size": 16, "steps": 4, "dtype": "float32"},
+            "vae_case": {"batch": 1, "latent": 16, "dtype": "float32"},
+            "windows": 2,
+            "window_s": 0.2,
+        }
+    elif suite == "gpu":
+        plan = {
+            "unet": unet_config((320, 640, 1280, 1280), context_dim=768),
+            "vae": vae_config(SD_VAE_WIDTHS, sample_size=512),
+            "text": text_config(768),
+            "vae_mem": vae_config(SD_VAE_WIDTHS, sample_size=512),
+            "unet_case": {
+                "batch": 2,
+                "latent": 64,
+                "context_len": 77,
+                "dtypes": ["bfloat16", "float32"],
+            },
+            "t2i_case": {"size": 512, "steps": 20, "dtype": "bfloat16"},
+            "vae_case": {"batch": 1, "latent": 128, "dtype": "float32"},
+            "windows": 3,
+            "window_s": 2.0,
+        }
+    else:
+        plan = {
+            "unet": unet_config((32, 64, 128, 128), context_dim=64, sample_size=16),
+            "vae": vae_config((32, 64, 128, 128), sample_size=128),
+            "text": text_config(64, heads=4),
+            # SD's VAE; tiles of 128 px = 16 latents: 32x32 latents are 3x3 tiles, as
+            # 128x128 latents with SD's 512-px tiles on the GPU.
+            "vae_mem": vae_config(SD_VAE_WIDTHS, sample_size=128),
+            "unet_case": {"batch": 2, "latent": 16, "context_len": 77, "dtypes": ["float32"]},
+            "t2i_case": {"size": 128, "steps": 20, "dtype": "float32"},
+            "vae_case": {"batch": 1, "latent": 32, "dtype": "float32"},
+            "windows": 3,
+            "window_s": 2.0,
+        }
+    plan["prompt"] = prompt
+    plan["guidance"] = 7.5
+    return plan
+
+
+def cases_of(plan: dict[str, Any], pipe_dir: str, vae_dir: str) -> list[dict[str, Any]]:
+    """The measured cases (what every worker's `setup` receives)."""
+    u, t, v = plan["unet_case"], plan["t2i_case"], plan["vae_case"]
+    cases = [
+        {"name": f"unet_{dt}", "kind": "unet", "dir": pipe_dir, "batch": u["batch"],
+         "latent": u["latent"], "context_len": u["context_len"], "dtype": dt, "seed": 1}
+        for dt in u["dtypes"]
+    ]  # fmt: skip
+    cases.append({"name": "t2i", "kind": "t2i", "dir": pipe_dir, "size": t["size"],
+                  "steps": t["steps"], "guidance": plan["guidance"], "dtype": t["dtype"],
+                  "prompt": plan["prompt"], "seed": 2})  # fmt: skip
+    for tiled in (False, True):
+        cases.append({"name": "vae_tiled" if tiled else "vae_full", "kind": "vae",
+                      "dir": vae_dir, "batch": v["batch"], "latent": v["latent"],
+                      "tiled": tiled, "dtype": v["dtype"], "seed": 3})  # fmt: skip
+    return cases
+
+
+def normal(seed: int, shape: tuple[int, ...]):
+    """The same float32 standard normal draw on both sides (numpy, NHWC)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- diffjax side
+
+
+class JaxSide:
+    """The JAX worker: writes the shared weights, builds and times diffjax's side."""
+
+    def __init__(self, threads: int) -> None:
+        import jax
+
+        self.jax = jax
+        self.threads = threads
+        self.runs: dict[str, Any] = {}
+        self.outs: dict[str, Any] = {}
+        self._vaes: dict[tuple[str, str], Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        jax = self.jax
+        dev = jax.devices()[0]
+        return {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "device_kind": dev.device_kind,
+            "num_devices": jax.device_count(),
+            "cpus": sorted(os.sched_getaffinity(0)),
+        }
+
+    # -- the shared weights
+
+    def write_pipeline(self, path: str, vae_path: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Random weights in diffusers' layout: a StableDiffusionPipeline dir and a VAE dir.
+
+        Params are drawn with numpy from the models' abstract shapes (no compile): kernels
+        ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02), biases ~ N(0, 0.02), norm scales
+        1 + N(0, 0.02) -- nothing zero-initialised, so outputs exercise every weight.
+        """
+        import jax.numpy as jnp
+        import numpy as np
+
+        from diffjax.models import autoencoder_kl, clip_text, sd_unet
+        from diffjax.pretrained import safetensors_io
+
+        t0 = time.perf_counter()
+        if not plan.get("quick"):  # the tiling case is SD's VAE: check against the preset
+            preset, cfg = autoencoder_kl.preset_kwargs("sd"), plan["vae_mem"]
+            keys = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+            if any(tuple(np.atleast_1d(cfg[k])) != tuple(np.atleast_1d(preset[k])) for k in keys):
+                raise ValueError(f"vae_mem {cfg} is not preset_kwargs('sd') {preset}.")
+        counts = {}
+        f32 = jnp.float32
+
+        def abstract(module, *args, **kwargs):
+            def init(key, args, kwargs):
+                return module.init(key, *args, **kwargs)["params"]
+
+            return self.jax.eval_shape(init, self.jax.random.key(0), args, kwargs)
+
+        def write(directory, name, cfg, module, abstract_params, weights_file, seed):
+            os.makedirs(directory, exist_ok=True)
+            tensors = _random_torch_tensors(abstract_params, seed)
+            counts[name] = int(sum(t.size for t in tensors.values()))
+            safetensors_io.write_tensors(tensors, os.path.join(directory, weights_file))
+            with open(os.path.join(directory, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=1)
+
+        u = plan["unet"]
+        unet = sd_unet.from_diffusers_config(u)
+        x = self.jax.ShapeDtypeStruct((1, 8, 8, 4), f32)
+        ts = self.jax.ShapeDtypeStruct((1,), f32)
+        ctx = self.jax.ShapeDtypeStruct((1, 1, u["cross_attention_dim"]), f32)
+        write(os.path.join(path, "unet"), "unet", u, unet, abstract(unet, x, ts, context=ctx),
+              "diffusion_pytorch_model.safetensors", 10)  # fmt: skip
+        for directory, name, cfg, seed in (
+            (os.path.join(path, "vae"), "vae", plan["vae"], 11),
+            (vae_path, "vae_mem", plan["vae_mem"], 12),
+        ):
+            vae = autoencoder_kl.from_diffusers_config(cfg)
+            img = self.jax.ShapeDtypeStruct((1, 2 * vae.downscale, 2 * vae.downscale, 3), f32)
+            write(directory, name, cfg, vae, abstract(vae, img),
+                  "diffusion_pytorch_model.safetensors", seed)  # fmt: skip
+        tc = plan["text"]
+        text = clip_text.from_hf_config(tc)
+        ids = self.jax.ShapeDtypeStruct((1, 77), jnp.int32)
+        write(os.path.join(path, "text_encoder"), "text_encoder", tc, text, abstract(text, ids),
+              "model.safetensors", 13)  # fmt: skip
+        shutil.copytree(TOKENIZER, os.path.join(path, "tokenizer"),
+                        ignore=shutil.ignore_patterns("reference.json"))  # fmt: skip
+        os.makedirs(os.path.join(path, "scheduler"))
+        with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(SD15_DDIM, f, indent=1)
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        with open(os.path.join(path, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+        size = sum(
+            os.path.getsize(os.path.join(d, n))
+            for root in (path, vae_path)
+            for d, _, names in os.walk(root)
+            for n in names
+        )
+        return {"params": counts, "bytes": size, "write_s": time.perf_counter() - t0}
+
+    # -- cases
+
+    def setup(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return getattr(self, f"_setup_{spec['kind']}")(spec)
+
+    def _setup_unet(self, spec: dict[str, Any]) -> dict[str, Any]:
+        jax, jnp = self.jax, self.jax.numpy
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import pipeline
+
+        t0 = time.perf_counter()
+        comp = pipeline.load_sd_unet(os.path.join(spec["dir"], "unet"), spec["dtype"])
+        load_s = time.perf_counter() - t0
+        module, params = comp.module, jax.device_put(comp.params)
+        b, n, ctx_len = spec["batch"], spec["latent"], spec["context_len"]
+        x = jnp.asarray(normal(spec["seed"], (b, n, n, 4)))
+        ctx = jnp.asarray(
+            normal(spec["seed"] + 1, (b, ctx_len, comp.config["cross_attention_dim"]))
+        )
+        t = jnp.full((b,), 500.0, jnp.float32)
+
+        @jax.jit
+        def forward(p, x, t, ctx):
+            return module.apply({"params": p}, x, t, context=ctx)
+
+        t0 = time.perf_counter()
+        lowered = forward.lower(params, x, t, ctx)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        compiled(params, x, t, ctx).block_until_ready()
+        t3 = time.perf_counter()
+        self.runs[spec["name"]] = lambda: compiled(params, x, t, ctx).block_until_ready()
+        self.outs[spec["name"]] = lambda: compiled(params, x, t, ctx)
+        return {
+            "params": count_params(params),
+            "load_s": load_s,
+            "lower_s": t1 - t0,
+            "compile_s": t2 - t1,
+            "first_run_s": t3 - t2,
+            "memory": _xla_memory(compiled),
+            "attention_impl": module.attention_impl or "auto",
+        }
+
+    def _setup_t2i(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import pipeline
+
+        t0 = time.perf_counter()
+        pipe = pipeline.load_pipeline(spec["dir"], dtype=spec["dtype"])
+        load_s = time.perf_counter() - t0
+        gen = pipeline.PretrainedGenerator(
+            pipe, num_steps=spec["steps"], guidance=spec["guidance"],
+            height=spec["size"], width=spec["size"],
+        )  # fmt: skip
+        noise = normal(spec["seed"], (1, *gen.latent_shape))
+        prompts = [spec["prompt"]]
+
+        def once():
+            images, _ = gen.generate(1, prompts=prompts, noise=noise, batch_size=1)
+            return images
+
+        t0 = time.perf_counter()
+        once()
+        first = time.perf_counter() - t0
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: once().astype("float32") / 255.0
+        params = sum(count_params(c.params) for c in (pipe.denoiser, pipe.vae, pipe.text_encoder))
+        return {
+            "params": params,
+            "load_s": load_s,
+            "first_run_s": first,
+            "method": pipe.scheduler.method,
+            "latent_shape": list(gen.latent_shape),
+        }
+
+    def _setup_vae(self, spec: dict[str, Any]) -> dict[str, Any]:
+        jax, jnp = self.jax, self.jax.numpy
+        from diffjax.models import autoencoder_kl
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import pipeline
+
+        key = (spec["dir"], spec["dtype"])
+        t0 = time.perf_counter()
+        if key not in self._vaes:
+            comp = pipeline.load_vae(spec["dir"], spec["dtype"])
+            self._vaes[key] = (comp, jax.device_put(comp.params))
+        load_s = time.perf_counter() - t0
+        comp, params = self._vaes[key]
+        module = comp.module
+        f = module.downscale
+        tile = int(comp.config["sample_size"]) // f  # diffusers' tile_latent_min_size
+        overlap = tile // 4  # diffusers' tile_overlap_factor 0.25
+        b, n = spec["batch"], spec["latent"]
+        z = jnp.asarray(normal(spec["seed"], (b, n, n, module.latent_channels)))
+        side = tile if spec["tiled"] else n
+
+        @jax.jit
+        def decode(p, z):
+            return module.apply({"params": p}, z, method=module.decode)
+
+        shape = jax.ShapeDtypeStruct((b, side, side, module.latent_channels), jnp.float32)
+        t0 = time.perf_counter()
+        lowered = decode.lower(params, shape)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        if spec["tiled"]:
+
+            def once():
+                return autoencoder_kl.tiled_decode(
+                    lambda zt: compiled(params, zt), z, tile=tile, overlap=overlap
+                )
+
+            out_px = n * f
+            # tiled_decode blends on the host: the output and the weight sum, float32.
+            host = b * out_px * out_px * module.out_channels * 4 + out_px * out_px * 4
+        else:
+
+            def once():
+                return compiled(params, z).block_until_ready()
+
+            host = 0
+        once()
+        t3 = time.perf_counter()
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = once
+        mem = _xla_memory(compiled)
+        mem["host_blend_bytes"] = host
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        if stats:
+            mem["device_peak_bytes_in_use_so_far"] = int(stats.get("peak_bytes_in_use", 0))
+        return {
+            "params": count_params(params),
+            "load_s": load_s,
+            "lower_s": t1 - t0,
+            "compile_s": t2 - t1,
+            "first_run_s": t3 - t2,
+            "tile": tile if spec["tiled"] else None,
+            "overlap": overlap if spec["tiled"] else None,
+            "memory": mem,
+        }
+
+    def window(self, name: str, reps: int) -> float:
+        run = self.runs[name]
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        return time.perf_counter() - t0
+
+    def output(self, name: str, path: str) -> str:
+        import numpy as np
+
+        np.save(path, np.asarray(self.outs[name](), np.float32))
+        return path
+
+    def drop(self, name: str) -> None:
+        self.runs.pop(name, None)
+        self.outs.pop(name, None)
+
+
+def _random_torch_tensors(abstract_params: Any, seed: int) -> dict[str, Any]:
+    """Random params of a Flax tree's shapes, as torch-layout numpy tensors."""
+    import flax.linen as nn
+    import numpy as np
+    from flax import traverse_util
+
+    from diffjax.pretrained import convert
+
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params))
+    params = {}
+    for path in sorted(flat):
+        shape, leaf = flat[path].shape, path[-1]
+        if leaf == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            x = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
+        elif leaf == "scale":
+            x = 1.0 + 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        else:  # bias, embedding
+            x = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        params[path] = x
+    return convert.flax_to_torch(traverse_util.unflatten_dict(params))
+
+
+def _xla_memory(compiled: Any) -> dict[str, Any]:
+    """XLA's buffer plan of a compiled program (bytes); `total` = args + outputs + temps."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {"kind": "n/a (no memory_analysis on this backend)", "total_bytes": None}
+    out = {
+        "kind": "XLA memory_analysis: arguments + outputs + temporaries - aliased",
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "generated_code_bytes": int(m.generated_code_size_in_bytes),
+    }
+    out["total_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- diffusers side
+
+
+class TorchSide:
+    """The PyTorch worker: diffusers' side of every case (eval mode, no_grad)."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        self.torch = torch
+        torch.set_grad_enabled(False)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.threads = threads
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.runs: dict[str, Any] = {}
+        self.outs: dict[str, Any] = {}
+        self._vaes: dict[str, Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        import diffusers
+        import transformers
+
+        out = {
+            "torch": self.torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "device": str(self.device),
+            "threads": self.torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        }
+        if self.device.type == "cuda":
+            out["device_name"] = self.torch.cuda.get_device_name()
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _dtype(self, name: str):
+        return {"float32": self.torch.float32, "bfloat16": self.torch.bfloat16}[name]
+
+    def _nchw(self, x, dtype):
+        return self.torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device, dtype)
+
+    def _peak(self, run) -> int | None:
+        """torch.cuda.max_memory_allocated over one call (None on a CPU)."""
+        if self.device.type != "cuda":
+            return None
+        self._sync()
+        self.torch.cuda.reset_peak_memory_stats()
+        run()
+        self._sync()
+        return int(self.torch.cuda.max_memory_allocated())
+
+    def setup(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return getattr(self, f"_setup_{spec['kind']}")(spec)
+
+    def _setup_unet(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from diffusers import UNet2DConditionModel
+
+        dt = self._dtype(spec["dtype"])
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel.from_pretrained(spec["dir"], subfolder="unet", torch_dtype=dt)
+        unet = unet.to(self.device).eval()
+        load_s = time.perf_counter() - t0
+        b, n = spec["batch"], spec["latent"]
+        x = self._nchw(normal(spec["seed"], (b, n, n, 4)), dt)
+        d = unet.config.cross_attention_dim
+        ctx = self.torch.from_numpy(normal(spec["seed"] + 1, (b, spec["context_len"], d)))
+        ctx = ctx.to(self.device, dt)
+        t = self.torch.full((b,), 500.0, device=self.device)
+
+        def once():
+            out = unet(x, t, encoder_hidden_states=ctx).sample
+            self._sync()
+            return out
+
+        t0 = time.perf_counter()
+        once()
+        first = time.perf_counter() - t0
+        once()
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: once().float().permute(0, 2, 3, 1).cpu().numpy()
+        return {
+            "params": int(sum(p.numel() for p in unet.parameters())),
+            "load_s": load_s,
+            "first_run_s": first,
+            "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
+        }
+
+    def _setup_t2i(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from diffusers import StableDiffusionPipeline
+
+        dt = self._dtype(spec["dtype"])
+        t0 = time.perf_counter()
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec["dir"], torch_dtype=dt, safety_checker=None, requires_safety_checker=False
+        ).to(self.device)
+        load_s = time.perf_counter() - t0
+        pipe.set_progress_bar_config(disable=True)
+        lat = spec["size"] // pipe.vae_scale_factor
+        latents = self._nchw(normal(spec["seed"], (1, lat, lat, 4)), dt)
+
+        def once():
+            out = pipe(
+                spec["prompt"],
+                latents=latents.clone(),
+                num_inference_steps=spec["steps"],
+                guidance_scale=spec["guidance"],
+                height=spec["size"],
+                width=spec["size"],
+                output_type="np",
+            ).images
+            self._sync()
+            return out
+
+        t0 = time.perf_counter()
+        once()
+        first = time.perf_counter() - t0
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = once
+        params = sum(
+            sum(p.numel() for p in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+        )
+        return {
+            "params": int(params),
+            "load_s": load_s,
+            "first_run_s": first,
+            "scheduler": type(pipe.scheduler).__name__,
+            "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
+        }
+
+    def _setup_vae(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from diffusers import AutoencoderKL
+
+        dt = self._dtype(spec["dtype"])
+        t0 = time.perf_counter()
+        key = f"{spec['dir']}:{spec['dtype']}"
+        if key not in self._vaes:
+            vae = AutoencoderKL.from_pretrained(spec["dir"], torch_dtype=dt)
+            self._vaes[key] = vae.to(self.device).eval()
+        load_s = time.perf_counter() - t0
+        vae = self._vaes[key]
+        n = spec["latent"]
+        z = self._nchw(normal(spec["seed"], (spec["batch"], n, n, 4)), dt)
+        tiled = spec["tiled"]
+
+        def once():
+            vae.use_tiling = tiled  # what enable_tiling() / disable_tiling() set
+            out = vae.decode(z).sample
+            self._sync()
+            return out
+
+        once()
+        t0 = time.perf_counter()
+        once()
+        first = time.perf_counter() - t0
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: once().float().permute(0, 2, 3, 1).cpu().numpy()
+        return {
+            "params": int(sum(p.numel() for p in vae.parameters())),
+            "load_s": load_s,
+            "first_run_s": first,
+            "tile": vae.tile_latent_min_size if tiled else None,
+            "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
+        }
+
+    def window(self, name: str, reps: int) -> float:
+        run = self.runs[name]
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        return time.perf_counter() - t0
+
+    def output(self, name: str, path: str) -> str:
+        import numpy as np
+
+        np.save(path, np.asarray(self.outs[name](), np.float32))
+        return path
+
+    def drop(self, name: str) -> None:
+        self.runs.pop(name, None)
+        self.outs.pop(name, None)
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- orchestrator
+
+
+class Worker(common.Worker):
+    """`common.Worker` serving this script's JaxSide / TorchSide (optionally another python)."""
+
+    def __init__(self, kind: str, *, python: str, threads: int, env: dict[str, str]):
+        self.kind = kind
+        self._log = tempfile.NamedTemporaryFile(
+            "w+", prefix=f"bench-pretrained-{kind}-", suffix=".log", delete=False
+        )
+        cmd = [python, str(pathlib.Path(__file__).resolve()), "--worker", kind,
+               "--threads", str(threads)]  # fmt: skip
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            cwd=str(common.ROOT), env=env,
+        )  # fmt: skip
+
+
+def worker_env(suite: str, quick: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # One device is what is measured (the test suite's conftest simulates 8).
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform" not in f]
+    if quick:
+        flags.append("--xla_backend_optimization_level=0")  # compiles faster; logic only
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are cold
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(common.ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    if suite == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:  # both frameworks hold GPU memory at once
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    env.update(extra or {})
+    return env
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.suite, self.quick = args.suite, args.quick
+        self.t0 = time.perf_counter()
+        self.threads = args.threads if self.suite == "cpu" else 0
+        if self.suite == "cpu" and not self.threads:
+            self.threads = len(os.sched_getaffinity(0))
+        self.torch_python = args.torch_python or sys.executable
+        self.notes: list[str] = []
+        self.errors: list[str] = []
+        if self.quick:
+            self.notes.append("--quick: tiny components, XLA:CPU at -O0; checks the logic only.")
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def use_torch(self) -> bool:
+        if self.args.no_torch:
+            return False
+        if self.args.torch_python:
+            probe = "import torch, diffusers, transformers"
+            return (
+                subprocess.run([self.torch_python, "-c", probe], capture_output=True).returncode
+                == 0
+            )
+        return all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers"))
+
+    def references(self) -> dict[str, dict[str, str]]:
+        """Reference variants -> extra env (CPU: spinning and passive OpenMP waits)."""
+        if self.suite == "cpu":
+            return {"torch": {}, "torch_passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+        return {"torch": {}}
+
+    def run(self) -> dict[str, Any]:
+        load0 = os.getloadavg()
+        plan = suite_plan(self.suite, self.quick)
+        plan["quick"] = self.quick
+        wanted = [k for k in self.args.cases.split(",") if k] if self.args.cases else list(KINDS)
+        unknown = sorted(set(wanted) - set(KINDS))
+        if unknown:
+            raise SystemExit(f"unknown --cases {unknown}; known: {list(KINDS)}")
+        result: dict[str, Any] = {
+            "benchmark": "pretrained",
+            "suite": self.suite,
+            "quick": self.quick,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "host": host_info(),
+            "threads": self.threads or None,
+            "load_avg_before": load0,
+            "plan": {k: v for k, v in plan.items() if k != "quick"},
+            "cases": [],
+        }
+        tmp = tempfile.mkdtemp(prefix="diffjax-bench-pretrained-")
+        env = worker_env(self.suite, self.quick)
+        jw = Worker("jax", python=sys.executable, threads=self.threads, env=env)
+        refs: dict[str, Worker] = {}
+        try:
+            info = jw.call("info")
+            result["jax"] = info
+            if self.suite == "gpu" and info["backend"] != "gpu" and not self.quick:
+                raise SystemExit(
+                    f"--suite gpu needs a GPU, but JAX's backend is {info['backend']!r}. "
+                    "Use --suite cpu, or --suite gpu --quick to check the script's logic."
+                )
+            if self.use_torch():
+                for name, extra in self.references().items():
+                    e = worker_env(self.suite, self.quick, extra)
+                    refs[name] = Worker("torch", python=self.torch_python, threads=self.threads,
+                                        env=e)  # fmt: skip
+                result["torch"] = next(iter(refs.values())).call("info")
+            else:
+                result["torch"] = None
+                self.notes.append("diffusers side skipped (--no-torch, or torch/diffusers absent).")
+            pipe_dir, vae_dir = os.path.join(tmp, "sd-pipeline"), os.path.join(tmp, "sd-vae")
+            self.log("writing random-weight diffusers directories")
+            result["weights"] = jw.call(
+                "write_pipeline", path=pipe_dir, vae_path=vae_dir, plan=plan
+            )
+            for spec in cases_of(plan, pipe_dir, vae_dir):
+                if spec["kind"] not in wanted:
+                    continue
+                result["cases"].append(self.run_case(spec, plan, jw, refs, tmp))
+        finally:
+            for w in (jw, *refs.values()):
+                w.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        result["load_avg_after"] = os.getloadavg()
+        result["wall_s"] = time.perf_counter() - self.t0
+        result["notes"] = self.notes
+        result["errors"] = self.errors
+        return result
+
+    def run_case(self, spec, plan, jw: Worker, refs: dict[str, Worker], tmp: str):
+        name = spec["name"]
+        out: dict[str, Any] = {"name": name, "kind": spec["kind"],
+                               "spec": {k: v for k, v in spec.items() if k != "dir"}}  # fmt: skip
+        workers = {"diffjax": jw}
+        try:
+            self.log(f"{name}: diffjax setup (load + compile)")
+            out["diffjax"] = {"setup": jw.call("setup", spec=spec)}
+            out["params"] = out["diffjax"]["setup"]["params"]
+            for ref, w in refs.items():
+                self.log(f"{name}: {ref} setup")
+                try:
+                    setup = w.call("setup", spec=spec)
+                except common.WorkerError as e:
+                    self.errors.append(f"{name} {ref}: {e}")
+                    out[ref] = {"error": str(e)[-2000:]}
+                    continue
+                out[ref] = {"setup": setup}
+                if setup["params"] != out["params"]:
+                    raise ValueError(
+                        f"{name}: parameter counts differ: diffjax {out['params']:,}, "
+                        f"{ref} {setup['params']:,}; the configs are not the same model."
+                    )
+                workers[ref] = w
+            self.log(f"{name}: timing windows")
+            self._windows(name, workers, out, plan)
+            self._compare(name, workers, out, tmp)
+            _ratio(out)
+        except (common.WorkerError, ValueError) as e:
+            self.errors.append(f"{name}: {e}")
+            out["error"] = str(e)[-4000:]
+        finally:
+            for w in workers.values():
+                try:
+                    w.call("drop", name=name)
+                except common.WorkerError:
+                    pass
+        return out
+
+    def _windows(self, name: str, workers: dict[str, Worker], out, plan) -> None:
+        """Alternating timing windows of ~window_s each; median time per call.
+
+        A reference variant whose calibration call is over 2x slower than the fastest
+        variant's is left out (spinning OpenMP threads on a loaded CPU; see run.py).
+        """
+        first = {k: w.call("window", name=name, reps=1) for k, w in workers.items()}
+        refs = [k for k in workers if k != "diffjax"]
+        if len(refs) > 1:
+            best = min(refs, key=lambda k: first[k])
+            for k in refs:
+                if first[k] > 2 * first[best]:
+                    out[k]["dropped"] = (
+                        f"calibration call {first[k]:.3f} s vs {first[best]:.3f} s for {best}"
+                    )
+                    self.notes.append(f"{name}: {k} dropped ({out[k]['dropped']})")
+            workers = {k: w for k, w in workers.items() if "dropped" not in out.get(k, {})}
+        reps = {k: max(1, min(50, round(plan["window_s"] / max(first[k], 1e-4)))) for k in workers}
+        times: dict[str, list[float]] = {k: [] for k in workers}
+        for _ in range(plan["windows"]):
+            for k, w in workers.items():
+                times[k].append(w.call("window", name=name, reps=reps[k]))
+        for k in workers:
+            per_call = common.median(times[k]) / reps[k]
+            out[k].update(calls_per_window=reps[k], window_s=times[k], ms=1e3 * per_call)
+
+    def _compare(self, name: str, workers: dict[str, Worker], out, tmp: str) -> None:
+        """Max |diffjax - diffusers| of the outputs (same weights, same inputs)."""
+        import numpy as np
+
+        refs = [k for k in workers if k != "diffjax" and "ms" in out.get(k, {})]
+        if not refs or out["spec"].get("tiled"):
+            return  # tiled decodes: the two tile layouts and blends differ by design
+        a = np.load(workers["diffjax"].call("output", name=name, path=f"{tmp}/{name}_jax.npy"))
+        b = np.load(workers[refs[0]].call("output", name=name, path=f"{tmp}/{name}_torch.npy"))
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{name}: output shapes differ: diffjax {a.shape}, diffusers {b.shape}"
+            )
+        diff = float(np.max(np.abs(a - b)))
+        out["max_abs_diff"] = diff
+        out["max_abs_output"] = float(np.max(np.abs(b)))
+        if out["kind"] == "t2i":
+            out["diff_note"] = "images in [0, 1]; diffjax's are uint8-rounded (1/255 = 0.0039)"
+
+
+def _ratio(out: dict[str, Any]) -> None:
+    """diffjax time / the fastest diffusers variant's time."""
+    refs = [k for k in out if k.startswith("torch") and "ms" in out[k]]
+    if refs and "ms" in out.get("diffjax", {}):
+        best = min(refs, key=lambda k: out[k]["ms"])
+        out["reference"] = best
+        out["ratio"] = out["diffjax"]["ms"] / out[best]["ms"]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _shape(c: dict[str, Any]) -> str:
+    s = c["spec"]
+    if c["kind"] == "unet":
+        return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}"
+    if c["kind"] == "t2i":
+        return f"{s['size']}px, {s['steps']} DDIM steps, cfg {s['guidance']}"
+    tile = (c.get("diffjax", {}).get("setup") or {}).get("tile")
+    return f"{s['latent']}x{s['latent']} latents" + (f", tiles {tile}" if tile else ", full")
+
+
+def report(result: dict[str, Any]) -> str:
+    j, t = result.get("jax", {}), result.get("torch")
+    lines = [
+        f"suite={result['suite']}{' (quick)' if result['quick'] else ''}  "
+        f"device={j.get('device_kind')} ({j.get('backend')})  jax {j.get('jax')}"
+        + (f"  torch {t['torch']} diffusers {t['diffusers']}" if t else "  diffusers: not run"),
+        f"host: {result['host']['cpu']}, {result['host']['cpus_allowed']} CPUs allowed"
+        + (f"; {result['threads']} threads each" if result.get("threads") else ""),
+        f"load average before {result['load_avg_before'][0]:.2f}, "
+        f"after {result.get('load_avg_after', [float('nan')])[0]:.2f} (1-min)",
+        "",
+    ]
+    rows = []
+    for c in result["cases"]:
+        dj = c.get("diffjax", {})
+        if "ms" not in dj:
+            rows.append([c["name"], _shape(c), c["spec"].get("dtype", ""), "error"] + [""] * 7)
+            continue
+        s = dj["setup"]
+        ref = c.get("reference")
+        r = c.get(ref, {}) if ref else {}
+        compile_s = (
+            f"{s['lower_s'] + s['compile_s']:.1f}"
+            if "compile_s" in s
+            else f"~{s['first_run_s'] - dj['ms'] / 1e3:.1f} (1st call)"
+        )
+        dj_mem = (s.get("memory") or {}).get("total_bytes")
+        if dj_mem is not None and s["memory"].get("host_blend_bytes"):
+            dj_mem_s = f"{_fmt_bytes(dj_mem)} (+{_fmt_bytes(s['memory']['host_blend_bytes'])} host)"
+        else:
+            dj_mem_s = _fmt_bytes(dj_mem) if c["kind"] != "t2i" else "-"
+        ref_mem = ((r.get("setup") or {}).get("memory") or {}).get("total_bytes")
+        rows.append([
+            c["name"], _shape(c), c["spec"]["dtype"], f"{c['params'] / 1e6:.1f}M",
+            f"{dj['ms']:.1f}", f"{r['ms']:.1f} ({ref})" if ref else "n/a",
+            f"{c['ratio']:.2f}x" if "ratio" in c else "",
+            compile_s,
+            f"{s['load_s']:.1f} / {r['setup']['load_s']:.1f}" if ref else f"{s['load_s']:.1f} / -",
+            f"{dj_mem_s} / {_fmt_bytes(ref_mem)}",
+            f"{c['max_abs_diff']:.2g}" if "max_abs_diff" in c else "",
+        ])  # fmt: skip
+    lines.append(_table(
+        ["case", "shape", "dtype", "params", "diffjax ms", "diffusers ms", "diffjax/diffusers",
+         "diffjax compile s", "load s (dj / df)", "memory (dj / df)", "max |diff|"], rows,
+    ))  # fmt: skip
+    lines += [
+        "",
+        "memory: diffjax = XLA's compiled plan (args + outputs + temps); diffusers = "
+        "torch.cuda.max_memory_allocated (n/a on a CPU). Both include the weights.",
+    ]
+    vae = [c for c in result["cases"] if c["kind"] == "vae" and "ms" in c.get("diffjax", {})]
+    if vae:
+        rows = []
+        for c in vae:
+            m = c["diffjax"]["setup"]["memory"]
+            if m.get("total_bytes") is None:
+                continue
+            rows.append([
+                c["name"], _shape(c), _fmt_bytes(m["argument_bytes"]), _fmt_bytes(m["temp_bytes"]),
+                _fmt_bytes(m["output_bytes"]), _fmt_bytes(m["host_blend_bytes"]),
+                _fmt_bytes(m.get("device_peak_bytes_in_use_so_far")),
+            ])  # fmt: skip
+        lines += ["", "diffjax VAE decode, XLA's plan per compiled call (arguments = the "
+                  "decoder's weights + the latent; tiled: one tile)", ""]  # fmt: skip
+        lines.append(_table(["case", "shape", "arguments", "temporaries", "output",
+                             "host blend", "device peak so far"], rows))  # fmt: skip
+    for n in result.get("notes", []):
+        lines.append(f"note: {n}")
+    for err in result.get("errors", []):
+        lines.append(f"ERROR: {err.splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def result_path(result: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
+    kind = re.sub(r"[^A-Za-z0-9]+", "-", result["jax"]["device_kind"]).strip("-").lower()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    quick = "-quick" if result["quick"] else ""
+    return out_dir / f"pretrained_{result['suite']}{quick}_{kind or 'device'}_{stamp}.json"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny components: the logic in seconds")
+    p.add_argument("--no-torch", action="store_true", help="skip the diffusers side")
+    p.add_argument("--torch-python", default="",
+                   help="interpreter for the diffusers side (default: this one)")  # fmt: skip
+    p.add_argument("--cases", default="", help=f"comma-separated subset of {KINDS}")
+    p.add_argument("--threads", type=int, default=0,
+                   help="cpu suite: CPUs for each framework (default: all allowed)")  # fmt: skip
+    p.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
+    p.add_argument("--report", metavar="JSON", help="print the table of a saved result and exit")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        if args.threads:
+            common.pin_threads(args.threads)
+        side = (JaxSide if args.worker == "jax" else TorchSide)(args.threads)
+        handlers = {k: getattr(side, k) for k in
+                    ("info", "setup", "window", "output", "drop", "write_pipeline")
+                    if hasattr(side, k)}  # fmt: skip
+        common.serve(handlers)
+        return {}
+    if args.report:
+        with open(args.report) as f:
+            result = json.load(f)
+        print(report(result))
+        return result
+    result = Bench(args).run()
+    print(report(result))
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = result_path(result, out_dir)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"\nwrote {path}")
+    result["path"] = str(path)
+    if result["errors"]:
+        sys.exit(1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
