@@ -39,6 +39,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.max_text_len = 16  # Token length of captions for text-conditioned configs.
     d.caption_template = ""  # Caption template for sources that make captions from labels.
 
+    # ---------------------------------------------------------------- latent diffusion
+    # latent.vae: the AutoencoderKL the latents were encoded with (launch/encode_latents.py),
+    # a diffusers VAE directory or a pipeline directory with vae/; sample grids, sample.py,
+    # evaluation and exports decode through it, and a resume with other weights is refused.
+    c.latent = ml_collections.ConfigDict()
+    c.latent.vae = ""  # VAE directory of a latent model; "" = a pixel-space model.
+
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
     m.name = "unet"  # Registry name: unet | dit.

@@ -185,11 +185,20 @@ def sampling_condition(
 def upgrade_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     """A run's saved config.json as a ConfigDict, with fields of older versions mapped.
 
-    Removed fields (`diffjax.config.REMOVED_FIELDS`) are dropped; `sample.eta = 0.0`
+    Fields added since take their defaults; removed fields
+    (`diffjax.config.REMOVED_FIELDS`) are dropped; `sample.eta = 0.0`
     (the old always-present default, read only by `ddim`) becomes None (the method's
     default), so old runs sample exactly as before.
     """
     config = ml_collections.ConfigDict(saved)
+    # Fields added after the run was made take their defaults (e.g. `latent.vae`).
+    for section, fields in get_base_config().items():
+        if section not in config:
+            config[section] = fields
+        elif isinstance(fields, ml_collections.ConfigDict):
+            for key, value in fields.items():
+                if key not in config[section]:
+                    config[section][key] = value
     for dotted in REMOVED_FIELDS:
         section, field = dotted.split(".")
         if section in config and field in config[section]:

@@ -149,6 +149,8 @@ def export_params(
         "image_shape": list(experiment.image_shape(config)),
         "num_classes": int(config.data.num_classes),
         "conditioning": experiment.conditioning_kind(config),
+        # Latent models: samples are latents, decoded by this VAE (checked by hash).
+        "latent": _latent_record(config),
         "params_sha256": _sha256(params_path),
         "serialized_sampler": {
             "file": "sampler.jax_export" if blob is not None else None,
@@ -163,6 +165,15 @@ def export_params(
         json.dump(meta, f, indent=2, sort_keys=True, default=list)
     os.replace(path + ".tmp", path)
     return meta
+
+
+def _latent_record(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    if not config.latent.vae:
+        return None
+    from diffjax.pretrained.frozen import frozen_record
+
+    vae = frozen_record(config)["vae"]
+    return {"vae": vae["path"], "vae_sha256": vae["sha256"]}
 
 
 def read_export(export_dir: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]:

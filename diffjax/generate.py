@@ -34,6 +34,14 @@ class Generator:
     sample_fn: Any
     mesh: Any
     step: int
+    # Latent models: the frozen VAE that turns samples into images (`latent.vae`).
+    decoder: Any = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape [H, W, C] of the uint8 images this generator yields."""
+        shape = experiment.image_shape(self.config)
+        return shape if self.decoder is None else self.decoder.image_shape(shape)
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +67,12 @@ class Generator:
             parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
         )
         return cls(
-            config=config, params=state.ema_params, sample_fn=sample_fn, mesh=mesh, step=step
+            config=config,
+            params=state.ema_params,
+            sample_fn=sample_fn,
+            mesh=mesh,
+            step=step,
+            decoder=latent_decoder(config, mesh),
         )
 
     @classmethod
@@ -102,7 +115,14 @@ class Generator:
             if serialized
             else (parallel.make_mesh(config.mesh.data, config.mesh.fsdp))
         )
-        return cls(config=config, params=params, sample_fn=sample_fn, mesh=mesh, step=meta["step"])
+        return cls(
+            config=config,
+            params=params,
+            sample_fn=sample_fn,
+            mesh=mesh,
+            step=meta["step"],
+            decoder=latent_decoder(config, mesh, recorded=meta.get("latent")),
+        )
 
     def batches(
         self,
@@ -132,6 +152,8 @@ class Generator:
             cond = experiment.sampling_condition(self.config, lab)
             z, cond = jax.device_put((z, cond), sharding)
             x = self.sample_fn(self.params, z, cond, key)
+            if self.decoder is not None:
+                x = self.decoder(x)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
 
     def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +173,27 @@ class Generator:
             return lambda idx: given[idx % len(given)]
         # The sampling contract (`cycle_labels`): 0..K-1 repeated; all 0 when unconditional.
         return lambda idx: (idx % max(k, 1)).astype(np.int32)
+
+
+def latent_decoder(config: ml_collections.ConfigDict, mesh, recorded: dict | None = None):
+    """The `LatentDecoder` of a latent model's `latent.vae` (None for pixel models).
+
+    `recorded` (an export's `latent` entry) must match the VAE found at that path.
+    """
+    if not config.latent.vae:
+        return None
+    from diffjax.pretrained import pipeline, safetensors_io
+
+    decoder = pipeline.LatentDecoder.from_path(config.latent.vae, mesh)
+    if recorded and recorded.get("vae_sha256"):
+        digest = safetensors_io.weights_sha256(decoder.path)
+        if digest != recorded["vae_sha256"]:
+            raise export.ExportError(
+                f"the VAE at {decoder.path} (SHA-256 {digest[:12]}...) is not the one this "
+                f"model was trained with ({recorded['vae_sha256'][:12]}...); point "
+                "--config.latent.vae or the export's config at the original VAE."
+            )
+    return decoder
 
 
 def _with_sampling(config, method, num_steps, guidance):

@@ -71,7 +71,7 @@ def main(argv):
         return _sample_pretrained(labels, noise)
     if _PROMPT.value or _HEIGHT.value or _WIDTH.value:
         raise ValueError("--prompt, --height and --width apply to --pretrained only.")
-    from diffjax import experiment, generate
+    from diffjax import generate
 
     overrides = dict(method=_METHOD.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value)
     if _WORKDIR.value:
@@ -97,7 +97,7 @@ def main(argv):
             noise=noise,
         ),
         _NUM.value,
-        experiment.image_shape(generator.config),
+        generator.image_shape,
         ncols=generator.num_classes or None,
     )
     print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")

@@ -45,7 +45,7 @@ def _object_error(path: str, key: str) -> ValueError:
     )
 
 
-def _mmap_npz_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
+def mmap_npz_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
     """Memory-maps an uncompressed .npy member of a zip file; None if not possible."""
     if info.compress_type != zipfile.ZIP_STORED:
         return None
@@ -108,7 +108,7 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
                 info = members.get(key + ".npy")
                 if info is None:
                     continue
-                arr = _mmap_npz_member(path, zf, info)
+                arr = mmap_npz_member(path, zf, info)
                 if arr is None:
                     with np.load(path, allow_pickle=False) as npz:
                         try:

@@ -68,7 +68,7 @@ from diffjax.data.tokens import tokenize
 from diffjax.images import resize_center_crop, to_mode, uint8_to_float
 from diffjax.models import autoencoder_kl
 from diffjax.pretrained import safetensors_io
-from diffjax.pretrained.pipeline import Component, load_text_encoder, load_vae
+from diffjax.pretrained.pipeline import Component, load_text_encoder, load_vae, vae_dir
 from diffjax.text.clip_bpe import CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -81,34 +81,6 @@ ARRAYS = ("latents", "labels", "context", "context_mask", "class_names")
 
 
 # ----------------------------------------------------------------------------- directories
-
-
-def resolve_vae_dir(path: str) -> str:
-    """The `AutoencoderKL` component directory behind `path` (a pipeline's `vae/`, or itself).
-
-    Raises:
-      FileNotFoundError: `path` is neither a pipeline with a `vae/` nor a VAE directory.
-    """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"--vae={path} is not a directory; give a diffusers pipeline directory (with "
-            "vae/) or an AutoencoderKL directory (config.json + safetensors weights)."
-        )
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        vae = os.path.join(path, "vae")
-        if not os.path.isdir(vae):
-            raise FileNotFoundError(
-                f"{path} is a pipeline directory without a vae/ component; give a pipeline "
-                "of a latent model (Stable Diffusion, DiT) or a VAE directory."
-            )
-        return vae
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"{path} holds neither model_index.json (a pipeline) nor config.json (an "
-            "AutoencoderKL directory); point --vae at one of them."
-        )
-    return path
 
 
 def resolve_text_encoder_dirs(path: str) -> tuple[str, str]:
@@ -166,7 +138,7 @@ def _npz_member(path: str, key: str) -> np.ndarray | None:
         info = next((i for i in zf.infolist() if i.filename == key + ".npy"), None)
         if info is None:
             return None
-        arr = latents_lib._mmap_npz_member(path, zf, info)  # noqa: SLF001
+        arr = latents_lib.mmap_npz_member(path, zf, info)
     if arr is None:  # compressed: read into memory
         with np.load(path, allow_pickle=False) as npz:
             try:
@@ -629,8 +601,8 @@ def encode_dataset(
         raise ValueError(f"--seed must lie in [0, 2**31), got {seed}.")
     if not overwrite:  # before reading a large dataset
         _refuse_finished(out_dir)
-    vae_dir = resolve_vae_dir(vae)
-    vae_cfg = safetensors_io.read_config(vae_dir)
+    vae_path = vae_dir(vae)
+    vae_cfg = safetensors_io.read_config(vae_path)
     f = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
     size = vae_cfg.get("sample_size", 256)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -647,7 +619,7 @@ def encode_dataset(
     if h % f or w % f:
         good = max(f, (min(h, w) // f) * f)
         raise ValueError(
-            f"images are {h}x{w} but this VAE ({vae_dir}) downsamples by {f}, so both sides must "
+            f"images are {h}x{w} but this VAE ({vae_path}) downsamples by {f}, so both sides must "
             f"be multiples of {f}; pass --image_size={good} (or another multiple of {f})."
         )
     captions = captions or bool(text_encoder)
@@ -659,13 +631,13 @@ def encode_dataset(
         )
 
     te_dirs = resolve_text_encoder_dirs(text_encoder) if text_encoder else None
-    vae_hash = safetensors_io.weights_sha256(vae_dir)
+    vae_hash = safetensors_io.weights_sha256(vae_path)
     te_hash = safetensors_io.weights_sha256(te_dirs[0]) if te_dirs else None
     arguments = {
         "source": imgs.description,
         "count": imgs.count,
         "image_shape": list(imgs.shape),
-        "vae": vae_dir,
+        "vae": vae_path,
         "vae_sha256": vae_hash,
         "latents": "sample" if sample else "mode",
         "seed": seed if sample else None,
@@ -681,7 +653,7 @@ def encode_dataset(
 
         start = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
 
-    vae_c = load_vae(vae_dir)
+    vae_c = load_vae(vae_path)
     tokenizer, te_c = None, None
     if te_dirs:
         te_c = load_text_encoder(te_dirs[0])
@@ -718,7 +690,7 @@ def encode_dataset(
         n,
         imgs.shape,
         imgs.description,
-        vae_dir,
+        vae_path,
         arguments["latents"],
         out_dir,
         latent_shape,
@@ -762,7 +734,7 @@ def encode_dataset(
         "image_size": image_size,
         "source": imgs.description,
         "labels": imgs.labelled,
-        "vae": {"path": vae_dir, "sha256": vae_hash},
+        "vae": {"path": vae_path, "sha256": vae_hash},
         "scaling_factor": enc.scaling_factor,
         "shift_factor": enc.shift_factor,
         "latents": arguments["latents"],
@@ -806,25 +778,25 @@ def read_meta(data_dir: str) -> dict:
     return _read_json(path)
 
 
-def check_latents_meta(data_dir: str, vae_dir: str) -> None:
-    """Raises unless the latents in `data_dir` were encoded by the VAE in `vae_dir`.
+def check_latents_meta(data_dir: str, vae_path: str) -> None:
+    """Raises unless the latents in `data_dir` were encoded by the VAE in `vae_path`.
 
     Compares the sha256 of the weight files and the scaling/shift factors of the VAE's
-    config.json with those meta.json recorded. `vae_dir` is a pipeline or VAE directory.
+    config.json with those meta.json recorded. `vae_path` is a pipeline or VAE directory.
 
     Raises:
-      FileNotFoundError: no meta.json, or no VAE at `vae_dir`.
+      FileNotFoundError: no meta.json, or no VAE at `vae_path`.
       ValueError: another VAE (or other factors) made the latents; names both.
     """
     meta = read_meta(data_dir)
-    vae = resolve_vae_dir(vae_dir)
+    vae = vae_dir(vae_path)
     have = meta.get("vae") or {}
     want = safetensors_io.weights_sha256(vae)
     if have.get("sha256") != want:
         raise ValueError(
             f"{data_dir} was encoded with the VAE {have.get('path')} (weights sha256 "
             f"{have.get('sha256')}) but the config names {vae} (sha256 {want}); re-encode with "
-            f"`python launch/encode_latents.py --vae={vae_dir} ... --out=DIR --overwrite`, or "
+            f"`python launch/encode_latents.py --vae={vae_path} ... --out=DIR --overwrite`, or "
             f"name the VAE {have.get('path')}."
         )
     model = autoencoder_kl.from_diffusers_config(safetensors_io.read_config(vae))

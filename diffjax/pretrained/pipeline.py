@@ -265,13 +265,81 @@ def _text_apply(module):
 
 def decode_latents(pipe: Pipeline, params: Any, latents: jax.Array) -> jax.Array:
     """Model-space latents -> images in [-1, 1] (the VAE's `1/scaling_factor + shift`)."""
-    if pipe.vae is None:
-        return latents
-    cfg = pipe.vae.config
+    return latents if pipe.vae is None else _decode_with(pipe.vae, params, latents)
+
+
+def vae_dir(path: str) -> str:
+    """The `AutoencoderKL` component directory behind `path` (a pipeline's `vae/`, or itself).
+
+    Raises:
+      FileNotFoundError: `path` is neither a pipeline with a `vae/` nor a VAE directory.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"--vae={path} is not a directory; give a diffusers pipeline directory (with "
+            "vae/) or an AutoencoderKL directory (config.json + safetensors weights)."
+        )
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        vae = os.path.join(path, "vae")
+        if not os.path.isdir(vae):
+            raise FileNotFoundError(
+                f"{path} is a pipeline directory without a vae/ component; give a pipeline "
+                "of a latent model (Stable Diffusion, DiT) or a VAE directory."
+            )
+        return vae
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"{path} holds neither model_index.json (a pipeline) nor config.json (an "
+            "AutoencoderKL directory); point --vae at one of them."
+        )
+    return path
+
+
+class LatentDecoder:
+    """A frozen VAE decoding model-space latents to images in [-1, 1].
+
+    `LatentDecoder.from_path(config.latent.vae)`; calling it on latents [B, h, w, c]
+    returns [B, h*f, w*f, C] float32 (f: `factor`), with params replicated over `mesh`.
+    """
+
+    def __init__(self, vae: Component, path: str, mesh: Any = None) -> None:
+        self.vae, self.path = vae, path
+        self.factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        self.latent_channels = int(vae.config.get("latent_channels", 4))
+        self.out_channels = int(vae.config.get("out_channels", 3))
+        params = vae.params
+        if mesh is not None:
+            params = jax.device_put(params, parallel.replicated(mesh))
+        self.params = params
+        self._decode = jax.jit(functools.partial(_decode_with, vae))
+
+    @classmethod
+    def from_path(cls, path: str, mesh: Any = None, dtype: str = "float32") -> LatentDecoder:
+        directory = vae_dir(path)
+        return cls(load_vae(directory, dtype), directory, mesh)
+
+    def image_shape(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The decoded image shape [H, W, C] of latents [h, w, c]."""
+        h, w, c = latent_shape
+        if c != self.latent_channels:
+            raise ValueError(
+                f"the model makes {c}-channel latents but the VAE {self.path} decodes "
+                f"{self.latent_channels}; set data.channels={self.latent_channels} or use "
+                "the VAE the latents were encoded with."
+            )
+        return (h * self.factor, w * self.factor, self.out_channels)
+
+    def __call__(self, latents: jax.Array) -> jax.Array:
+        return self._decode(self.params, latents)
+
+
+def _decode_with(vae: Component, params: Any, latents: jax.Array) -> jax.Array:
+    cfg = vae.config
     z = autoencoder_kl.from_latents(
         latents, float(cfg.get("scaling_factor", 0.18215)), float(cfg.get("shift_factor") or 0.0)
     )
-    return pipe.vae.module.apply({"params": params}, z, method=pipe.vae.module.decode)
+    return vae.module.apply({"params": params}, z, method=vae.module.decode)
 
 
 def sampler_config(pipe: Pipeline, *, num_steps: int, guidance: float) -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ on load and need torch; the error says how to convert them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -86,6 +87,17 @@ def weight_files(path: str, variant: str | None = None) -> list[str]:
             "safetensors.torch.save_file(torch.load(path), 'model.safetensors')."
         )
     return [path]
+
+
+def weights_sha256(path: str, variant: str | None = None) -> str:
+    """SHA-256 over the weight file(s) behind `path` (shards in index order): what a run
+    records of a frozen pretrained component, to refuse a changed one on resume."""
+    h = hashlib.sha256()
+    for file in weight_files(path, variant):
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_tensors(path: str, variant: str | None = None) -> dict[str, np.ndarray]:

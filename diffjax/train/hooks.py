@@ -23,7 +23,7 @@ import numpy as np
 from diffjax import experiment, export, images, parallel
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import evaluate_generator, write_eval
-from diffjax.generate import Generator
+from diffjax.generate import Generator, latent_decoder
 from diffjax.rundir import Components
 from diffjax.sample_fn import cycle_labels, make_sample_fn
 from diffjax.train.writers import MetricWriter
@@ -345,8 +345,11 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
     labels = np.asarray(cycle_labels(n, config.data.num_classes))
     cond = jax.device_put(experiment.sampling_condition(config, labels), rep)
 
+    decoder = latent_decoder(config, mesh)
+
     def grid(params, step: int) -> str | None:
-        x = parallel.host_value(sample(params, noise, cond, jax.random.fold_in(key, 1)))
+        x = sample(params, noise, cond, jax.random.fold_in(key, 1))
+        x = parallel.host_value(x if decoder is None else decoder(x))
         if not write:
             return None
         path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
@@ -370,6 +373,7 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
     sample_fn = make_sample_fn(
         parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
     )
+    decoder = latent_decoder(config, mesh)
     best_path = os.path.join(workdir, "eval", "best.json")
     best = None
     if os.path.exists(best_path):
@@ -379,7 +383,12 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
     def evaluate(params, step: int) -> dict[str, Any]:
         nonlocal best
         generator = Generator(
-            config=config, params=params, sample_fn=sample_fn, mesh=mesh, step=step
+            config=config,
+            params=params,
+            sample_fn=sample_fn,
+            mesh=mesh,
+            step=step,
+            decoder=decoder,
         )
         metrics = evaluate_generator(
             generator, num_samples=config.eval.num_samples, batch_size=config.eval.batch_size

@@ -22,6 +22,7 @@ from diffjax import experiment, parallel, rundir
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import check_eval_inputs
 from diffjax.models.partitioning import sharding_context
+from diffjax.pretrained.frozen import check_frozen, write_frozen
 from diffjax.train import hooks
 from diffjax.train.state import TrainState
 from diffjax.train.writers import MetricWriter
@@ -48,7 +49,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with contextlib.ExitStack() as stack:
         stack.enter_context(rundir.WorkdirLock(workdir, enabled=is_main))
         preemption = stack.enter_context(hooks.Preemption())
+        frozen = check_frozen(config, workdir, resuming=rundir.has_checkpoints(workdir))
         rundir.prepare_workdir(config, workdir, is_main)
+        if is_main:
+            write_frozen(workdir, frozen)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
         per_process_batch = parallel.check_batch_size(tc.batch_size, mesh, tc.grad_accum_steps)
         log.info("Mesh %s, %d process(es).", dict(mesh.shape), jax.process_count())

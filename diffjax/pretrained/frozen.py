@@ -1,0 +1,96 @@
+"""Frozen pretrained components of a run: recorded by hash, checked on resume.
+
+A latent model trains on latents of one VAE (`latent.vae`) and decodes its samples
+through it; a run that resumed with another VAE would silently mix two latent spaces.
+The first start records each frozen component's path and weights SHA-256 in
+`WORKDIR/frozen.json`; a resume with a component whose weights differ is refused,
+naming both hashes (a moved directory with the same weights is fine). A latents
+directory made by `launch/encode_latents.py` must name the same VAE in its meta.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+
+from diffjax.pretrained import safetensors_io
+from diffjax.pretrained.pipeline import vae_dir
+
+FILE = "frozen.json"
+log = logging.getLogger(__name__)
+
+
+class FrozenComponentError(ValueError):
+    """A frozen component differs from the one the run (or its data) was made with."""
+
+
+def frozen_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{component: {path, sha256}} of the config's frozen components ({} for none)."""
+    record = {}
+    if config.latent.vae:
+        directory = os.path.abspath(vae_dir(config.latent.vae))
+        record["vae"] = {"path": directory, "sha256": safetensors_io.weights_sha256(directory)}
+    return record
+
+
+def check_frozen(
+    config: ml_collections.ConfigDict, workdir: str, *, resuming: bool
+) -> dict[str, Any]:
+    """Checks the frozen components before any work; returns their record (for
+    `write_frozen` once the workdir is prepared).
+
+    Raises:
+      FrozenComponentError: a resumed run's component has other weights, or a latents
+        data directory was encoded with another VAE.
+    """
+    record = frozen_record(config)
+    path = os.path.join(workdir, FILE)
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        for name in sorted(set(saved) | set(record)):
+            old, new = saved.get(name), record.get(name)
+            if (old or {}).get("sha256") != (new or {}).get("sha256"):
+                raise FrozenComponentError(
+                    f"{workdir} was trained with {name} {_describe(old)}, this config has "
+                    f"{_describe(new)}. Resume with the original {name} "
+                    f"(--config.latent.{name}=...), or train into a new workdir."
+                )
+    if record.get("vae") and config.data.source == "latents":
+        from diffjax.pretrained.encode import META, check_latents_meta
+
+        if os.path.isfile(os.path.join(config.data.data_dir, META)):
+            try:
+                check_latents_meta(config.data.data_dir, record["vae"]["path"])
+            except ValueError as e:
+                raise FrozenComponentError(str(e)) from e
+        else:  # latents made by hand (or by another tool): nothing to check them against
+            log.warning(
+                "%s has no %s (launch/encode_latents.py writes one): cannot check that its "
+                "latents come from the VAE %s.",
+                config.data.data_dir,
+                META,
+                record["vae"]["path"],
+            )
+    return record
+
+
+def write_frozen(workdir: str, record: dict[str, Any]) -> None:
+    """Writes the record of a run's frozen components unless the run already has one."""
+    path = os.path.join(workdir, FILE)
+    if not record or os.path.exists(path):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _describe(entry: dict | None) -> str:
+    if not entry:
+        return "none"
+    return f"{entry['path']} (SHA-256 {entry['sha256'][:12]}...)"
