@@ -11,5 +11,8 @@ Layout:
   * `diffusers_dit`, `diffusers_unet2d`: diffjax's own `dit` / `unet` in diffusers'
     `DiTTransformer2DModel` / `UNet2DModel` layouts, both ways.
   * `pipeline`: a whole pipeline directory (`model_index.json`) -> loaded components
-    and a sampler.
+    and a sampler (`PretrainedGenerator`); `LatentDecoder`, a frozen VAE for latent runs.
+  * `encode`: a dataset -> VAE latents (+ caption embeddings) on disk, what
+    `launch/encode_latents.py` runs; `check_latents_meta`.
+  * `frozen`: a run's frozen components (its VAE) recorded by hash and checked on resume.
 """
