@@ -299,3 +299,16 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"outside \[-1, 1\]"):
         run(str(tmp_path / "float.npz"), vae=vae, mesh=one_device_mesh(), batch_size=1)
     assert not os.path.exists(tmp_path / "o" / "latents.npy")
+
+
+def test_embedded_digits_as_images():
+    from diffjax.pretrained.encode import open_images
+
+    s = open_images("digits:half0", channels=1)
+    assert s.count == 899 and s.shape == (8, 8, 1) and s.labelled
+    rec = s.read(0)
+    assert (
+        rec["image"].shape == (8, 8, 1) and -1.0 <= rec["image"].min() <= rec["image"].max() <= 1.0
+    )
+    assert int(rec["labels"]) == 0 and s.class_names == [str(k) for k in range(10)]
+    assert open_images("digits", channels=3, image_size=16).read(5)["image"].shape == (16, 16, 3)

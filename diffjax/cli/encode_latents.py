@@ -1,6 +1,6 @@
 """Encodes a dataset to VAE latents (and captions to text embeddings) for latent training.
 
-    python launch/encode_latents.py --vae=DIR --images=(FILE.npz|FOLDER|tfds:NAME) --out=OUTDIR
+    python launch/encode_latents.py --vae=DIR --images=(FILE.npz|FOLDER|tfds:NAME|digits) --out=OUTDIR
         [--text_encoder=DIR] [--captions] [--sample --seed=0] [--batch_size=32]
         [--image_size=S] [--data_dir=TFDS_DIR --split=train] [--overwrite]
 
@@ -32,7 +32,7 @@ _VAE = flags.DEFINE_string(
 _IMAGES = flags.DEFINE_string(
     "images",
     None,
-    "FILE.npz (images uint8 [N,H,W,C]), an image folder, or tfds:NAME.",
+    "FILE.npz (images uint8 [N,H,W,C]), an image folder, tfds:NAME, or digits[:half0|half1].",
     required=True,
 )
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)

@@ -157,6 +157,29 @@ def _open_npz(path: str, image_size: int | None, channels: int) -> ImageSet:
     images = _npz_member(path, "images")
     if images is None:
         raise ValueError(f"{path} has no 'images' array; save uint8 [N, H, W, C] as 'images'.")
+    return _array_set(
+        f"npz:{path}",
+        path,
+        images,
+        _npz_member(path, "labels"),
+        _npz_member(path, "captions"),
+        _npz_member(path, "class_names"),
+        image_size,
+        channels,
+    )
+
+
+def _array_set(
+    description: str,
+    path: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    captions: np.ndarray | None,
+    names: np.ndarray | None,
+    image_size: int | None,
+    channels: int,
+) -> ImageSet:
+    """Images (+ labels, captions, class names) held as arrays, checked, as an ImageSet."""
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
@@ -178,15 +201,12 @@ def _open_npz(path: str, image_size: int | None, channels: int) -> ImageSet:
             f"{path}: float images {images.shape} would need resizing or a channel change to "
             f"{size[0]}x{size[1]}x{channels}; save them as uint8 instead."
         )
-    labels = _npz_member(path, "labels")
     if labels is not None and (labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"{path}: 'labels' must be int [{n}], got {labels.dtype} {labels.shape}.")
-    captions = _npz_member(path, "captions")
     if captions is not None and (captions.shape != (n,) or captions.dtype.kind not in "US"):
         raise ValueError(
             f"{path}: 'captions' must be a str array [{n}], got {captions.dtype} {captions.shape}."
         )
-    names = _npz_member(path, "class_names")
     labels = None if labels is None else np.asarray(labels, np.int32)
 
     def read(i: int) -> dict[str, Any]:
@@ -211,7 +231,7 @@ def _open_npz(path: str, image_size: int | None, channels: int) -> ImageSet:
         return record
 
     return ImageSet(
-        description=f"npz:{path}",
+        description=description,
         count=n,
         shape=(size[0], size[1], channels),
         read=read,
@@ -230,7 +250,7 @@ def open_images(
     data_dir: str = "",
     split: str = "train",
 ) -> ImageSet:
-    """The records of `--images`: an `.npz`, an image folder or `tfds:NAME`.
+    """The records of `--images`: an `.npz`, an image folder, `tfds:NAME` or `digits`.
 
     Args:
       spec: the `--images` value.
@@ -257,6 +277,14 @@ def open_images(
             labelled=src.num_classes > 0,
             class_names=src.class_names or None,
         )
+    if spec == "digits" or spec.startswith("digits:"):
+        # The embedded 8x8 digits (scikit-learn): `digits`, `digits:half0`, `digits:half1`.
+        from diffjax.data.sources import digits_source
+
+        src = digits_source(spec.partition(":")[2] or "train")
+        images = np.round((src.images + 1.0) * 127.5).astype(np.uint8)
+        names = np.asarray([str(k) for k in range(10)])
+        return _array_set(repr(src), spec, images, src.labels, None, names, image_size, channels)
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.isdir(path):
         size = image_size or default_size
