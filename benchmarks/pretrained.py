@@ -1,10 +1,11 @@
-"""Pretrained components side by side with diffusers: SD U-Net, text-to-image, VAE tiling.
+"""Pretrained components side by side with diffusers: SD U-Net, text-to-image, VAE tiling,
+VAE encode throughput and the latent train step.
 
     python benchmarks/pretrained.py --suite cpu            # shrunken shapes, here (minutes)
     python benchmarks/pretrained.py --suite gpu            # SD 1.5 shapes on one GPU
     python benchmarks/pretrained.py --suite gpu --quick    # the script's logic, tiny, any device
 
-Three measurements, each for diffjax and, in the same run, for diffusers 0.42.1
+Five measurements, each for diffjax and, in the same run, for diffusers 0.42.1
 (`pip install torch==2.13.0 diffusers==0.42.1 transformers`; `--no-torch` skips it,
 `--torch-python PATH` runs the diffusers side with another interpreter):
 
@@ -24,6 +25,20 @@ Three measurements, each for diffjax and, in the same run, for diffusers 0.42.1
   decode (`memory_analysis()`: arguments + outputs + temporaries, deterministic, also on
   a CPU; tiled: the plan for one tile plus the host-side blend buffers); diffusers' is
   `torch.cuda.max_memory_allocated` (GPU only; n/a on a CPU).
+* `encode`: VAE encode throughput (img/s) with SD's VAE (the `vae` case's directory):
+  GPU 8x512x512 images, bfloat16 and float32; CPU 4x128x128, float32. diffjax:
+  `diffjax.pretrained.encode.Encoder`, the jitted per-batch step of
+  `launch/encode_latents.py` (the posterior mean x scaling_factor); diffusers:
+  `vae.encode(x).latent_dist.mean * scaling_factor` under no_grad. Both take host
+  images and return host latents; compile time is the first call less a warm one.
+* `train`: one latent-diffusion train step of the SD-structured U-Net (GPU: SD 1.5's,
+  4x64x64x4 latents, 77x768 context, bfloat16 compute with float32 params on both
+  sides; CPU: the `unet` case's widths, 2x16x16x4, float32). diffjax: the real step,
+  `rundir.build_components` of a config (`model.name='sd_unet'`, `data.source=
+  'latents'`, discrete_vp scaled_linear, epsilon, AdamW + clipping + EMA), compiled
+  with donated state as `train/loop.py` does; diffusers: `DDPMScheduler.add_noise`,
+  MSE on epsilon, backward, `clip_grad_norm_`, `torch.optim.AdamW`, EMA of the params
+  (as `train_text_to_image.py --use_ema --max_grad_norm 1`). Steps/s and img/s.
 
 Both frameworks read the SAME random weights: the JAX worker writes a diffusers-layout
 pipeline directory (random weights, SD 1.5's DDIM scheduler config, the CLIP BPE
@@ -44,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -63,7 +79,19 @@ from benchmarks import common  # noqa: E402
 from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info  # noqa: E402
 
 TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
-KINDS = ("unet", "t2i", "vae")
+KINDS = ("unet", "t2i", "vae", "encode", "train")
+
+# The train case's AdamW on both sides (diffusers' train_text_to_image.py defaults, with
+# its --max_grad_norm 1.0 and --use_ema); no warmup, constant learning rate.
+TRAIN_OPTIMIZER = {
+    "learning_rate": 1e-4,
+    "b1": 0.9,
+    "b2": 0.999,
+    "eps": 1e-8,
+    "weight_decay": 1e-2,
+    "grad_clip": 1.0,
+    "ema_decay": 0.9999,
+}
 
 # Stable Diffusion 1.5's scheduler/scheduler_config.json, DDIM variant (as users swap in).
 SD15_DDIM = {
@@ -197,6 +225,15 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "unet_case": {"batch": 2, "latent": 8, "context_len": 77, "dtypes": ["float32"]},
             "t2i_case": {"size": 16, "steps": 4, "dtype": "float32"},
             "vae_case": {"batch": 1, "latent": 16, "dtype": "float32"},
+            "encode_case": {"batch": 2, "size": 16, "dtypes": ["float32"]},
+            "train_case": {"batch": 2, "latent": 8, "context_len": 77, "dtypes": ["float32"]},
+            # One level (no cross-attention block but the middle one): the train step's
+            # compile is ~4x shorter than with `unet`'s two levels.
+            "train_unet": dict(
+                unet_config((8,), context_dim=8, heads=2, layers=1, groups=4, sample_size=8),
+                down_block_types=["DownBlock2D"],
+                up_block_types=["UpBlock2D"],
+            ),
             "windows": 2,
             "window_s": 0.2,
         }
@@ -214,6 +251,8 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             },
             "t2i_case": {"size": 512, "steps": 20, "dtype": "bfloat16"},
             "vae_case": {"batch": 1, "latent": 128, "dtype": "float32"},
+            "encode_case": {"batch": 8, "size": 512, "dtypes": ["bfloat16", "float32"]},
+            "train_case": {"batch": 4, "latent": 64, "context_len": 77, "dtypes": ["bfloat16"]},
             "windows": 3,
             "window_s": 2.0,
         }
@@ -228,6 +267,8 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "unet_case": {"batch": 2, "latent": 16, "context_len": 77, "dtypes": ["float32"]},
             "t2i_case": {"size": 128, "steps": 20, "dtype": "float32"},
             "vae_case": {"batch": 1, "latent": 32, "dtype": "float32"},
+            "encode_case": {"batch": 4, "size": 128, "dtypes": ["float32"]},
+            "train_case": {"batch": 2, "latent": 16, "context_len": 77, "dtypes": ["float32"]},
             "windows": 3,
             "window_s": 2.0,
         }
@@ -251,7 +292,23 @@ def cases_of(plan: dict[str, Any], pipe_dir: str, vae_dir: str) -> list[dict[str
         cases.append({"name": "vae_tiled" if tiled else "vae_full", "kind": "vae",
                       "dir": vae_dir, "batch": v["batch"], "latent": v["latent"],
                       "tiled": tiled, "dtype": v["dtype"], "seed": 3})  # fmt: skip
+    e, tr = plan["encode_case"], plan["train_case"]
+    # The train case's U-Net: the pipeline's, or (--quick) a smaller one of its own.
+    train_dir = train_unet_dir(pipe_dir) if "train_unet" in plan else pipe_dir
+    for dt in e["dtypes"]:  # SD's VAE (the tiling case's directory)
+        cases.append({"name": f"encode_{dt}", "kind": "encode", "dir": vae_dir,
+                      "batch": e["batch"], "size": e["size"], "dtype": dt, "seed": 4})  # fmt: skip
+    for dt in tr["dtypes"]:
+        cases.append({"name": f"train_{dt}", "kind": "train", "dir": train_dir,
+                      "batch": tr["batch"], "latent": tr["latent"],
+                      "context_len": tr["context_len"], "dtype": dt, "seed": 5,
+                      "schedule": SD15_DDIM, "optimizer": TRAIN_OPTIMIZER})  # fmt: skip
     return cases
+
+
+def train_unet_dir(pipe_dir: str) -> str:
+    """Where `plan['train_unet']` (if any) is written: DIR/unet/, next to the pipeline."""
+    return os.path.join(os.path.dirname(pipe_dir), "train-unet")
 
 
 def normal(seed: int, shape: tuple[int, ...]):
@@ -332,6 +389,13 @@ class JaxSide:
         ctx = self.jax.ShapeDtypeStruct((1, 1, u["cross_attention_dim"]), f32)
         write(os.path.join(path, "unet"), "unet", u, unet, abstract(unet, x, ts, context=ctx),
               "diffusion_pytorch_model.safetensors", 10)  # fmt: skip
+        if "train_unet" in plan:
+            tu = plan["train_unet"]
+            mod = sd_unet.from_diffusers_config(tu)
+            ctx = self.jax.ShapeDtypeStruct((1, 1, tu["cross_attention_dim"]), f32)
+            write(os.path.join(train_unet_dir(path), "unet"), "train_unet", tu, mod,
+                  abstract(mod, x, ts, context=ctx), "diffusion_pytorch_model.safetensors",
+                  14)  # fmt: skip
         for directory, name, cfg, seed in (
             (os.path.join(path, "vae"), "vae", plan["vae"], 11),
             (vae_path, "vae_mem", plan["vae_mem"], 12),
@@ -366,7 +430,7 @@ class JaxSide:
             json.dump(index, f, indent=1)
         size = sum(
             os.path.getsize(os.path.join(d, n))
-            for root in (path, vae_path)
+            for root in (path, vae_path, train_unet_dir(path))
             for d, _, names in os.walk(root)
             for n in names
         )
@@ -514,6 +578,174 @@ class JaxSide:
             "tile": tile if spec["tiled"] else None,
             "overlap": overlap if spec["tiled"] else None,
             "memory": mem,
+        }
+
+    def _setup_encode(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`launch/encode_latents.py`'s per-batch encode: `encode.Encoder` (jitted, the mode).
+
+        Host images in, host latents out (as it writes them to disk); compile happens
+        on the first call, so its time is the first call less a warm one.
+        """
+        import numpy as np
+
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import encode, pipeline
+
+        t0 = time.perf_counter()
+        comp = pipeline.load_vae(spec["dir"], spec["dtype"])
+        load_s = time.perf_counter() - t0
+        b, px = spec["batch"], spec["size"]
+        enc = encode.Encoder(comp, batch_size=b)
+        if enc.batch_size != b:
+            raise ValueError(f"encode: batch {b} became {enc.batch_size} over the devices.")
+        x = np.clip(normal(spec["seed"], (b, px, px, 3)), -1.0, 1.0)
+        batch = {"image": x, "index": np.arange(b, dtype=np.int32)}
+
+        def once():
+            return enc(batch)["latents"]
+
+        t0 = time.perf_counter()
+        z = once()
+        t1 = time.perf_counter()
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = once
+        return {
+            "params": count_params(comp.params),
+            "load_s": load_s,
+            "first_run_s": t1 - t0,
+            "latent_shape": list(z.shape[1:]),
+            "scaling_factor": enc.scaling_factor,
+            "path": "diffjax.pretrained.encode.Encoder (launch/encode_latents.py's step)",
+        }
+
+    def _setup_train(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The real latent train step, as `launch/train.py` builds and compiles it.
+
+        `rundir.build_components` of a config (`model.name='sd_unet'`, `data.source=
+        'latents'`, discrete_vp scaled_linear, epsilon, AdamW + clipping + EMA), the
+        state initialised and the step compiled ahead of time with donated state as
+        `diffjax.train.loop._compile_step` does. The U-Net is randomly initialised (the
+        step's cost does not depend on the weights; the parameter count is checked).
+        """
+        import dataclasses
+
+        import numpy as np
+
+        jax = self.jax
+        from diffjax import experiment, parallel, rundir
+        from diffjax.config import get_base_config
+        from diffjax.models import sd_unet
+        from diffjax.models.partitioning import sharding_context
+        from diffjax.models.summary import count_params
+        from diffjax.train.step import make_loss_fn, make_train_step
+
+        with open(os.path.join(spec["dir"], "unet", "config.json")) as f:
+            ucfg = json.load(f)
+        module = sd_unet.from_diffusers_config(ucfg)
+        skip = {"parent", "name", "dtype", "remat_policy", "attention_impl"}
+        kwargs = {
+            f.name: getattr(module, f.name)
+            for f in dataclasses.fields(module)
+            if f.init and f.name not in skip
+        }
+        s, o = spec["schedule"], spec["optimizer"]
+        b, n, ctx_len = spec["batch"], spec["latent"], spec["context_len"]
+        config = get_base_config()
+        config.model.name = "sd_unet"
+        config.model.kwargs.update(kwargs)
+        config.model.dtype = spec["dtype"]
+        d = config.data
+        d.source, d.image_size, d.channels = "latents", n, ucfg["in_channels"]
+        d.num_classes, d.max_text_len = 0, ctx_len
+        f = config.diffusion
+        f.schedule, f.beta_schedule = "discrete_vp", s["beta_schedule"]
+        f.beta_start, f.beta_end = s["beta_start"], s["beta_end"]
+        f.num_timesteps, f.prediction = s["num_train_timesteps"], s["prediction_type"]
+        f.loss_weighting, f.cond_dropout = "eps_mse", 0.0
+        tc = config.train
+        tc.batch_size, tc.lr_schedule, tc.warmup_steps = b, "constant", 0
+        tc.learning_rate, tc.weight_decay = o["learning_rate"], o["weight_decay"]
+        tc.b1, tc.b2, tc.eps, tc.grad_clip = o["b1"], o["b2"], o["eps"], o["grad_clip"]
+        tc.ema_decay, tc.ema_warmup = o["ema_decay"], True
+
+        t0 = time.perf_counter()
+        mesh = parallel.make_mesh(-1, 1)
+        parts = rundir.build_components(config, mesh)
+        keys = experiment.condition_keys(config)
+        if "context" in keys:
+            train_step, step_from = parts.train_step, "rundir.build_components"
+        else:
+            # condition_keys() reads `model.kwargs.context_dim`, which SDUNet does not
+            # have (it names it cross_attention_dim): the built step would not feed the
+            # text embeddings. The same step with the context fed:
+            train_step = make_train_step(
+                make_loss_fn(
+                    parts.model.apply,
+                    parts.loss,
+                    precondition=parts.schedule.precondition,
+                    cond_dropout=config.diffusion.cond_dropout,
+                    num_classes=config.data.num_classes,
+                    cond_keys=("context",),
+                ),
+                parts.tx,
+                parts.lr_fn,
+                ema_decay=tc.ema_decay,
+                ema_warmup=tc.ema_warmup,
+                grad_accum_steps=tc.grad_accum_steps,
+            )
+            step_from = (
+                f"make_train_step(make_loss_fn(...)) from build_components' parts, with "
+                f"cond_keys=('context',) (condition_keys(config) = {keys})"
+            )
+        init = functools.partial(parts.init, unbox=True)
+        state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
+        dim = ucfg["cross_attention_dim"]
+        batch = parallel.global_batch(
+            {
+                "image": normal(spec["seed"], (b, n, n, ucfg["in_channels"])),
+                "context": normal(spec["seed"] + 1, (b, ctx_len, dim)),
+            },
+            mesh,
+        )
+        build_s = time.perf_counter() - t0
+        platform = mesh.devices.flat[0].platform
+        t0 = time.perf_counter()
+        with sharding_context(mesh):
+            lowered = jax.jit(
+                train_step,
+                in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh)),
+                out_shardings=(parts.state_sharding, parallel.replicated(mesh)),
+                donate_argnums=0,
+                compiler_options=parallel.compiler_options(platform),
+            ).lower(state, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        holder = {"state": state}
+        losses = []
+
+        def once():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            jax.block_until_ready((holder["state"], metrics))
+            return metrics
+
+        m = once()
+        t3 = time.perf_counter()
+        losses.append(float(m["loss"]))
+        if not bool(m["finite"]):
+            raise ValueError(f"train: the first diffjax step is not finite (loss {losses[0]}).")
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: np.asarray(once()["loss"])
+        return {
+            "params": count_params(holder["state"].params),
+            "load_s": build_s,
+            "lower_s": t1 - t0,
+            "compile_s": t2 - t1,
+            "first_run_s": t3 - t2,
+            "first_loss": losses[0],
+            "train_step": step_from,
+            "param_dtype": str(jax.tree.leaves(holder["state"].params)[0].dtype),
+            "memory": _xla_memory(compiled),
         }
 
     def window(self, name: str, reps: int) -> float:
@@ -745,6 +977,114 @@ class TorchSide:
             "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
         }
 
+    def _setup_encode(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`vae.encode(x).latent_dist.mean * scaling_factor`, host images in, host latents out."""
+        from diffusers import AutoencoderKL
+
+        dt = self._dtype(spec["dtype"])
+        t0 = time.perf_counter()
+        vae = AutoencoderKL.from_pretrained(spec["dir"], torch_dtype=dt).to(self.device).eval()
+        load_s = time.perf_counter() - t0
+        b, px = spec["batch"], spec["size"]
+        x = normal(spec["seed"], (b, px, px, 3)).clip(-1.0, 1.0)
+        scale = float(vae.config.scaling_factor)
+
+        def once():
+            xt = self._nchw(x, dt)
+            z = vae.encode(xt).latent_dist.mean * scale
+            return z.float().permute(0, 2, 3, 1).cpu().numpy()
+
+        t0 = time.perf_counter()
+        once()
+        first = time.perf_counter() - t0
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = once
+        return {
+            "params": int(sum(p.numel() for p in vae.parameters())),
+            "load_s": load_s,
+            "first_run_s": first,
+            "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
+        }
+
+    def _setup_train(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' latent train step (train_text_to_image.py's loop body, one step).
+
+        DDPMScheduler(scaled_linear).add_noise, MSE on epsilon, backward, clip_grad_norm_,
+        torch.optim.AdamW, and an EMA of the params (what `--use_ema` keeps; EMAModel's
+        decay min(decay, (1 + step) / (10 + step))). bfloat16: autocast, float32 params.
+        """
+        import torch
+        import torch.nn.functional as F
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        bf16 = spec["dtype"] == "bfloat16"
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel.from_pretrained(
+            spec["dir"], subfolder="unet", torch_dtype=torch.float32
+        )
+        unet = unet.to(self.device).train()
+        s, o = spec["schedule"], spec["optimizer"]
+        sched = DDPMScheduler(
+            num_train_timesteps=s["num_train_timesteps"],
+            beta_start=s["beta_start"],
+            beta_end=s["beta_end"],
+            beta_schedule=s["beta_schedule"],
+            prediction_type=s["prediction_type"],
+        )
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params,
+            lr=o["learning_rate"],
+            betas=(o["b1"], o["b2"]),
+            eps=o["eps"],
+            weight_decay=o["weight_decay"],
+        )
+        ema = [p.detach().clone() for p in params]
+        load_s = time.perf_counter() - t0
+        b, n = spec["batch"], spec["latent"]
+        latents = self._nchw(normal(spec["seed"], (b, n, n, unet.config.in_channels)),
+                             torch.float32)  # fmt: skip
+        d = unet.config.cross_attention_dim
+        ctx = torch.from_numpy(normal(spec["seed"] + 1, (b, spec["context_len"], d)))
+        ctx = ctx.to(self.device)
+        gen = torch.Generator(self.device).manual_seed(spec["seed"])
+        step = [0]
+
+        def once():
+            with torch.enable_grad():
+                noise = torch.randn(latents.shape, generator=gen, device=self.device)
+                t = torch.randint(0, s["num_train_timesteps"], (b,), generator=gen,
+                                  device=self.device)  # fmt: skip
+                noisy = sched.add_noise(latents, noise, t)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+                loss = F.mse_loss(pred.float(), noise, reduction="mean")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                decay = min(o["ema_decay"], (1 + step[0]) / (10 + step[0]))
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, params, 1.0 - decay)
+                step[0] += 1
+            self._sync()
+            return loss.detach()
+
+        t0 = time.perf_counter()
+        first_loss = float(once())
+        first = time.perf_counter() - t0
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: once().float().cpu().numpy()
+        return {
+            "params": int(sum(p.numel() for p in params)),
+            "load_s": load_s,
+            "first_run_s": first,
+            "first_loss": first_loss,
+            "param_dtype": str(params[0].dtype),
+            "autocast": "bfloat16" if bf16 else None,
+            "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
+        }
+
     def window(self, name: str, reps: int) -> float:
         run = self.runs[name]
         t0 = time.perf_counter()
@@ -968,8 +1308,10 @@ class Bench:
         import numpy as np
 
         refs = [k for k in workers if k != "diffjax" and "ms" in out.get(k, {})]
-        if not refs or out["spec"].get("tiled"):
-            return  # tiled decodes: the two tile layouts and blends differ by design
+        if not refs or out["spec"].get("tiled") or out["kind"] == "train":
+            # tiled decodes: the two tile layouts and blends differ by design; train
+            # steps: each side draws its own noise and timesteps (the losses are recorded).
+            return
         a = np.load(workers["diffjax"].call("output", name=name, path=f"{tmp}/{name}_jax.npy"))
         b = np.load(workers[refs[0]].call("output", name=name, path=f"{tmp}/{name}_torch.npy"))
         if a.shape != b.shape:
@@ -1001,6 +1343,10 @@ def _shape(c: dict[str, Any]) -> str:
         return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}"
     if c["kind"] == "t2i":
         return f"{s['size']}px, {s['steps']} DDIM steps, cfg {s['guidance']}"
+    if c["kind"] == "encode":
+        return f"{s['batch']}x{s['size']}x{s['size']}x3 images"
+    if c["kind"] == "train":
+        return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}"
     tile = (c.get("diffjax", {}).get("setup") or {}).get("tile")
     return f"{s['latent']}x{s['latent']} latents" + (f", tiles {tile}" if tile else ", full")
 
@@ -1055,6 +1401,7 @@ def report(result: dict[str, Any]) -> str:
         "memory: diffjax = XLA's compiled plan (args + outputs + temps); diffusers = "
         "torch.cuda.max_memory_allocated (n/a on a CPU). Both include the weights.",
     ]
+    lines += _throughput(result)
     vae = [c for c in result["cases"] if c["kind"] == "vae" and "ms" in c.get("diffjax", {})]
     if vae:
         rows = []
@@ -1076,6 +1423,34 @@ def report(result: dict[str, Any]) -> str:
     for err in result.get("errors", []):
         lines.append(f"ERROR: {err.splitlines()[0]}")
     return "\n".join(lines)
+
+
+def _throughput(result: dict[str, Any]) -> list[str]:
+    """The encode and train cases as rates: img/s (encode), steps/s and img/s (train)."""
+    rows = []
+    for c in result["cases"]:
+        if c["kind"] not in ("encode", "train") or "ms" not in c.get("diffjax", {}):
+            continue
+        b = c["spec"]["batch"]
+        ref = c.get("reference")
+        rates = []
+        for side in ("diffjax", ref):
+            ms = c.get(side, {}).get("ms") if side else None
+            if c["kind"] == "encode":
+                rates.append(f"{b * 1e3 / ms:.2f} img/s" if ms else "n/a")
+            else:
+                rates.append(f"{1e3 / ms:.2f} steps/s = {b * 1e3 / ms:.1f} img/s" if ms else "n/a")
+        speed = f"{1 / c['ratio']:.2f}x" if "ratio" in c else ""
+        rows.append([c["name"], _shape(c), c["spec"]["dtype"], *rates, speed])
+    if not rows:
+        return []
+    return [
+        "",
+        "encode (VAE, the mode x scaling_factor) and latent train step (fwd + bwd + clip + "
+        "AdamW + EMA) as rates",
+        "",
+        _table(["case", "shape", "dtype", "diffjax", "diffusers", "diffjax speed-up"], rows),
+    ]
 
 
 def result_path(result: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:

@@ -90,7 +90,7 @@ def test_reference_matches_parameter_counts():
 def test_pretrained_quick_writes_json(tmp_path):
     """benchmarks/pretrained.py --quick --no-torch: every case measured, the JSON complete."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "pretrained.py"), "--suite", "cpu",
-           "--quick", "--no-torch", "--out", str(tmp_path)]  # fmt: skip
+           "--quick", "--no-torch", "--cases", "unet,t2i,vae", "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| case" in proc.stdout and "t2i" in proc.stdout
@@ -100,7 +100,9 @@ def test_pretrained_quick_writes_json(tmp_path):
     assert result["benchmark"] == "pretrained" and result["errors"] == []
     assert result["torch"] is None and len(result["load_avg_before"]) == 3
     # The shared random-weight pipeline: every component written, counts recorded.
-    assert set(result["weights"]["params"]) == {"unet", "vae", "vae_mem", "text_encoder"}
+    assert set(result["weights"]["params"]) == {
+        "unet", "vae", "vae_mem", "text_encoder", "train_unet"
+    }  # fmt: skip
     cases = {c["name"]: c for c in result["cases"]}
     assert list(cases) == ["unet_float32", "t2i", "vae_full", "vae_tiled"]
     for c in cases.values():
@@ -118,3 +120,28 @@ def test_pretrained_quick_writes_json(tmp_path):
     assert 0 < tiled["memory"]["total_bytes"] < full["memory"]["total_bytes"]
     assert tiled["tile"] == 8 and tiled["overlap"] == 2 and full["tile"] is None
     assert tiled["memory"]["host_blend_bytes"] > 0
+
+
+def test_pretrained_quick_encode_and_train(tmp_path):
+    """pretrained.py --cases encode,train: diffjax's encode and real latent train step run."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "pretrained.py"), "--suite", "cpu",
+           "--quick", "--no-torch", "--cases", "encode,train", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "img/s" in proc.stdout and "steps/s" in proc.stdout
+
+    (path,) = glob.glob(str(tmp_path / "pretrained_cpu-quick_cpu_*.json"))
+    result = json.load(open(path))
+    assert result["errors"] == [] and result["torch"] is None
+    cases = {c["name"]: c for c in result["cases"]}
+    assert list(cases) == ["encode_float32", "train_float32"]
+    enc, train = cases["encode_float32"], cases["train_float32"]
+    for c in (enc, train):
+        assert c["diffjax"]["ms"] > 0 and len(c["diffjax"]["window_s"]) == 2
+    # The quick VAE has two levels: 16 px images -> 8x8x4 latents.
+    assert enc["params"] == result["weights"]["params"]["vae_mem"]
+    assert enc["diffjax"]["setup"]["latent_shape"] == [8, 8, 4]
+    s = train["diffjax"]["setup"]
+    assert train["params"] == result["weights"]["params"]["train_unet"]
+    assert s["compile_s"] > 0 and s["param_dtype"] == "float32" and s["first_loss"] > 0
+    assert s["memory"]["total_bytes"] > 0
