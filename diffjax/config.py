@@ -23,6 +23,7 @@ REMOVED_FIELDS = ("data.shuffle_buffer", "sample.batch_size")
 def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds params, data order and every per-step random draw.
+    c.task = "diffusion"  # diffusion (a denoiser) | autoencoder (model.name='autoencoder_kl').
 
     # ---------------------------------------------------------------- data
     c.data = d = ml_collections.ConfigDict()
@@ -77,6 +78,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     f.logit_normal_std = 1.0  # flow: std of the logit-normal training t.
     f.cond_dropout = 0.1  # Probability that a label/caption is replaced by the null one (CFG).
     f.clip_x0 = True  # Clip predicted x0 to [-1, 1] when sampling pixel-space models.
+
+    # ---------------------------------------------------------------- autoencoder
+    # task='autoencoder' trains diffusers' AutoencoderKL (model.kwargs are its fields); the
+    # diffusion and sampler fields do not apply. Exports are diffusers VAE directories.
+    c.autoencoder = a = ml_collections.ConfigDict()
+    a.kl_weight = 1e-6  # Weight of the KL(posterior || N(0, I)) term (SD's VAE: 1e-6).
+    a.recon_loss = "l1"  # Per-pixel reconstruction loss: l1 | l2.
+    a.sample_posterior = True  # Train on decodes of a posterior draw (False: of the mean).
 
     # ---------------------------------------------------------------- training
     c.train = t = ml_collections.ConfigDict()

@@ -6,6 +6,7 @@ function or plain numbers, and nothing jitted closes over the config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,13 @@ import ml_collections
 from diffjax import models
 from diffjax.config import REMOVED_FIELDS, get_base_config
 from diffjax.diffusion import losses, samplers, schedules
+from diffjax.models.autoencoder_kl import AutoencoderKL
+
+TASKS = ("diffusion", "autoencoder")
+# config.model.name of task='autoencoder' (not in `models.MODELS`: those are denoisers
+# with the denoiser call contract; this one maps images to images through a latent).
+AUTOENCODER = "autoencoder_kl"
+RECON_LOSSES = ("l1", "l2")
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -39,8 +47,55 @@ def condition_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     ]
 
 
+def is_autoencoder(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains an autoencoder (`task='autoencoder'`), not a denoiser."""
+    return config.get("task", "diffusion") == "autoencoder"
+
+
+def require_diffusion(config: ml_collections.ConfigDict, source: str, command: str) -> None:
+    """Refuses an autoencoder run where a diffusion model is needed (sampling, FID).
+
+    Raises:
+      ValueError: naming the run and what to do with an autoencoder instead.
+    """
+    if is_autoencoder(config):
+        raise ValueError(
+            f"{source} is an autoencoder run (task='autoencoder'); {command} needs a diffusion "
+            "model. Export the autoencoder with `python launch/export.py --workdir=RUN "
+            "--out=VAE_DIR` (a diffusers AutoencoderKL directory), encode a dataset with "
+            "`python launch/encode_latents.py --vae=VAE_DIR ...`, and train a latent model "
+            "with latent.vae=VAE_DIR. Reconstruction PSNR is logged during training "
+            "(eval.every_steps)."
+        )
+
+
+def autoencoder_fields() -> dict[str, Any]:
+    """The constructor fields of `AutoencoderKL` with their defaults (less `dtype`)."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(AutoencoderKL)
+        if f.init and f.name not in ("parent", "name", "dtype")
+    }
+
+
 def build_model(config: ml_collections.ConfigDict):
-    """The Flax module named by `config.model`."""
+    """The Flax module named by `config.model` (an `AutoencoderKL` for the autoencoder task)."""
+    if is_autoencoder(config):
+        if config.model.name != AUTOENCODER:
+            raise ValueError(
+                f"task='autoencoder' trains model.name={AUTOENCODER!r}, not "
+                f"{config.model.name!r}; set --config.model.name={AUTOENCODER}."
+            )
+        kwargs = config.model.kwargs.to_dict()
+        valid = autoencoder_fields()
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"Unknown argument(s) {unknown} for model {AUTOENCODER!r}; valid ones are: "
+                f"{sorted(valid)}."
+            )
+        plain = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        return AutoencoderKL(**plain, dtype=config.model.dtype)
     return models.build_model(
         config.model.name,
         **config.model.kwargs.to_dict(),
@@ -114,6 +169,10 @@ def dummy_condition(config: ml_collections.ConfigDict, batch: int) -> dict[str, 
 def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:
     """`init_fn(key) -> params` (logically boxed) for `init_train_state`."""
     shape = image_shape(config)
+    if is_autoencoder(config):
+        return lambda key: model.init({"params": key}, jnp.zeros((1, *shape), jnp.float32))[
+            "params"
+        ]
 
     def init_fn(key):
         x = jnp.zeros((1, *shape), jnp.float32)
@@ -125,9 +184,11 @@ def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Arra
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What must match for a checkpoint to belong to this config."""
+    fingerprint = {"task": "autoencoder"} if is_autoencoder(config) else {}
     return json.loads(
         json.dumps(
             {
+                **fingerprint,
                 "model": config.model.name,
                 "model_kwargs": model_kwargs_without_defaults(
                     config.model.name, config.model.kwargs.to_dict()
@@ -146,7 +207,8 @@ def model_kwargs_without_defaults(name: str, kwargs: dict[str, Any]) -> dict[str
     A fingerprint made of these does not change when a model gains a field with a
     default, or when a config spells out a default, so such runs still resume.
     """
-    defaults = json.loads(json.dumps(models.model_fields(name), default=list))
+    fields = autoencoder_fields() if name == AUTOENCODER else models.model_fields(name)
+    defaults = json.loads(json.dumps(fields, default=list))
     plain = json.loads(json.dumps(kwargs, default=list))
     return {k: v for k, v in plain.items() if k not in defaults or defaults[k] != v}
 
@@ -219,6 +281,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ValueError: naming the field, its value and the fix.
     """
     base = get_base_config()
+    if config.get("task", "diffusion") not in TASKS:
+        raise ValueError(f"task={config.task!r} is not one of {TASKS}.")
+    if is_autoencoder(config):
+        _check_autoencoder(config, base)
+        _check_train_counts(config)
+        return
     f = config.diffusion
     takes = schedules.schedule_arguments(f.schedule)
     used = set(takes)
@@ -240,11 +308,62 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     build_loss(config, schedule)
     build_model(config)
     _check_sampler(config, schedule)
+    _check_train_counts(config)
+    if config.sample.num_steps < 1:
+        raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
+
+
+def _check_train_counts(config: ml_collections.ConfigDict) -> None:
     for name in ("num_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
         if config.train[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}.")
-    if config.sample.num_steps < 1:
-        raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
+
+
+def _check_autoencoder(config: ml_collections.ConfigDict, base) -> None:
+    """task='autoencoder': its own fields, the model against the data, and the
+    diffusion-only fields refused when set (they would be silently ignored)."""
+    a = config.autoencoder
+    if a.recon_loss not in RECON_LOSSES:
+        raise ValueError(f"autoencoder.recon_loss={a.recon_loss!r} is not one of {RECON_LOSSES}.")
+    if not a.kl_weight >= 0:
+        raise ValueError(f"autoencoder.kl_weight must be >= 0, got {a.kl_weight}.")
+    if config.latent.vae:
+        raise ValueError(
+            "latent.vae is set but task='autoencoder' trains on images; clear latent.vae."
+        )
+    if config.data.source == "latents":
+        raise ValueError("task='autoencoder' trains on images, not data.source='latents'.")
+    if config.model.remat_policy != "none":
+        raise ValueError(
+            f"model.remat_policy={config.model.remat_policy!r}: AutoencoderKL has no remat; "
+            "use 'none'."
+        )
+    unused = [f"diffusion.{k}" for k in base.diffusion if config.diffusion[k] != base.diffusion[k]]
+    unused += [
+        f"sample.{k}"
+        for k in base.sample
+        if k != "num_images" and config.sample[k] != base.sample[k]
+    ]
+    if config.eval.digits_metrics:
+        unused.append("eval.digits_metrics")
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)} do not apply to task='autoencoder' (no diffusion, no "
+            "sampler); remove those overrides."
+        )
+    model = build_model(config)
+    c = config.data.channels
+    if model.in_channels != c or model.out_channels != c:
+        raise ValueError(
+            f"model.kwargs in_channels={model.in_channels}, out_channels={model.out_channels} "
+            f"must equal data.channels={c}."
+        )
+    if config.data.image_size % model.downscale:
+        raise ValueError(
+            f"data.image_size={config.data.image_size} is not divisible by the autoencoder's "
+            f"downscale factor {model.downscale} (2^(len(block_out_channels) - 1))."
+        )
+    model._check()
 
 
 def _check_sampler(config: ml_collections.ConfigDict, schedule) -> None:

@@ -410,3 +410,107 @@ def export_diffusers(
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp, out_dir)
     return meta
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def diffusers_vae_config(model: Any) -> dict[str, Any]:
+    """The diffusers `AutoencoderKL` config.json of an `AutoencoderKL` module (the
+    inverse of `autoencoder_kl.from_diffusers_config`)."""
+    from diffjax.models import autoencoder_kl as akl
+
+    n = len(model.block_out_channels)
+    size = model.sample_size
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.30.0",
+        "in_channels": int(model.in_channels),
+        "out_channels": int(model.out_channels),
+        "down_block_types": [akl.DOWN_BLOCK] * n,
+        "up_block_types": [akl.UP_BLOCK] * n,
+        "block_out_channels": [int(c) for c in model.block_out_channels],
+        "layers_per_block": int(model.layers_per_block),
+        "act_fn": "silu",
+        "latent_channels": int(model.latent_channels),
+        "norm_num_groups": int(model.norm_num_groups),
+        "sample_size": list(size) if isinstance(size, (list, tuple)) else int(size),
+        "scaling_factor": float(model.scaling_factor),
+        "shift_factor": float(model.shift_factor) if model.shift_factor else None,
+        "latents_mean": None,
+        "latents_std": None,
+        "force_upcast": bool(model.force_upcast),
+        "use_quant_conv": bool(model.use_quant_conv),
+        "use_post_quant_conv": bool(model.use_post_quant_conv),
+        "mid_block_add_attention": bool(model.mid_block_add_attention),
+    }
+
+
+def export_autoencoder(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    out_dir: str,
+    *,
+    step: int,
+    write: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any] | None:
+    """Writes an autoencoder run's params as a diffusers `AutoencoderKL` directory.
+
+    `out_dir/config.json` (diffusers' config), `out_dir/diffusion_pytorch_model.safetensors`
+    (torch layout, float32) and `out_dir/diffjax.json` (step, weights SHA-256, the run
+    config). diffusers' `AutoencoderKL.from_pretrained`, `pipeline.load_vae`,
+    `launch/encode_latents.py --vae=` and `latent.vae=` read it. The directory appears
+    only when complete; with `overwrite` it replaces an existing one.
+
+    Args:
+      config: the run config (`task='autoencoder'`).
+      params: EMA params (gathered here; every process must call).
+      out_dir: the directory to create.
+      step: the training step (recorded in diffjax.json).
+      write: False on processes that only take part in the gather.
+      overwrite: replace a directory that already holds files.
+
+    Raises:
+      ExportError: not an autoencoder run, or `out_dir` holds files without `overwrite`.
+    """
+    from diffjax import parallel
+    from diffjax.pretrained import convert
+
+    if not experiment.is_autoencoder(config):
+        raise ExportError("export_autoencoder exports task='autoencoder' runs only.")
+    model = experiment.build_model(config)
+    if "sample_size" not in config.model.kwargs:  # the training size, not the SD default
+        model = model.clone(sample_size=int(config.data.image_size))
+    vae_config = diffusers_vae_config(model)
+    tensors = convert.flax_to_torch(parallel.gather(params))
+    if not write:
+        return None
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(f"{out_dir} already holds files; choose a new directory.")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    weights = os.path.join(tmp, "diffusion_pytorch_model.safetensors")
+    safetensors_io.write_tensors(tensors, weights)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(vae_config, f, indent=2, sort_keys=True)
+    meta = {
+        "diffjax_version": diffjax.__version__,
+        "step": int(step),
+        "format": "diffusers",
+        "component": "AutoencoderKL",
+        "weights_sha256": _sha256(weights),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    with open(os.path.join(tmp, "diffjax.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=list)
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return meta

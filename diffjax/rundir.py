@@ -22,6 +22,7 @@ import ml_collections
 
 from diffjax import experiment, models
 from diffjax.checkpoint import Checkpointer, abstract_with_shardings
+from diffjax.train.autoencoder import make_autoencoder_loss_fn, with_aux_metrics
 from diffjax.train.state import TrainState, make_optimizer
 from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
 
@@ -199,7 +200,7 @@ class Components:
     """What a config builds: model, diffusion, optimizer and the abstract sharded state."""
 
     model: Any
-    schedule: Any
+    schedule: Any  # None for task='autoencoder'
     loss: Any
     tx: Any
     lr_fn: Any
@@ -213,7 +214,8 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
     """Builds everything static about a run; allocates nothing (`jax.eval_shape`)."""
     tc = config.train
     model = experiment.build_model(config)
-    schedule = experiment.build_schedule(config)
+    autoencoder = experiment.is_autoencoder(config)
+    schedule = None if autoencoder else experiment.build_schedule(config)
     tx, lr_fn = make_optimizer(
         learning_rate=tc.learning_rate,
         lr_schedule=tc.lr_schedule,
@@ -230,22 +232,34 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
     )
     key = jax.random.key(config.seed)
     boxed = jax.eval_shape(functools.partial(init, unbox=False), key)
-    loss = experiment.build_loss(config, schedule)
-    train_step = make_train_step(
-        make_loss_fn(
+    if autoencoder:
+        ae = config.autoencoder
+        kw = dict(
+            kl_weight=ae.kl_weight, recon_loss=ae.recon_loss, sample_posterior=ae.sample_posterior
+        )
+        loss = make_autoencoder_loss_fn(model.apply, **kw)
+        loss_fn = loss
+    else:
+        loss = experiment.build_loss(config, schedule)
+        loss_fn = make_loss_fn(
             model.apply,
             loss,
             precondition=schedule.precondition,
             cond_dropout=config.diffusion.cond_dropout,
             num_classes=config.data.num_classes,
             cond_keys=experiment.condition_keys(config),
-        ),
+        )
+    train_step = make_train_step(
+        loss_fn,
         tx,
         lr_fn,
         ema_decay=tc.ema_decay,
         ema_warmup=tc.ema_warmup,
         grad_accum_steps=tc.grad_accum_steps,
     )
+    if autoencoder:  # recon, kl and psnr beside the loss in the step's metrics
+        aux_fn = make_autoencoder_loss_fn(model.apply, **kw, with_aux=True)
+        train_step = with_aux_metrics(train_step, aux_fn)
     return Components(
         model=model,
         schedule=schedule,

@@ -42,6 +42,7 @@ def main(argv):
     if _PRETRAINED.value:
         return _evaluate_pretrained()
     config = workdir_config(_WORKDIR.value, _CONFIG)
+    experiment.require_diffusion(config, _WORKDIR.value, "evaluate.py (sampling + FID)")
     experiment.check_config(config)
     check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
     generator = Generator.from_workdir(_WORKDIR.value, step=_STEP.value, config=config)

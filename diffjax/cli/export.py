@@ -8,6 +8,9 @@ diffjax/export.py); sample from it with `python launch/sample.py --export_dir=DI
 `--format=diffusers` writes a directory diffusers loads with `from_pretrained`
 (`unet/` UNet2DModel or `transformer/` DiTTransformer2DModel, `scheduler/`,
 `model_index.json`); sample from it with `python launch/sample.py --pretrained=DIR`.
+An autoencoder run (`task='autoencoder'`) exports, in either format, a diffusers
+`AutoencoderKL` directory (config.json + diffusion_pytorch_model.safetensors) for
+`launch/encode_latents.py --vae=DIR` and `latent.vae=DIR`.
 """
 
 import os
@@ -49,6 +52,17 @@ def main(argv):
     config = load_workdir_config(_WORKDIR.value)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     state, step, parts = load_state(config, _WORKDIR.value, mesh, _STEP.value)
+    if config.get("task", "diffusion") == "autoencoder":
+        if _METHOD.value:
+            raise ValueError("--method applies to diffusion models only, not an autoencoder.")
+        export.export_autoencoder(
+            config, state.ema_params, out, step=step, overwrite=_OVERWRITE.value
+        )
+        print(
+            f"Exported step {step} of {_WORKDIR.value} to {out} as a diffusers AutoencoderKL "
+            f"(use it with launch/encode_latents.py --vae={out} or latent.vae={out})."
+        )
+        return
     if _FORMAT.value == "diffusers":
         if _OVERWRITE.value and os.path.isdir(out):
             import shutil

@@ -71,8 +71,15 @@ def main(argv):
         return _sample_pretrained(labels, noise)
     if _PROMPT.value or _HEIGHT.value or _WIDTH.value:
         raise ValueError("--prompt, --height and --width apply to --pretrained only.")
-    from diffjax import generate
+    from diffjax import experiment, generate
 
+    if _WORKDIR.value:
+        from diffjax.rundir import load_workdir_config
+
+        config = load_workdir_config(_WORKDIR.value)
+        experiment.require_diffusion(config, _WORKDIR.value, "sample.py")
+    else:
+        _refuse_vae_export(_EXPORT_DIR.value)
     overrides = dict(method=_METHOD.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value)
     if _WORKDIR.value:
         generator = generate.Generator.from_workdir(_WORKDIR.value, step=_STEP.value, **overrides)
@@ -139,6 +146,27 @@ def _sample_pretrained(labels, noise) -> None:
         gen.image_shape,
     )
     print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
+
+
+def _refuse_vae_export(path: str) -> None:
+    """An autoencoder's export (a diffusers AutoencoderKL directory) cannot sample."""
+    import json
+    import os
+
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return
+    try:
+        with open(cfg) as f:
+            cls = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if cls == "AutoencoderKL":
+        raise ValueError(
+            f"{path} is an AutoencoderKL (an autoencoder export); sample.py needs a diffusion "
+            f"model. Encode a dataset with `python launch/encode_latents.py --vae={path} ...` "
+            f"and train a latent model with latent.vae={path}."
+        )
 
 
 def _read_noise(path: str | None):

@@ -277,6 +277,15 @@ def train_flops(config: ml_collections.ConfigDict, parts: Components) -> float:
     """Training FLOPs per example: 3x the forward (forward + backward), from XLA's count."""
     from diffjax.models import summary
 
+    if experiment.is_autoencoder(config):
+        x = jax.ShapeDtypeStruct((1, *experiment.image_shape(config)), jnp.float32)
+        lowered = jax.jit(lambda p, x: parts.model.apply({"params": p}, x)).lower(
+            parts.abstract_state.params, x
+        )
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return 3.0 * float(cost["flops"])
+
     inputs = summary.abstract_inputs(
         parts.model,
         batch_size=1,
@@ -324,8 +333,11 @@ class Profiler:
 def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: bool):
     """`grid(params, step)` writes workdir/samples/step_XXXXXXXX.png from fixed noise.
 
-    Every process runs the sampler (params are global arrays); only `write` saves.
+    Every process runs the sampler (params are global arrays); only `write` saves. For
+    an autoencoder the grid shows reconstructions (`make_recon_grid`).
     """
+    if experiment.is_autoencoder(config):
+        return make_recon_grid(config, parts, workdir, mesh, write=write)
     sample_fn = make_sample_fn(
         parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config), jit=False
     )
@@ -368,8 +380,10 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
     The primary metric is FID when reference statistics are configured, else the digits
     Fréchet distance; lower is better. `best/` is an export (see diffjax.export) of the
     best EMA params so far and `eval/best.json` names its step, so the best model
-    survives checkpoint rotation.
+    survives checkpoint rotation. An autoencoder is evaluated by `make_recon_eval`.
     """
+    if experiment.is_autoencoder(config):
+        return make_recon_eval(config, parts, mesh, workdir, is_main)
     sample_fn = make_sample_fn(
         parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
     )
@@ -415,6 +429,114 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
                 log.info(
                     "Step %d: new best %s = %.4g (exported to best/).", step, key, best["value"]
                 )
+        return metrics
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------- autoencoder
+
+
+def fixed_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+    """`n` training images spread evenly over the data source (the same every call):
+    float32 [n, H, W, C] in [-1, 1] (fewer when the source is smaller)."""
+    from diffjax import data as data_lib
+
+    source = data_lib.make_source(**config.data.to_dict())
+    n = min(n, len(source))
+    return np.stack([source[int(i) * len(source) // n]["image"] for i in range(n)])
+
+
+def _reconstructor(parts: Components, mesh):
+    """`recon(params, x) -> decode(mean)`, jitted, replicated out."""
+    return jax.jit(
+        lambda p, x: parts.model.apply({"params": p}, x), out_shardings=parallel.replicated(mesh)
+    )
+
+
+def make_recon_grid(config, parts: Components, workdir: str, mesh, *, write: bool):
+    """`grid(params, step)`: originals above their reconstructions (of the posterior mean)
+    for a fixed set of `sample.num_images` training images, rows of up to 10."""
+    x = fixed_images(config, config.sample.num_images)
+    x_dev = jax.device_put(x, parallel.replicated(mesh))
+    recon = _reconstructor(parts, mesh)
+    ncols = min(len(x), 10)
+
+    def grid(params, step: int) -> str | None:
+        r = parallel.host_value(recon(params, x_dev))
+        if not write:
+            return None
+        rows = []
+        for i in range(0, len(x), ncols):
+            for block in (x[i : i + ncols], r[i : i + ncols]):
+                fill = np.full((ncols - len(block), *block.shape[1:]), -1.0, np.float32)
+                rows.append(np.concatenate([block, fill]))
+        path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+        images.save_grid(images.to_uint8(np.concatenate(rows)), path, ncols=ncols)
+        return path
+
+    return grid
+
+
+def make_recon_eval(config, parts: Components, mesh, workdir: str, is_main: bool):
+    """`evaluate(params, step)` of an autoencoder: reconstruction PSNR (and rFID with
+    `eval.reference_stats` + `eval.inception_weights`) of a fixed set of
+    `eval.num_samples` training images, to eval/step_X.json; the best params (highest
+    PSNR) exported in the diffusers `AutoencoderKL` format to `best/`."""
+    x = fixed_images(config, config.eval.num_samples)
+    batch = max(1, min(config.eval.batch_size, len(x)))
+    recon = _reconstructor(parts, mesh)
+    best_path = os.path.join(workdir, "eval", "best.json")
+    best = None
+    if os.path.exists(best_path):
+        with open(best_path) as f:
+            best = json.load(f)
+
+    def evaluate(params, step: int) -> dict[str, Any]:
+        nonlocal best
+        start = time.perf_counter()
+        outs = []
+        for i in range(0, len(x), batch):
+            chunk = x[i : i + batch]
+            pad = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+            outs.append(parallel.host_value(recon(params, pad))[: len(chunk)])
+        r = np.concatenate(outs)
+        a, b = (x + 1.0) / 2.0, np.clip((r + 1.0) / 2.0, 0.0, 1.0)
+        mse = np.mean(np.square(a - b), axis=(1, 2, 3))
+        metrics: dict[str, Any] = {
+            "step": int(step),
+            "num_images": len(x),
+            "psnr": float(np.mean(-10.0 * np.log10(np.maximum(mse, 1e-10)))),
+            "mse": float(np.mean(mse)),
+            "recon_seconds": time.perf_counter() - start,
+        }
+        if config.eval.reference_stats:
+            from diffjax.eval.evaluate import fid_metrics
+
+            fid = fid_metrics(
+                images.to_uint8(r),
+                config.eval.reference_stats,
+                config.eval.inception_weights,
+                batch_size=min(batch, len(r)),
+            )
+            metrics["rfid"] = fid["fid"]
+        if is_main:
+            write_eval(workdir, step, metrics)
+        if best is None or metrics["psnr"] > best["value"]:
+            best = {"step": int(step), "metric": "psnr", "value": metrics["psnr"]}
+            export.export_autoencoder(
+                config,
+                params,
+                os.path.join(workdir, "best"),
+                step=step,
+                write=is_main,
+                overwrite=True,
+            )
+            if is_main:
+                with open(best_path + ".tmp", "w") as f:
+                    json.dump(best, f)
+                os.replace(best_path + ".tmp", best_path)
+                log.info("Step %d: new best psnr = %.4g (exported to best/).", step, best["value"])
         return metrics
 
     return evaluate
