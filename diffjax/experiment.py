@@ -32,10 +32,24 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return (d.image_size, d.image_size, d.channels)
 
 
+def context_dim(config: ml_collections.ConfigDict) -> int:
+    """Width of the text embeddings the model attends to (0: no text).
+
+    `model.kwargs.context_dim` for diffjax's U-Net and DiT; the SD U-Net always attends to
+    text, `cross_attention_dim` wide (its default when not set).
+    """
+    kwargs = config.model.kwargs
+    if config.model.name == "sd_unet":
+        return int(
+            kwargs.get("cross_attention_dim", models.model_fields("sd_unet")["cross_attention_dim"])
+        )
+    return int(kwargs.get("context_dim", 0))
+
+
 def conditioning_kind(config: ml_collections.ConfigDict) -> str:
     """'text' for caption-conditioned models, 'label' for class-conditional, else ''."""
     kwargs = config.model.kwargs
-    if kwargs.get("context_dim", 0) or kwargs.get("text_vocab_size", 0):
+    if context_dim(config) or kwargs.get("text_vocab_size", 0):
         return "text"
     return "label" if config.data.num_classes > 0 and kwargs.get("num_classes", 0) else ""
 
@@ -153,7 +167,7 @@ def dummy_condition(config: ml_collections.ConfigDict, batch: int) -> dict[str, 
         return {"labels": jnp.zeros((batch,), jnp.int32)}
     if kind == "text":
         length = config.data.max_text_len
-        dim = config.model.kwargs.get("context_dim", 0)
+        dim = context_dim(config)
         if config.model.kwargs.get("text_vocab_size", 0):
             return {
                 "context": jnp.zeros((batch, length), jnp.int32),

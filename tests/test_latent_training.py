@@ -111,3 +111,19 @@ def test_latent_run_decodes_resumes_exactly_and_records_its_vae(latents_dir, tmp
         json.dump(meta, f)
     with pytest.raises(ExportError, match="not the one this model was trained with"):
         Generator.from_export(out)
+
+
+def test_sd_unet_trains_on_text_context():
+    """The SD U-Net always attends to text (cross_attention_dim): its batches carry context."""
+    import ml_collections
+
+    from diffjax import experiment
+
+    c = get_config("quick")
+    c.model.name = "sd_unet"
+    c.model.kwargs = ml_collections.ConfigDict(dict(cross_attention_dim=32))
+    assert experiment.conditioning_kind(c) == "text" and experiment.context_dim(c) == 32
+    assert experiment.condition_keys(c) == ("context", "context_mask")
+    assert experiment.dummy_condition(c, 2)["context"].shape == (2, c.data.max_text_len, 32)
+    c.model.kwargs = ml_collections.ConfigDict()
+    assert experiment.context_dim(c) == 768  # SD 1.x's CLIP width, the SDUNet default

@@ -185,8 +185,9 @@ def caption_condition(
             )
         captions = _label_captions(d, labels) + [""]  # last row: the null caption
         table_ids, table_mask = tokenize(captions, d.max_text_len)
-    elif kwargs.get("context_dim", 0) > 0:
-        table_ids, table_mask = _class_embeddings(d, int(kwargs["context_dim"]))
+    elif (kwargs.get("context_dim", 0) or kwargs.get("cross_attention_dim", 0)) > 0:
+        dim = kwargs.get("context_dim", 0) or kwargs["cross_attention_dim"]
+        table_ids, table_mask = _class_embeddings(d, int(dim))
     else:
         raise ValueError(
             "caption_condition needs a text-conditioned model (model.kwargs.text_vocab_size > 0 "
