@@ -32,8 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=16,
-            # Latent scale for a diffusion model on these latents (SD: 1 / std of latents).
-            scaling_factor=1.0,
+            # Scales latents to unit variance for the diffusion model, as SD's 0.18215:
+            # 1 / 2.30, the std of this config's digits latents (encode_latents, 2026-12-02).
+            scaling_factor=0.435,
         )
     )
 

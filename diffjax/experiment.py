@@ -325,6 +325,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_train_counts(config)
     if config.sample.num_steps < 1:
         raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
+    if config.latent.vae and config.diffusion.clip_x0:
+        raise ValueError(
+            "diffusion.clip_x0=True clips predictions to [-1, 1], the range of pixels, but "
+            f"this model makes latents of latent.vae={config.latent.vae!r}, which are not "
+            "confined to it; set --config.diffusion.clip_x0=False."
+        )
 
 
 def _check_train_counts(config: ml_collections.ConfigDict) -> None:

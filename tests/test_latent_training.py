@@ -44,6 +44,7 @@ def _config(latents_dir, steps=4, vae=VAE):
     c.data.image_size = 4
     c.data.channels = 4
     c.latent.vae = vae
+    c.diffusion.clip_x0 = False
     c.model.kwargs.channel_mult = (1,)
     c.model.kwargs.attention_resolutions = ()
     c.model.kwargs.mid_attention = False
