@@ -22,7 +22,7 @@ import ml_collections
 
 from diffjax import experiment, models
 from diffjax.checkpoint import Checkpointer, abstract_with_shardings
-from diffjax.train.autoencoder import make_autoencoder_loss_fn, with_aux_metrics
+from diffjax.train.autoencoder import make_autoencoder_loss_fn
 from diffjax.train.state import TrainState, make_optimizer
 from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
 
@@ -237,8 +237,8 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
         kw = dict(
             kl_weight=ae.kl_weight, recon_loss=ae.recon_loss, sample_posterior=ae.sample_posterior
         )
-        loss = make_autoencoder_loss_fn(model.apply, **kw)
-        loss_fn = loss
+        # recon, kl and psnr join the step's metrics from the loss's own forward pass.
+        loss = loss_fn = make_autoencoder_loss_fn(model.apply, **kw)
     else:
         loss = experiment.build_loss(config, schedule)
         loss_fn = make_loss_fn(
@@ -256,10 +256,8 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
         ema_decay=tc.ema_decay,
         ema_warmup=tc.ema_warmup,
         grad_accum_steps=tc.grad_accum_steps,
+        has_aux=autoencoder,
     )
-    if autoencoder:  # recon, kl and psnr beside the loss in the step's metrics
-        aux_fn = make_autoencoder_loss_fn(model.apply, **kw, with_aux=True)
-        train_step = with_aux_metrics(train_step, aux_fn)
     return Components(
         model=model,
         schedule=schedule,

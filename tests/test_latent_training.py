@@ -128,3 +128,25 @@ def test_sd_unet_trains_on_text_context():
     assert experiment.dummy_condition(c, 2)["context"].shape == (2, c.data.max_text_len, 32)
     c.model.kwargs = ml_collections.ConfigDict()
     assert experiment.context_dim(c) == 768  # SD 1.x's CLIP width, the SDUNet default
+
+
+def test_frozen_record_holds_the_text_encoder_of_caption_embeddings(latents_dir, tmp_path):
+    """encode_latents' meta.json names the text encoder of the captions: recorded, checked."""
+    from diffjax.pretrained import frozen, safetensors_io
+
+    d = tmp_path / "captioned"
+    shutil.copytree(latents_dir, d)
+    vae = {"path": os.path.abspath(VAE), "sha256": safetensors_io.weights_sha256(VAE)}
+    te = {"path": "/models/sd15/text_encoder", "tokenizer": "/models/sd15/tokenizer"}
+    (d / "meta.json").write_text(
+        json.dumps({"vae": vae, "text_encoder": {**te, "sha256": "a" * 64}})
+    )
+    config = _config(str(d))
+    record = frozen.check_frozen(config, str(tmp_path), resuming=False)
+    assert record["text_encoder"] == {"path": te["path"], "sha256": "a" * 64}
+    frozen.write_frozen(str(tmp_path), record)
+    (d / "meta.json").write_text(
+        json.dumps({"vae": vae, "text_encoder": {**te, "sha256": "b" * 64}})
+    )
+    with pytest.raises(FrozenComponentError, match="trained with text_encoder"):
+        frozen.check_frozen(config, str(tmp_path), resuming=True)

@@ -37,6 +37,26 @@ def test_grad_accumulation_equals_full_batch():
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
 
 
+def test_aux_metrics_join_the_step_and_average_over_micro_batches():
+    loss_fn, batch, init = _linear_problem()
+
+    def with_aux(params, batch, rng):
+        return loss_fn(params, batch, rng), {"mean_label": jnp.mean(batch["label"])}
+
+    tx, lr = make_optimizer(learning_rate=0.1)
+    plain = jax.jit(make_train_step(loss_fn, tx, lr, ema_decay=0.9))
+    state0 = init_train_state(jax.random.key(0), init, tx, unbox=True)
+    ref_state, ref = plain(state0, batch)
+    for accum in (1, 4):
+        step = make_train_step(
+            with_aux, tx, lr, ema_decay=0.9, grad_accum_steps=accum, has_aux=True
+        )
+        state, metrics = jax.jit(step)(state0, batch)
+        np.testing.assert_allclose(metrics["mean_label"], jnp.mean(batch["label"]), rtol=1e-6)
+        np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(state.params["w"], ref_state.params["w"], rtol=1e-5)
+
+
 def test_ema_tracks_params_with_warmup():
     loss_fn, batch, init = _linear_problem()
     tx, lr = make_optimizer(learning_rate=0.1)

@@ -5,7 +5,8 @@ through it; a run that resumed with another VAE would silently mix two latent sp
 The first start records each frozen component's path and weights SHA-256 in
 `WORKDIR/frozen.json`; a resume with a component whose weights differ is refused,
 naming both hashes (a moved directory with the same weights is fine). A latents
-directory made by `launch/encode_latents.py` must name the same VAE in its meta.json.
+directory made by `launch/encode_latents.py` must name the same VAE in its meta.json,
+and the text encoder that made its caption embeddings is recorded (and checked) too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def frozen_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.latent.vae:
         directory = os.path.abspath(vae_dir(config.latent.vae))
         record["vae"] = {"path": directory, "sha256": safetensors_io.weights_sha256(directory)}
+    if config.data.source == "latents":
+        # Caption embeddings precomputed by encode_latents: the text encoder that made them.
+        meta_path = os.path.join(config.data.data_dir, "meta.json")
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                encoder = json.load(f).get("text_encoder")
+            if encoder:
+                record["text_encoder"] = {"path": encoder["path"], "sha256": encoder["sha256"]}
     return record
 
 
@@ -57,8 +66,9 @@ def check_frozen(
             if (old or {}).get("sha256") != (new or {}).get("sha256"):
                 raise FrozenComponentError(
                     f"{workdir} was trained with {name} {_describe(old)}, this config has "
-                    f"{_describe(new)}. Resume with the original {name} "
-                    f"(--config.latent.{name}=...), or train into a new workdir."
+                    f"{_describe(new)}. Resume with the original {name} (the VAE: "
+                    "--config.latent.vae; caption embeddings: the latents directory they came "
+                    "from), or train into a new workdir."
                 )
     if record.get("vae") and config.data.source == "latents":
         from diffjax.pretrained.encode import META, check_latents_meta

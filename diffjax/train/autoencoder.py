@@ -1,8 +1,9 @@
 """The autoencoder's loss: reconstruction + KL of the diagonal Gaussian posterior.
 
-`make_autoencoder_loss_fn` returns `loss_fn(params, batch, rng)` like
-`diffjax.train.step.make_loss_fn`, so `make_train_step` (gradient accumulation,
-clipping, EMA, the non-finite guard) trains an `AutoencoderKL` unchanged. The
+`make_autoencoder_loss_fn` returns `loss_fn(params, batch, rng) -> (loss, aux)`, which
+`make_train_step(..., has_aux=True)` (gradient accumulation, clipping, EMA, the
+non-finite guard) trains an `AutoencoderKL` with: `recon`, `kl` and `psnr` join the
+step's metrics from the same forward pass. The
 perceptual (LPIPS) and patch-GAN terms of SD's VAE training are not implemented.
 """
 
@@ -38,9 +39,8 @@ def make_autoencoder_loss_fn(
     kl_weight: float,
     recon_loss: str,
     sample_posterior: bool,
-    with_aux: bool = False,
 ):
-    """`loss_fn(params, batch, rng) -> loss` (or `(loss, aux)` with `with_aux`).
+    """`loss_fn(params, batch, rng) -> (loss, aux)` for `make_train_step(has_aux=True)`.
 
     loss = mean over the batch of [recon (mean over pixels) + kl_weight * KL (summed
     over the latent dims)]; aux holds `recon`, `kl` and `psnr` (batch means, the PSNR
@@ -51,7 +51,6 @@ def make_autoencoder_loss_fn(
       kl_weight: weight of the KL term (SD's VAE: 1e-6).
       recon_loss: 'l1' | 'l2' per pixel.
       sample_posterior: decode a posterior draw (else the mean).
-      with_aux: also return the aux metrics.
 
     Raises:
       ValueError: an unknown `recon_loss` or a negative `kl_weight`.
@@ -71,26 +70,7 @@ def make_autoencoder_loss_fn(
         recon = jnp.mean(per_pixel(recon_x - x), axis=tuple(range(1, x.ndim)))
         kl = kl_divergence(mean, logvar)
         loss = jnp.mean(recon + kl_weight * kl)
-        if not with_aux:
-            return loss
         aux = {"recon": jnp.mean(recon), "kl": jnp.mean(kl), "psnr": jnp.mean(psnr(x, recon_x))}
         return loss, aux
 
     return loss_fn
-
-
-def with_aux_metrics(train_step: Callable, aux_fn: Callable) -> Callable:
-    """`train_step` whose metrics also hold `aux_fn(params, batch, rng)[1]`.
-
-    The aux values come from a forward pass of the pre-update params with the step's
-    own key: with one micro-batch that is the pass the loss took (same inputs, so XLA may
-    share it); with accumulation, the whole batch under the step's key.
-    """
-
-    def step(state, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        _, aux = aux_fn(state.params, batch, rng)
-        new_state, metrics = train_step(state, batch)
-        return new_state, {**metrics, **jax.lax.stop_gradient(aux)}
-
-    return step

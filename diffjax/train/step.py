@@ -83,8 +83,13 @@ def make_train_step(
     ema_warmup: bool = True,
     grad_accum_steps: int = 1,
     guard: str = "cond",
+    has_aux: bool = False,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds `train_step(state, batch) -> (state, metrics)`; pure, ready for `jax.jit`.
+
+    `loss_fn(params, batch, rng)` returns the scalar loss, or with `has_aux` a pair
+    `(loss, aux)` whose dict of scalars joins the metrics (averaged over micro-batches),
+    computed in the same forward pass as the loss.
 
     A step whose loss or gradient norm is not finite leaves params, EMA and optimizer
     state unchanged (the step counter still advances) and reports `finite = False`;
@@ -100,7 +105,12 @@ def make_train_step(
     """
     if guard not in ("cond", "select"):
         raise ValueError(f"guard must be 'cond' or 'select', got {guard!r}.")
-    grad_fn = jax.value_and_grad(loss_fn)
+
+    def with_aux(params, batch, rng):
+        out = loss_fn(params, batch, rng)
+        return out if has_aux else (out, {})
+
+    grad_fn = jax.value_and_grad(with_aux, has_aux=True)
 
     def compute_grads(params, batch, rng):
         if grad_accum_steps == 1:
@@ -115,22 +125,27 @@ def make_train_step(
         micro = jax.tree.map(split, batch)
 
         def body(carry, inputs):
-            loss_sum, grad_sum = carry
+            loss_sum, aux_sum, grad_sum = carry
             i, mb = inputs
-            loss, grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            return (loss_sum + loss, grad_sum), None
+            return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux), grad_sum), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(grad_accum_steps), micro)
+        aux0 = jax.eval_shape(with_aux, params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+        aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0)
+        (loss_sum, aux_sum, grad_sum), _ = jax.lax.scan(
+            body,
+            (jnp.zeros((), jnp.float32), aux0, zeros),
+            (jnp.arange(grad_accum_steps), micro),
         )
         scale = 1.0 / grad_accum_steps
-        return loss_sum * scale, jax.tree.map(lambda g: g * scale, grad_sum)
+        aux = jax.tree.map(lambda a: a * scale, aux_sum)
+        return (loss_sum * scale, aux), jax.tree.map(lambda g: g * scale, grad_sum)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads = compute_grads(state.params, batch, rng)
+        (loss, aux), grads = compute_grads(state.params, batch, rng)
         # One pass over the gradients serves clipping, the metric and the guard: the
         # norm is inf/NaN when any gradient is (or when it overflows float32, ~1.8e19).
         grad_norm = optax.global_norm(grads)
@@ -159,6 +174,7 @@ def make_train_step(
             "param_norm": optax.global_norm(new_state.params),
             "learning_rate": jnp.asarray(lr_fn(state.step), jnp.float32),
             "finite": finite,
+            **aux,
         }
         return new_state, metrics
 
