@@ -632,12 +632,11 @@ class JaxSide:
         import numpy as np
 
         jax = self.jax
-        from diffjax import experiment, parallel, rundir
+        from diffjax import parallel, rundir
         from diffjax.config import get_base_config
         from diffjax.models import sd_unet
         from diffjax.models.partitioning import sharding_context
         from diffjax.models.summary import count_params
-        from diffjax.train.step import make_loss_fn, make_train_step
 
         with open(os.path.join(spec["dir"], "unet", "config.json")) as f:
             ucfg = json.load(f)
@@ -671,32 +670,8 @@ class JaxSide:
         t0 = time.perf_counter()
         mesh = parallel.make_mesh(-1, 1)
         parts = rundir.build_components(config, mesh)
-        keys = experiment.condition_keys(config)
-        if "context" in keys:
-            train_step, step_from = parts.train_step, "rundir.build_components"
-        else:
-            # condition_keys() reads `model.kwargs.context_dim`, which SDUNet does not
-            # have (it names it cross_attention_dim): the built step would not feed the
-            # text embeddings. The same step with the context fed:
-            train_step = make_train_step(
-                make_loss_fn(
-                    parts.model.apply,
-                    parts.loss,
-                    precondition=parts.schedule.precondition,
-                    cond_dropout=config.diffusion.cond_dropout,
-                    num_classes=config.data.num_classes,
-                    cond_keys=("context",),
-                ),
-                parts.tx,
-                parts.lr_fn,
-                ema_decay=tc.ema_decay,
-                ema_warmup=tc.ema_warmup,
-                grad_accum_steps=tc.grad_accum_steps,
-            )
-            step_from = (
-                f"make_train_step(make_loss_fn(...)) from build_components' parts, with "
-                f"cond_keys=('context',) (condition_keys(config) = {keys})"
-            )
+        # The real step: sd_unet configs are text-conditioned, so it feeds the context.
+        train_step, step_from = parts.train_step, "rundir.build_components"
         init = functools.partial(parts.init, unbox=True)
         state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
         dim = ucfg["cross_attention_dim"]
@@ -704,6 +679,8 @@ class JaxSide:
             {
                 "image": normal(spec["seed"], (b, n, n, ucfg["in_channels"])),
                 "context": normal(spec["seed"] + 1, (b, ctx_len, dim)),
+                # SD attends to every token; the latents source gives an all-True mask.
+                "context_mask": np.ones((b, ctx_len), bool),
             },
             mesh,
         )

@@ -40,7 +40,8 @@ def _max_diff(images_uint8, ref_float01):
     return float(np.abs(images_uint8.astype(np.float64) / 255.0 - ref_float01).max())
 
 
-@pytest.mark.parametrize("case", ["ddim_cfg", "ddim_negative", "ddim_noguide", "dpmpp_cfg"])
+# sd_ddim_cfg runs through launch/sample.py below (test_sample_cli_pretrained).
+@pytest.mark.parametrize("case", ["ddim_negative", "ddim_noguide", "dpmpp_cfg"])
 def test_stable_diffusion_matches_diffusers(refs, sd_pipe, case):
     cases, arrays = refs
     c = cases[f"sd_{case}"]

@@ -388,11 +388,7 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
         parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
     )
     decoder = latent_decoder(config, mesh)
-    best_path = os.path.join(workdir, "eval", "best.json")
-    best = None
-    if os.path.exists(best_path):
-        with open(best_path) as f:
-            best = json.load(f)
+    best = _read_best(workdir)
 
     def evaluate(params, step: int) -> dict[str, Any]:
         nonlocal best
@@ -423,9 +419,7 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
                 write=is_main,
             )
             if is_main:
-                with open(best_path + ".tmp", "w") as f:
-                    json.dump(best, f)
-                os.replace(best_path + ".tmp", best_path)
+                _write_best(workdir, best)
                 log.info(
                     "Step %d: new best %s = %.4g (exported to best/).", step, key, best["value"]
                 )
@@ -478,6 +472,22 @@ def make_recon_grid(config, parts: Components, workdir: str, mesh, *, write: boo
     return grid
 
 
+def _read_best(workdir: str) -> dict[str, Any] | None:
+    """eval/best.json of a run (the best step so far), or None."""
+    path = os.path.join(workdir, "eval", "best.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_best(workdir: str, best: dict[str, Any]) -> None:
+    path = os.path.join(workdir, "eval", "best.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(best, f)
+    os.replace(path + ".tmp", path)
+
+
 def make_recon_eval(config, parts: Components, mesh, workdir: str, is_main: bool):
     """`evaluate(params, step)` of an autoencoder: reconstruction PSNR (and rFID with
     `eval.reference_stats` + `eval.inception_weights`) of a fixed set of
@@ -486,11 +496,7 @@ def make_recon_eval(config, parts: Components, mesh, workdir: str, is_main: bool
     x = fixed_images(config, config.eval.num_samples)
     batch = max(1, min(config.eval.batch_size, len(x)))
     recon = _reconstructor(parts, mesh)
-    best_path = os.path.join(workdir, "eval", "best.json")
-    best = None
-    if os.path.exists(best_path):
-        with open(best_path) as f:
-            best = json.load(f)
+    best = _read_best(workdir)
 
     def evaluate(params, step: int) -> dict[str, Any]:
         nonlocal best
@@ -533,9 +539,7 @@ def make_recon_eval(config, parts: Components, mesh, workdir: str, is_main: bool
                 overwrite=True,
             )
             if is_main:
-                with open(best_path + ".tmp", "w") as f:
-                    json.dump(best, f)
-                os.replace(best_path + ".tmp", best_path)
+                _write_best(workdir, best)
                 log.info("Step %d: new best psnr = %.4g (exported to best/).", step, best["value"])
         return metrics
 
