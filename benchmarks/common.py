@@ -284,6 +284,14 @@ def serve(handlers: dict[str, Callable[..., Any]]) -> None:
         out.flush()
 
 
+def save_result(result: dict[str, Any], path: pathlib.Path) -> None:
+    """Writes a benchmark's result JSON to `path` (creating its folder) and records it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"\nwrote {path}")
+    result["path"] = str(path)
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)

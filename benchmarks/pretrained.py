@@ -64,7 +64,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -76,7 +75,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info  # noqa: E402
+from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info, result_path  # noqa: E402
 
 TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
 KINDS = ("unet", "t2i", "vae", "encode", "train")
@@ -321,7 +320,35 @@ def normal(seed: int, shape: tuple[int, ...]):
 # ----------------------------------------------------------------------------- diffjax side
 
 
-class JaxSide:
+class _Side:
+    """What both workers share: timing windows, reference outputs, forgetting a case.
+
+    `runs[name]()` runs one call to completion; `outs[name]()` returns its output.
+    """
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Any] = {}
+        self.outs: dict[str, Any] = {}
+
+    def window(self, name: str, reps: int) -> float:
+        run = self.runs[name]
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        return time.perf_counter() - t0
+
+    def output(self, name: str, path: str) -> str:
+        import numpy as np
+
+        np.save(path, np.asarray(self.outs[name](), np.float32))
+        return path
+
+    def drop(self, name: str) -> None:
+        self.runs.pop(name, None)
+        self.outs.pop(name, None)
+
+
+class JaxSide(_Side):
     """The JAX worker: writes the shared weights, builds and times diffjax's side."""
 
     def __init__(self, threads: int) -> None:
@@ -329,8 +356,7 @@ class JaxSide:
 
         self.jax = jax
         self.threads = threads
-        self.runs: dict[str, Any] = {}
-        self.outs: dict[str, Any] = {}
+        super().__init__()
         self._vaes: dict[tuple[str, str], Any] = {}
 
     def info(self) -> dict[str, Any]:
@@ -725,23 +751,6 @@ class JaxSide:
             "memory": _xla_memory(compiled),
         }
 
-    def window(self, name: str, reps: int) -> float:
-        run = self.runs[name]
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            run()
-        return time.perf_counter() - t0
-
-    def output(self, name: str, path: str) -> str:
-        import numpy as np
-
-        np.save(path, np.asarray(self.outs[name](), np.float32))
-        return path
-
-    def drop(self, name: str) -> None:
-        self.runs.pop(name, None)
-        self.outs.pop(name, None)
-
 
 def _random_torch_tensors(abstract_params: Any, seed: int) -> dict[str, Any]:
     """Random params of a Flax tree's shapes, as torch-layout numpy tensors."""
@@ -789,7 +798,7 @@ def _xla_memory(compiled: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- diffusers side
 
 
-class TorchSide:
+class TorchSide(_Side):
     """The PyTorch worker: diffusers' side of every case (eval mode, no_grad)."""
 
     def __init__(self, threads: int) -> None:
@@ -801,8 +810,7 @@ class TorchSide:
         self.threads = threads
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.runs: dict[str, Any] = {}
-        self.outs: dict[str, Any] = {}
+        super().__init__()
         self._vaes: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
@@ -1062,22 +1070,6 @@ class TorchSide:
             "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
         }
 
-    def window(self, name: str, reps: int) -> float:
-        run = self.runs[name]
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            run()
-        return time.perf_counter() - t0
-
-    def output(self, name: str, path: str) -> str:
-        import numpy as np
-
-        np.save(path, np.asarray(self.outs[name](), np.float32))
-        return path
-
-    def drop(self, name: str) -> None:
-        self.runs.pop(name, None)
-        self.outs.pop(name, None)
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
 
@@ -1430,13 +1422,6 @@ def _throughput(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def result_path(result: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
-    kind = re.sub(r"[^A-Za-z0-9]+", "-", result["jax"]["device_kind"]).strip("-").lower()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    quick = "-quick" if result["quick"] else ""
-    return out_dir / f"pretrained_{result['suite']}{quick}_{kind or 'device'}_{stamp}.json"
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -1476,12 +1461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     result = Bench(args).run()
     print(report(result))
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = result_path(result, out_dir)
-    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(f"\nwrote {path}")
-    result["path"] = str(path)
+    common.save_result(result, result_path(result, pathlib.Path(args.out), "pretrained_"))
     if result["errors"]:
         sys.exit(1)
     return result

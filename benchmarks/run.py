@@ -722,12 +722,13 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def result_path(result: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
+def result_path(result: dict[str, Any], out_dir: pathlib.Path, prefix: str = "") -> pathlib.Path:
+    """`out_dir/<prefix><suite>[-quick]_<device kind>_<time>.json`."""
     kind = (
         re.sub(r"[^A-Za-z0-9]+", "-", result["jax"]["device_kind"]).strip("-").lower() or "device"
     )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{result['suite']}{'-quick' if result['quick'] else ''}_{kind}_{stamp}.json"
+    name = f"{prefix}{result['suite']}{'-quick' if result['quick'] else ''}_{kind}_{stamp}.json"
     return out_dir / name
 
 
@@ -800,12 +801,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = Bench(args).run()
     text = report(result)
     print(text)
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = result_path(result, out_dir)
-    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(f"\nwrote {path}")
-    result["path"] = str(path)
+    common.save_result(result, result_path(result, pathlib.Path(args.out)))
     if result["errors"]:
         sys.exit(1)
     return result
