@@ -160,3 +160,171 @@ def test_kl_is_zero_for_the_prior_and_positive_otherwise():
     np.testing.assert_allclose(kl_divergence(z, z), 0.0)
     # KL(N(1, 1) || N(0, 1)) = 1/2 per dim, 12 dims.
     np.testing.assert_allclose(kl_divergence(z + 1.0, z), 6.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- LPIPS + GAN
+
+GAN_STEPS = 4
+
+
+def _gan_config(files):
+    """16x16 digits (LPIPS needs >= 16x16) from an image folder, the tiny LPIPS fixture, a
+    2-layer PatchGAN switched on at step 2, and rFID (random-weight Inception) at the end."""
+    c = _config(GAN_STEPS)
+    c.data.source = "folder"
+    c.data.data_dir = files["images"]
+    c.data.image_size = 16
+    c.data.num_classes = 0
+    # One level and no grid or adaptive weight (each tested elsewhere): less to compile.
+    c.model.kwargs.block_out_channels = (4,)
+    c.model.kwargs.norm_num_groups = 2
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 2
+    c.sample.num_images = 0
+    c.eval.every_steps = GAN_STEPS
+    c.eval.num_samples = 8
+    c.eval.batch_size = 8
+    c.eval.reference_stats = files["stats"]
+    c.eval.inception_weights = files["inception"]
+    a = c.autoencoder
+    a.perceptual_weight = 0.5
+    a.perceptual_weights = files["lpips"]
+    a.gan_weight = 0.5
+    a.gan_start_step = 2
+    a.disc_channels = 4
+    a.disc_layers = 2
+    a.gan_adaptive_weight = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def gan_files(tmp_path_factory):
+    from PIL import Image
+
+    from diffjax.eval import inception
+    from diffjax.eval.stats import save_statistics
+    from diffjax.models import lpips
+
+    root = tmp_path_factory.mktemp("gan_files")
+    images = root / "images"
+    images.mkdir()
+    for i in range(16):  # 8x8 digits, upscaled to 16x16 by the folder source
+        Image.fromarray(((get_digit(i)[..., 0] + 1) * 127.5).astype(np.uint8)).save(
+            images / f"{i:02d}.png"
+        )
+    ref = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "lpips", "reference.npz"))
+    lpips.save_params(
+        root / "lpips.safetensors",
+        {k: ref[k] for k in ref.files if k.startswith(("features.", "lin"))},
+    )
+    inception.save_params(root / "inception.safetensors", inception.random_variables(0, False))
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2048, 64))
+    save_statistics(root / "stats.npz", rng.normal(size=2048) * 0.1, a @ a.T / 64)
+    return {
+        "images": str(images),
+        "lpips": str(root / "lpips.safetensors"),
+        "inception": str(root / "inception.safetensors"),
+        "stats": str(root / "stats.npz"),
+    }
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory, gan_files):
+    workdir = str(tmp_path_factory.mktemp("ae_gan") / "run")
+    train_and_evaluate(_gan_config(gan_files), workdir)
+    return workdir
+
+
+def _gan_state(workdir, files):
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    state, step, _ = load_state(_gan_config(files), workdir, mesh)
+    return step, state
+
+
+def test_gan_run_logs_its_terms_and_switches_the_gan_on_at_the_start_step(gan_run, gan_files):
+    rows = [json.loads(line) for line in open(os.path.join(gan_run, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, GAN_STEPS]
+    keys = {"recon", "kl", "psnr", "perceptual", "g_loss", "d_loss", "d_real", "d_fake"}
+    assert keys <= set(rows[0])
+    # Row 2 holds the step taken at optimizer step 1 (< gan_start_step: GAN off), row 4
+    # the one at step 3 (on).
+    assert rows[0]["d_loss"] == rows[0]["g_loss"] == 0.0
+    assert rows[1]["d_loss"] > 0 and rows[1]["g_loss"] != 0.0
+    assert rows[0]["perceptual"] > 0
+    _, state = _gan_state(gan_run, gan_files)
+    assert set(state.params) == {"autoencoder", "discriminator"}
+
+
+def test_gan_run_resumes_bitwise(gan_run, gan_files, tmp_path):
+    part = str(tmp_path / "part")
+    shutil.copytree(gan_run, part)
+    for step in os.listdir(os.path.join(part, "checkpoints")):
+        if step.isdigit() and int(step) > 2:
+            shutil.rmtree(os.path.join(part, "checkpoints", step))
+    train_and_evaluate(_gan_config(gan_files), part)  # resumes at step 2, GAN off -> on
+    (s1, a), (s2, b) = _gan_state(gan_run, gan_files), _gan_state(part, gan_files)
+    assert s1 == s2 == GAN_STEPS
+    for x, y in zip(
+        jax.tree.leaves((a.params, a.ema_params, a.opt_state)),
+        jax.tree.leaves((b.params, b.ema_params, b.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_gan_run_exports_the_autoencoder_and_logs_rfid(gan_run, gan_files, tmp_path):
+    from diffjax import images
+    from diffjax.eval import fid, inception
+    from diffjax.train.hooks import fixed_images
+
+    config = _gan_config(gan_files)
+    _, state = _gan_state(gan_run, gan_files)
+    out = str(tmp_path / "vae")
+    export_autoencoder(config, state.ema_params, out, step=GAN_STEPS)
+    vae = pipeline.load_vae(out)
+    for x, y in zip(
+        jax.tree.leaves(state.ema_params["autoencoder"]), jax.tree.leaves(vae.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # rFID in the eval JSON: the FID of the reconstructions of the eval images.
+    ev = json.load(open(os.path.join(gan_run, "eval", f"step_{GAN_STEPS:08d}.json")))
+    x = fixed_images(config, config.eval.num_samples)
+    recon = vae.module.apply({"params": vae.params}, jnp.asarray(x))
+    want = fid.compute_fid(
+        images.to_uint8(np.asarray(recon)),
+        inception.load_params(gan_files["inception"]),
+        gan_files["stats"],
+        batch_size=8,
+        method="eigh",
+    )
+    assert np.isfinite(ev["rfid"]) and ev["rfid"] > 0
+    np.testing.assert_allclose(ev["rfid"], want, rtol=1e-4)
+
+
+def test_lpips_and_gan_configs_are_refused_when_they_cannot_work():
+    c = get_config("quick")
+    c.autoencoder.perceptual_weight = 1.0
+    with pytest.raises(ValueError, match="needs the LPIPS weights.*convert_lpips"):
+        experiment.check_config(c)
+    c.autoencoder.perceptual_weights = "lpips.safetensors"
+    with pytest.raises(ValueError, match="data.image_size >= 16"):
+        experiment.check_config(c)
+    c = get_config("quick")
+    c.autoencoder.gan_start_step = 100
+    with pytest.raises(ValueError, match="gan_start_step apply only with autoencoder.gan_weight"):
+        experiment.check_config(c)
+    c.autoencoder.gan_weight = 0.1
+    c.autoencoder.gan_loss = "wgan"
+    with pytest.raises(ValueError, match="gan_loss='wgan' is not one of"):
+        experiment.check_config(c)
+    c.autoencoder.gan_loss = "vanilla"
+    c.autoencoder.disc_layers = 3  # 8x8 digits: 8 // 8 - 2 < 1
+    with pytest.raises(ValueError, match="disc_layers=3 is too many for 8x8"):
+        experiment.check_config(c)
+    c.autoencoder.disc_layers = 1
+    experiment.check_config(c)
+    # Without a discriminator the params keep the autoencoder's tree (old runs resume).
+    assert experiment.autoencoder_params(get_config("quick"), {"encoder": 1}) == {"encoder": 1}
+    with pytest.raises(ValueError, match="should hold 'autoencoder' and 'discriminator'"):
+        experiment.autoencoder_params(c, {"encoder": 1})
