@@ -322,6 +322,15 @@ def test_periodic_evaluation_tracks_the_best_params(tmp_path):
     from diffjax.train import train_and_evaluate
 
     config = get_config("quick")
+    # A one-level U-Net without attention: this test is about the eval hook, and each
+    # program (init, train step, sampler) compiles cold in this process.
+    config.model.kwargs.update(
+        base_channels=8,
+        num_groups=4,
+        channel_mult=(1,),
+        attention_resolutions=(),
+        mid_attention=False,
+    )
     config.eval.every_steps = 4
     config.sample.num_images = 0
     config.eval.num_samples = 20
