@@ -78,7 +78,9 @@ from benchmarks import common  # noqa: E402
 from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info, result_path  # noqa: E402
 
 TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
-KINDS = ("unet", "t2i", "vae", "encode", "train")
+KINDS = ("unet", "t2i", "vae", "encode", "train", "finetune")
+# Cases measured on diffjax's side only (variants of one diffjax config, side by side).
+JAX_ONLY_KINDS = ("finetune",)
 
 # The train case's AdamW on both sides (diffusers' train_text_to_image.py defaults, with
 # its --max_grad_norm 1.0 and --use_ema); no warmup, constant learning rate.
@@ -226,6 +228,7 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "vae_case": {"batch": 1, "latent": 16, "dtype": "float32"},
             "encode_case": {"batch": 2, "size": 16, "dtypes": ["float32"]},
             "train_case": {"batch": 2, "latent": 8, "context_len": 77, "dtypes": ["float32"]},
+            "finetune_case": {"batch": 2, "dtype": "float32", "remats": ["full", "none"]},
             # One level (no cross-attention block but the middle one): the train step's
             # compile is ~4x shorter than with `unet`'s two levels.
             "train_unet": dict(
@@ -252,6 +255,9 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "vae_case": {"batch": 1, "latent": 128, "dtype": "float32"},
             "encode_case": {"batch": 8, "size": 512, "dtypes": ["bfloat16", "float32"]},
             "train_case": {"batch": 4, "latent": 64, "context_len": 77, "dtypes": ["bfloat16"]},
+            # configs/sd_finetune.py at SD 1.5's shape: 512-px images, frozen VAE + CLIP in
+            # the step; the peak memory of one device is what the issue asks for.
+            "finetune_case": {"batch": 4, "dtype": "bfloat16", "remats": ["full", "none"]},
             "windows": 3,
             "window_s": 2.0,
         }
@@ -268,6 +274,7 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "vae_case": {"batch": 1, "latent": 32, "dtype": "float32"},
             "encode_case": {"batch": 4, "size": 128, "dtypes": ["float32"]},
             "train_case": {"batch": 2, "latent": 16, "context_len": 77, "dtypes": ["float32"]},
+            "finetune_case": {"batch": 2, "dtype": "float32", "remats": ["full", "none"]},
             "windows": 3,
             "window_s": 2.0,
         }
@@ -302,6 +309,11 @@ def cases_of(plan: dict[str, Any], pipe_dir: str, vae_dir: str) -> list[dict[str
                       "batch": tr["batch"], "latent": tr["latent"],
                       "context_len": tr["context_len"], "dtype": dt, "seed": 5,
                       "schedule": SD15_DDIM, "optimizer": TRAIN_OPTIMIZER})  # fmt: skip
+    ft = plan["finetune_case"]
+    for remat in ft["remats"]:
+        cases.append({"name": f"finetune_remat_{remat}", "kind": "finetune", "dir": pipe_dir,
+                      "batch": ft["batch"], "dtype": ft["dtype"], "remat": remat,
+                      "prompt": plan["prompt"], "seed": 6})  # fmt: skip
     return cases
 
 
@@ -749,6 +761,74 @@ class JaxSide(_Side):
             "train_step": step_from,
             "param_dtype": str(jax.tree.leaves(holder["state"].params)[0].dtype),
             "memory": _xla_memory(compiled),
+        }
+
+    def _setup_finetune(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`configs/sd_finetune.py` on the pipeline directory, as `launch/train.py` runs it.
+
+        `apply_pretrained` resolves the config, the frozen stage (VAE encoder + CLIP) runs
+        inside the step on 512-px images (SD 1.5 shape) and token ids, and the step is
+        compiled by the loop's own `_compile_step`. The U-Net is randomly initialised (the
+        cost does not depend on the weights). Memory: XLA's plan of the compiled step
+        (state + frozen weights + batch + temporaries), and on GPUs the device's peak.
+        """
+        import numpy as np
+
+        jax = self.jax
+        from diffjax import parallel, rundir
+        from diffjax.config import load_config_file
+        from diffjax.data.tokens import tokenize
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import stage as stage_lib
+        from diffjax.train import loop
+
+        t0 = time.perf_counter()
+        config = load_config_file(str(common.ROOT / "configs" / "sd_finetune.py"))
+        config.pretrained, config.data.data_dir = spec["dir"], "(synthetic batch)"
+        config.model.dtype, config.model.remat_policy = spec["dtype"], spec["remat"]
+        config.train.batch_size = b = spec["batch"]
+        config = stage_lib.apply_pretrained(config)
+        mesh = parallel.make_mesh(-1, 1)
+        stage = stage_lib.build_stage(config, mesh)
+        parts = rundir.build_components(
+            config, mesh, prepare=stage.prepare, null_context=stage.null_context
+        )
+        init = functools.partial(parts.init, unbox=True)
+        state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
+        ids, mask = tokenize([spec["prompt"]] * b, config.data.max_text_len, config.data.tokenizer)
+        h, w, c = stage.image_shape
+        image = np.clip(normal(spec["seed"], (b, h, w, c)), -1, 1).astype(np.float32)
+        batch = parallel.global_batch({"image": image, "context": ids, "context_mask": mask}, mesh)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = loop._compile_step(parts, state, batch, stage.params, mesh)
+        compile_s = time.perf_counter() - t0
+        holder = {"state": state}
+
+        def once():
+            holder["state"], metrics = compiled(holder["state"], batch, stage.params)
+            jax.block_until_ready((holder["state"], metrics))
+            return metrics
+
+        t0 = time.perf_counter()
+        m = once()
+        first_s = time.perf_counter() - t0
+        if not bool(m["finite"]):
+            raise ValueError(f"finetune: the first step is not finite (loss {float(m['loss'])}).")
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: np.asarray(once()["loss"])
+        stats = jax.devices()[0].memory_stats() or {}
+        return {
+            "params": count_params(holder["state"].params),
+            "frozen_params": count_params(stage.params),
+            "image_shape": list(stage.image_shape),
+            "load_s": build_s,
+            "compile_s": compile_s,
+            "first_run_s": first_s,
+            "first_loss": float(m["loss"]),
+            "memory": _xla_memory(compiled),
+            # Cumulative over this worker process (cases run one after another).
+            "device_peak_bytes": stats.get("peak_bytes_in_use"),
         }
 
 
@@ -1216,7 +1296,7 @@ class Bench:
             self.log(f"{name}: diffjax setup (load + compile)")
             out["diffjax"] = {"setup": jw.call("setup", spec=spec)}
             out["params"] = out["diffjax"]["setup"]["params"]
-            for ref, w in refs.items():
+            for ref, w in refs.items() if spec["kind"] not in JAX_ONLY_KINDS else ():
                 self.log(f"{name}: {ref} setup")
                 try:
                     setup = w.call("setup", spec=spec)
@@ -1316,6 +1396,9 @@ def _shape(c: dict[str, Any]) -> str:
         return f"{s['batch']}x{s['size']}x{s['size']}x3 images"
     if c["kind"] == "train":
         return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}"
+    if c["kind"] == "finetune":
+        h, w, ch = (c.get("diffjax", {}).get("setup") or {}).get("image_shape", ("?", "?", 3))
+        return f"{s['batch']}x{h}x{w}x{ch} images + 77 ids, remat {s['remat']}"
     tile = (c.get("diffjax", {}).get("setup") or {}).get("tile")
     return f"{s['latent']}x{s['latent']} latents" + (f", tiles {tile}" if tile else ", full")
 
@@ -1342,7 +1425,7 @@ def report(result: dict[str, Any]) -> str:
         ref = c.get("reference")
         r = c.get(ref, {}) if ref else {}
         compile_s = (
-            f"{s['lower_s'] + s['compile_s']:.1f}"
+            f"{s.get('lower_s', 0.0) + s['compile_s']:.1f}"
             if "compile_s" in s
             else f"~{s['first_run_s'] - dj['ms'] / 1e3:.1f} (1st call)"
         )
@@ -1371,6 +1454,22 @@ def report(result: dict[str, Any]) -> str:
         "torch.cuda.max_memory_allocated (n/a on a CPU). Both include the weights.",
     ]
     lines += _throughput(result)
+    ft = [c for c in result["cases"] if c["kind"] == "finetune" and "ms" in c.get("diffjax", {})]
+    if ft:
+        rows = []
+        for c in ft:
+            st, m = c["diffjax"]["setup"], c["diffjax"]["setup"]["memory"]
+            rows.append([
+                c["name"], _shape(c), c["spec"]["dtype"],
+                f"{c['spec']['batch'] / (c['diffjax']['ms'] / 1e3):.2f}",
+                _fmt_bytes(m.get("argument_bytes")), _fmt_bytes(m.get("temp_bytes")),
+                _fmt_bytes(m.get("total_bytes")), _fmt_bytes(st.get("device_peak_bytes")),
+            ])  # fmt: skip
+        lines += ["", "configs/sd_finetune.py step (frozen VAE + CLIP inside; trained params "
+                  "and AdamW float32), XLA's plan per step; device peak: cumulative over the "
+                  "worker (cases run in order)", ""]  # fmt: skip
+        lines.append(_table(["case", "shape", "dtype", "img/s", "arguments", "temporaries",
+                             "total", "device peak so far"], rows))  # fmt: skip
     vae = [c for c in result["cases"] if c["kind"] == "vae" and "ms" in c.get("diffjax", {})]
     if vae:
         rows = []

@@ -39,13 +39,30 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.worker_count = 0  # grain worker processes (0 = in the main process).
     d.max_text_len = 16  # Token length of captions for text-conditioned configs.
     d.caption_template = ""  # Caption template for sources that make captions from labels.
+    d.tokenizer = ""  # Caption tokenizer: "" = built-in words; a CLIP tokenizer or pipeline dir.
 
     # ---------------------------------------------------------------- latent diffusion
     # latent.vae: the AutoencoderKL the latents were encoded with (launch/encode_latents.py),
     # a diffusers VAE directory or a pipeline directory with vae/; sample grids, sample.py,
     # evaluation and exports decode through it, and a resume with other weights is refused.
+    # With image data (not data.source='latents') the train step encodes each batch with it.
     c.latent = ml_collections.ConfigDict()
     c.latent.vae = ""  # VAE directory of a latent model; "" = a pixel-space model.
+    c.latent.sample_posterior = True  # Image data: train on posterior draws (False: the mean).
+
+    # ---------------------------------------------------------------- frozen text encoder
+    # text.encoder: a CLIP text encoder (transformers' CLIPTextModel directory, or a pipeline
+    # with text_encoder/) that turns data.tokenizer's caption ids into the model's context in
+    # the train step and at sampling; frozen, recorded by hash, checked on resume.
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = ""  # Frozen text encoder directory; "" = none.
+
+    # ---------------------------------------------------------------- fine-tuning
+    # pretrained: a diffusers Stable Diffusion pipeline directory. The denoiser starts from
+    # its unet/ weights and takes its architecture (model.name/kwargs), schedule and
+    # prediction (diffusion.*), latent.vae, text.encoder and data.tokenizer, .max_text_len,
+    # .channels (and .image_size when 0). `diffjax.pretrained.stage.apply_pretrained`.
+    c.pretrained = ""  # Pipeline directory to fine-tune; "" = train from scratch.
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -86,6 +103,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     a.kl_weight = 1e-6  # Weight of the KL(posterior || N(0, I)) term (SD's VAE: 1e-6).
     a.recon_loss = "l1"  # Per-pixel reconstruction loss: l1 | l2.
     a.sample_posterior = True  # Train on decodes of a posterior draw (False: of the mean).
+    a.perceptual_weight = 0.0  # Weight of the LPIPS (VGG16) term; 0 = off. Needs images >= 16x16.
+    a.perceptual_weights = ""  # LPIPS safetensors from launch/convert_lpips.py (needed when on).
+    a.gan_weight = 0.0  # Weight of the patch-GAN generator term; 0 = no discriminator.
+    a.gan_start_step = 0  # Optimizer step at which the GAN terms (G and D) switch on.
+    a.gan_loss = "hinge"  # hinge | vanilla (non-saturating) adversarial loss.
+    a.gan_adaptive_weight = (
+        True  # Scale the G term by taming's ||grad rec|| / ||grad G|| at conv_out.
+    )
+    a.disc_channels = 64  # PatchGAN width of its first conv (pix2pix's ndf).
+    a.disc_layers = 3  # PatchGAN stride-2 convs (pix2pix's n_layers).
 
     # ---------------------------------------------------------------- training
     c.train = t = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ TASKS = ("diffusion", "autoencoder")
 # with the denoiser call contract; this one maps images to images through a latent).
 AUTOENCODER = "autoencoder_kl"
 RECON_LOSSES = ("l1", "l2")
+GAN_LOSSES = ("hinge", "vanilla")
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -90,6 +91,40 @@ def autoencoder_fields() -> dict[str, Any]:
         for f in dataclasses.fields(AutoencoderKL)
         if f.init and f.name not in ("parent", "name", "dtype")
     }
+
+
+def has_discriminator(config: ml_collections.ConfigDict) -> bool:
+    """Whether an autoencoder run trains a patch-GAN discriminator (`autoencoder.gan_weight > 0`).
+
+    Its trainable params are then `{"autoencoder": ..., "discriminator": ...}`; runs without
+    one keep the autoencoder's tree at the top level.
+    """
+    return is_autoencoder(config) and config.autoencoder.get("gan_weight", 0.0) > 0
+
+
+def autoencoder_params(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """The `AutoencoderKL` params of an autoencoder run's (EMA) params: the `autoencoder`
+    subtree when the run trains a discriminator, else the params themselves. Everything
+    that reads a run's autoencoder (grids, evaluation, export) goes through here."""
+    if not has_discriminator(config):
+        return params
+    if not isinstance(params, dict) or "autoencoder" not in params:
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(
+            "autoencoder.gan_weight > 0, so the params should hold 'autoencoder' and "
+            f"'discriminator', but they hold {keys}; use the config the run was trained with."
+        )
+    return params["autoencoder"]
+
+
+def build_discriminator(config: ml_collections.ConfigDict):
+    """The patch-GAN discriminator of an autoencoder run (`autoencoder.disc_*`)."""
+    from diffjax.models.discriminator import PatchDiscriminator
+
+    a = config.autoencoder
+    return PatchDiscriminator(
+        channels=a.disc_channels, num_layers=a.disc_layers, dtype=config.model.dtype
+    )
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -184,9 +219,19 @@ def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Arra
     """`init_fn(key) -> params` (logically boxed) for `init_train_state`."""
     shape = image_shape(config)
     if is_autoencoder(config):
-        return lambda key: model.init({"params": key}, jnp.zeros((1, *shape), jnp.float32))[
-            "params"
-        ]
+        x = jnp.zeros((1, *shape), jnp.float32)
+        if not has_discriminator(config):
+            return lambda key: model.init({"params": key}, x)["params"]
+        disc = build_discriminator(config)
+
+        def init_with_discriminator(key):
+            k_ae, k_disc = jax.random.split(key)
+            return {
+                "autoencoder": model.init({"params": k_ae}, x)["params"],
+                "discriminator": disc.init({"params": k_disc}, x)["params"],
+            }
+
+        return init_with_discriminator
 
     def init_fn(key):
         x = jnp.zeros((1, *shape), jnp.float32)
@@ -199,6 +244,9 @@ def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Arra
 def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What must match for a checkpoint to belong to this config."""
     fingerprint = {"task": "autoencoder"} if is_autoencoder(config) else {}
+    if has_discriminator(config):  # its params sit beside the autoencoder's
+        a = config.autoencoder
+        fingerprint["discriminator"] = {"channels": a.disc_channels, "layers": a.disc_layers}
     return json.loads(
         json.dumps(
             {
@@ -295,6 +343,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ValueError: naming the field, its value and the fix.
     """
     base = get_base_config()
+    if config.get("pretrained", "") is None:
+        raise ValueError(
+            "This config fine-tunes a pretrained pipeline: set --config.pretrained=SD_DIR (a "
+            "diffusers Stable Diffusion directory with model_index.json)."
+        )
     if config.get("task", "diffusion") not in TASKS:
         raise ValueError(f"task={config.task!r} is not one of {TASKS}.")
     if is_autoencoder(config):
@@ -325,6 +378,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_train_counts(config)
     if config.sample.num_steps < 1:
         raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
+    if config.text.encoder and config.data.source == "latents":
+        raise ValueError(
+            "text.encoder embeds the caption token ids of image data in the train step, but "
+            "data.source='latents' gives encode_latents' captions; precompute the embeddings "
+            "with `launch/encode_latents.py --text_encoder=...`, or train on the images "
+            "(data.source='folder' with latent.vae: they are encoded in the step)."
+        )
     if config.latent.vae and config.diffusion.clip_x0:
         raise ValueError(
             "diffusion.clip_x0=True clips predictions to [-1, 1], the range of pixels, but "
@@ -347,6 +407,7 @@ def _check_autoencoder(config: ml_collections.ConfigDict, base) -> None:
         raise ValueError(f"autoencoder.recon_loss={a.recon_loss!r} is not one of {RECON_LOSSES}.")
     if not a.kl_weight >= 0:
         raise ValueError(f"autoencoder.kl_weight must be >= 0, got {a.kl_weight}.")
+    _check_autoencoder_extras(config, base)
     if config.latent.vae:
         raise ValueError(
             "latent.vae is set but task='autoencoder' trains on images; clear latent.vae."
@@ -384,6 +445,69 @@ def _check_autoencoder(config: ml_collections.ConfigDict, base) -> None:
             f"downscale factor {model.downscale} (2^(len(block_out_channels) - 1))."
         )
     model._check()
+
+
+def _check_autoencoder_extras(config: ml_collections.ConfigDict, base) -> None:
+    """The perceptual (LPIPS) and patch-GAN fields of task='autoencoder'."""
+    from diffjax.models.discriminator import output_size
+    from diffjax.models.lpips import MIN_SIZE
+
+    a, size = config.autoencoder, config.data.image_size
+    if not a.perceptual_weight >= 0:
+        raise ValueError(f"autoencoder.perceptual_weight must be >= 0, got {a.perceptual_weight}.")
+    if a.perceptual_weight > 0:
+        if not a.perceptual_weights:
+            raise ValueError(
+                f"autoencoder.perceptual_weight={a.perceptual_weight} needs the LPIPS weights: "
+                "convert torchvision's vgg16 and lpips' vgg.pth with `python "
+                "launch/convert_lpips.py --vgg=... --lin=... --out=lpips.safetensors` and set "
+                "--config.autoencoder.perceptual_weights=lpips.safetensors (or set "
+                "perceptual_weight=0)."
+            )
+        if size < MIN_SIZE:
+            raise ValueError(
+                f"autoencoder.perceptual_weight > 0 needs data.image_size >= {MIN_SIZE} (LPIPS' "
+                f"VGG16 pools four times), got {size}; set perceptual_weight=0."
+            )
+    elif a.perceptual_weights != base.autoencoder.perceptual_weights:
+        raise ValueError(
+            "autoencoder.perceptual_weights is set but perceptual_weight=0, so it would be "
+            "ignored; set perceptual_weight > 0 or clear perceptual_weights."
+        )
+    if not a.gan_weight >= 0:
+        raise ValueError(f"autoencoder.gan_weight must be >= 0, got {a.gan_weight}.")
+    if a.gan_weight == 0:
+        unused = [
+            f"autoencoder.{k}"
+            for k in (
+                "gan_start_step",
+                "gan_loss",
+                "gan_adaptive_weight",
+                "disc_channels",
+                "disc_layers",
+            )
+            if a[k] != base.autoencoder[k]
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} apply only with autoencoder.gan_weight > 0 (no "
+                "discriminator is trained); set gan_weight or remove those overrides."
+            )
+        return
+    if a.gan_loss not in GAN_LOSSES:
+        raise ValueError(f"autoencoder.gan_loss={a.gan_loss!r} is not one of {GAN_LOSSES}.")
+    if a.gan_start_step < 0:
+        raise ValueError(f"autoencoder.gan_start_step must be >= 0, got {a.gan_start_step}.")
+    if a.disc_channels < 1 or a.disc_layers < 1:
+        raise ValueError(
+            f"autoencoder.disc_channels={a.disc_channels} and disc_layers={a.disc_layers} "
+            "must be >= 1."
+        )
+    if output_size(size, a.disc_layers) < 1:
+        raise ValueError(
+            f"autoencoder.disc_layers={a.disc_layers} is too many for {size}x{size} images (the "
+            f"patch logits would be empty: size // 2^layers - 2 < 1); lower disc_layers."
+        )
 
 
 def _check_sampler(config: ml_collections.ConfigDict, schedule) -> None:

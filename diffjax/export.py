@@ -295,6 +295,7 @@ def load_serialized(export_dir: str, meta: dict[str, Any]) -> jax.export.Exporte
 DIFFUSERS_MODELS = {
     "unet": ("unet", "UNet2DModel"),
     "dit": ("transformer", "DiTTransformer2DModel"),
+    "sd_unet": ("unet", "UNet2DConditionModel"),
 }
 
 
@@ -309,8 +310,11 @@ def export_diffusers(
 ) -> dict[str, Any] | None:
     """Writes `params` as a diffusers pipeline directory that `from_pretrained` loads.
 
-    `out_dir/unet` (`UNet2DModel`, diffjax's `unet`) or `out_dir/transformer`
-    (`DiTTransformer2DModel`, diffjax's `dit`), `out_dir/scheduler/scheduler_config.json`
+    `out_dir/unet` (`UNet2DModel`, diffjax's `unet`), `out_dir/transformer`
+    (`DiTTransformer2DModel`, diffjax's `dit`) or, for an `sd_unet` run with a frozen
+    text encoder (a fine-tune, `configs/sd_finetune.py`), a `StableDiffusionPipeline`:
+    `out_dir/unet` (`UNet2DConditionModel`) beside copies of the run's `vae/`,
+    `text_encoder/` and `tokenizer/`; `out_dir/scheduler/scheduler_config.json`
     (the training schedule and the sampling grid of `method`, default the run's
     `sample.method`, or DDIM where that sampler has no diffusers scheduler) and
     `model_index.json`. Class-conditional models store `num_class_embeds =
@@ -330,13 +334,24 @@ def export_diffusers(
         exactly, with the reason.
     """
     from diffjax import parallel
-    from diffjax.pretrained import diffusers_dit, diffusers_unet2d, pipeline
+    from diffjax.pretrained import convert, diffusers_dit, diffusers_unet2d, pipeline
     from diffjax.pretrained import scheduler as scheduler_lib
 
     name = config.model.name
     if name not in DIFFUSERS_MODELS:
-        raise ExportError(f"--format=diffusers exports the 'unet' and 'dit' models, not {name!r}.")
-    if experiment.conditioning_kind(config) == "text":
+        raise ExportError(
+            f"--format=diffusers exports the {sorted(DIFFUSERS_MODELS)} models, not {name!r}."
+        )
+    stable_diffusion = name == "sd_unet"
+    if stable_diffusion and not (config.text.encoder and config.latent.vae):
+        raise ExportError(
+            "--format=diffusers writes an sd_unet run as a StableDiffusionPipeline, which "
+            "needs the run's frozen text encoder (text.encoder) and VAE (latent.vae); this "
+            "run has "
+            + (f"text.encoder={config.text.encoder!r}, latent.vae={config.latent.vae!r}")
+            + ". Export it with the default format."
+        )
+    if experiment.conditioning_kind(config) == "text" and not stable_diffusion:
         raise ExportError(
             "--format=diffusers: text-conditioned diffjax models have no diffusers "
             "equivalent (UNet2DModel and DiTTransformer2DModel take no text); export them "
@@ -374,6 +389,8 @@ def export_diffusers(
             diffusers_unet2d.export_unet2d(
                 host, kwargs, os.path.join(tmp, component), sample_size=config.data.image_size
             )
+        elif stable_diffusion:
+            _export_sd_unet(config, host, os.path.join(tmp, component), convert)
         else:
             p = int(kwargs.get("patch_size", 2))
             diffusers_dit.export_dit(
@@ -385,13 +402,34 @@ def export_diffusers(
     os.makedirs(os.path.join(tmp, "scheduler"))
     with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(sched_cfg, f, indent=2, sort_keys=True)
-    pipeline_class = "DiTPipeline" if name == "dit" else "DDIMPipeline"
+    pipeline_class = {"dit": "DiTPipeline", "sd_unet": "StableDiffusionPipeline"}.get(
+        name, "DDIMPipeline"
+    )
     components = {
         component: ("diffusers", class_name),
         "scheduler": ("diffusers", sched_cfg["_class_name"]),
     }
+    options = {}
+    if config.latent.vae and name in ("dit", "sd_unet"):
+        # The frozen components are copied as they are (their weights never changed).
+        shutil.copytree(pipeline.vae_dir(config.latent.vae), os.path.join(tmp, "vae"))
+        components["vae"] = ("diffusers", "AutoencoderKL")
+    if stable_diffusion:
+        from diffjax.data.tokens import tokenizer_dir
+
+        encoder = pipeline.text_encoder_dir(config.text.encoder)
+        shutil.copytree(encoder, os.path.join(tmp, "text_encoder"))
+        shutil.copytree(tokenizer_dir(config.data.tokenizer), os.path.join(tmp, "tokenizer"))
+        components.update(
+            text_encoder=("transformers", "CLIPTextModel"),
+            tokenizer=("transformers", "CLIPTokenizer"),
+            safety_checker=(None, None),
+            feature_extractor=(None, None),
+            image_encoder=(None, None),
+        )
+        options["requires_safety_checker"] = False
     with open(os.path.join(tmp, "model_index.json"), "w") as f:
-        f.write(pipeline.model_index_json(pipeline_class, components))
+        f.write(pipeline.model_index_json(pipeline_class, components, **options))
     meta = {
         "diffjax_version": diffjax.__version__,
         "step": int(step),
@@ -410,6 +448,22 @@ def export_diffusers(
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp, out_dir)
     return meta
+
+
+def _export_sd_unet(config: ml_collections.ConfigDict, host: Any, out_dir: str, convert) -> None:
+    """`out_dir/config.json` + `diffusion_pytorch_model.safetensors` of an `sd_unet`."""
+    from diffjax.models import sd_unet
+    from diffjax.pretrained import safetensors_io
+
+    model = experiment.build_model(config)
+    os.makedirs(out_dir)
+    cfg = sd_unet.diffusers_config(model)
+    cfg["sample_size"] = int(config.data.image_size)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    safetensors_io.write_tensors(
+        convert.flax_to_torch(host), os.path.join(out_dir, "diffusion_pytorch_model.safetensors")
+    )
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -465,7 +519,8 @@ def export_autoencoder(
 
     Args:
       config: the run config (`task='autoencoder'`).
-      params: EMA params (gathered here; every process must call).
+      params: EMA params (gathered here; every process must call), with or without a
+        discriminator (`experiment.autoencoder_params` takes the autoencoder's).
       out_dir: the directory to create.
       step: the training step (recorded in diffjax.json).
       write: False on processes that only take part in the gather.
@@ -483,7 +538,7 @@ def export_autoencoder(
     if "sample_size" not in config.model.kwargs:  # the training size, not the SD default
         model = model.clone(sample_size=int(config.data.image_size))
     vae_config = diffusers_vae_config(model)
-    tensors = convert.flax_to_torch(parallel.gather(params))
+    tensors = convert.flax_to_torch(parallel.gather(experiment.autoencoder_params(config, params)))
     if not write:
         return None
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:

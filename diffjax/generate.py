@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import experiment, export, images, parallel, rundir
+from diffjax.data.captions import prompt_condition
 from diffjax.sample_fn import make_sample_fn, noise_batches
 
 
@@ -36,6 +37,9 @@ class Generator:
     step: int
     # Latent models: the frozen VAE that turns samples into images (`latent.vae`).
     decoder: Any = None
+    # Runs with a frozen text encoder (`text.encoder`): caption ids -> embeddings, and the
+    # encoded "" as the unconditional branch of guidance (`diffjax.pretrained.stage`).
+    stage: Any = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -73,6 +77,7 @@ class Generator:
             mesh=mesh,
             step=step,
             decoder=latent_decoder(config, mesh),
+            stage=text_stage(config, mesh),
         )
 
     @classmethod
@@ -122,6 +127,7 @@ class Generator:
             mesh=mesh,
             step=meta["step"],
             decoder=latent_decoder(config, mesh, recorded=meta.get("latent")),
+            stage=text_stage(config, mesh),
         )
 
     def batches(
@@ -133,6 +139,7 @@ class Generator:
         batch_size: int = 256,
         progress: bool = False,
         noise: np.ndarray | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, C], labels int32 [n]) batch by batch, in order.
 
@@ -141,17 +148,30 @@ class Generator:
         length N). The noise of image i depends only on `seed` and i's batch, so results
         do not depend on the device count. `noise` (float [N, H, W, C], standard normal)
         replaces the draw from `seed`, e.g. to reproduce a run of another framework.
+        `prompts` (text-conditioned runs) are cycled to length N instead of class
+        captions; the labels yielded are then the prompt indices.
         """
-        label_at = self._label_rule(labels)
+        if prompts:
+            table = prompt_condition(self.config, list(prompts))
+            label_at = lambda idx: (idx % len(prompts)).astype(np.int32)  # noqa: E731
+        else:
+            label_at = self._label_rule(labels)
         sharding = parallel.batch_sharding(self.mesh)
         shape = experiment.image_shape(self.config)
         for start, n, z, key in noise_batches(
             num_samples, batch_size, self.mesh, shape, seed=seed, noise=noise, progress=progress
         ):
             lab = label_at(np.arange(start, start + z.shape[0]))
-            cond = experiment.sampling_condition(self.config, lab)
+            if prompts:
+                cond = {k: v[lab] for k, v in table.items()}
+            else:
+                cond = experiment.sampling_condition(self.config, lab)
             z, cond = jax.device_put((z, cond), sharding)
-            x = self.sample_fn(self.params, z, cond, key)
+            if self.stage is None:
+                x = self.sample_fn(self.params, z, cond, key)
+            else:
+                null = self.stage.null_condition(z.shape[0])
+                x = self.sample_fn(self.params, z, self.stage.conditions(cond), key, null)
             if self.decoder is not None:
                 x = self.decoder(x)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
@@ -194,6 +214,18 @@ def latent_decoder(config: ml_collections.ConfigDict, mesh, recorded: dict | Non
                 "--config.latent.vae or the export's config at the original VAE."
             )
     return decoder
+
+
+def text_stage(config: ml_collections.ConfigDict, mesh):
+    """The frozen text encoder of a run with `text.encoder` (None otherwise): sampling
+    needs it to turn caption ids into the model's context (images are not encoded)."""
+    if not config.get("text", {}).get("encoder", ""):
+        return None
+    from diffjax.pretrained import stage
+
+    text_only = ml_collections.ConfigDict(config.to_dict())
+    text_only.latent.vae = ""  # decoding is the LatentDecoder's; nothing to encode here
+    return stage.build_stage(text_only, mesh)
 
 
 def _with_sampling(config, method, num_steps, guidance):

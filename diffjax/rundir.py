@@ -207,11 +207,23 @@ class Components:
     init: Any  # init(key, unbox=...) -> TrainState
     abstract_state: Any
     state_sharding: Any
-    train_step: Any  # train_step(state, batch) -> (state, metrics); pure, not jitted
+    train_step: Any  # train_step(state, batch, frozen=None) -> (state, metrics); pure, not jitted
 
 
-def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
-    """Builds everything static about a run; allocates nothing (`jax.eval_shape`)."""
+def build_components(
+    config: ml_collections.ConfigDict,
+    mesh,
+    *,
+    prepare: Any = None,
+    null_context: Any = None,
+) -> Components:
+    """Builds everything static about a run; allocates nothing (`jax.eval_shape`).
+
+    `prepare(frozen, batch, key) -> batch` and `null_context` come from the run's frozen
+    stage (`diffjax.pretrained.stage.FrozenStage`): images -> latents and token ids ->
+    embeddings inside the step, with the null caption for condition dropout. Without
+    them `train_step(state, batch)` trains on the batch as it is.
+    """
     tc = config.train
     model = experiment.build_model(config)
     autoencoder = experiment.is_autoencoder(config)
@@ -235,9 +247,22 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
     if autoencoder:
         ae = config.autoencoder
         kw = dict(
-            kl_weight=ae.kl_weight, recon_loss=ae.recon_loss, sample_posterior=ae.sample_posterior
+            kl_weight=ae.kl_weight,
+            recon_loss=ae.recon_loss,
+            sample_posterior=ae.sample_posterior,
+            perceptual_weight=ae.perceptual_weight,
+            perceptual_weights=ae.perceptual_weights,
         )
-        # recon, kl and psnr join the step's metrics from the loss's own forward pass.
+        if experiment.has_discriminator(config):
+            kw.update(
+                disc_apply=experiment.build_discriminator(config).apply,
+                gan_weight=ae.gan_weight,
+                gan_start_step=ae.gan_start_step,
+                gan_loss=ae.gan_loss,
+                gan_adaptive_weight=ae.gan_adaptive_weight,
+            )
+        # recon, kl, psnr (+ perceptual, GAN terms) join the step's metrics from the
+        # loss's own forward pass.
         loss = loss_fn = make_autoencoder_loss_fn(model.apply, **kw)
     else:
         loss = experiment.build_loss(config, schedule)
@@ -248,6 +273,8 @@ def build_components(config: ml_collections.ConfigDict, mesh) -> Components:
             cond_dropout=config.diffusion.cond_dropout,
             num_classes=config.data.num_classes,
             cond_keys=experiment.condition_keys(config),
+            prepare=prepare,
+            null_context=null_context,
         )
     train_step = make_train_step(
         loss_fn,

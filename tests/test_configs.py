@@ -12,6 +12,7 @@ import pytest
 from diffjax import experiment
 from diffjax.config import get_base_config, load_config_file
 from diffjax.diffusion import schedules
+from diffjax.pretrained.stage import apply_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACT = [
@@ -39,6 +40,9 @@ def _cases():
 @pytest.mark.parametrize(("path", "arg"), list(_cases()))
 def test_config_builds(path, arg):
     config = load_config_file(path, arg)
+    if config.get("pretrained", "") is None:  # a fine-tune: resolved from a pipeline
+        config.pretrained = os.path.join(ROOT, "tests", "fixtures", "pipelines", "tiny-sd")
+        config = apply_pretrained(config)
     assert isinstance(config, ml_collections.ConfigDict)
     for field in CONTRACT:
         node = config

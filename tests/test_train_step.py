@@ -12,8 +12,8 @@ from diffjax.train.step import drop_conditioning, init_train_state, make_train_s
 
 def _linear_problem():
     # loss = mean((x @ w - y)^2): gradients are exact, so accumulation must match.
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, rng, frozen=None, step=None):
+        del rng, frozen, step
         pred = batch["image"] @ params["w"]
         return jnp.mean((pred - batch["label"]) ** 2)
 
@@ -40,7 +40,7 @@ def test_grad_accumulation_equals_full_batch():
 def test_aux_metrics_join_the_step_and_average_over_micro_batches():
     loss_fn, batch, init = _linear_problem()
 
-    def with_aux(params, batch, rng):
+    def with_aux(params, batch, rng, frozen, step):
         return loss_fn(params, batch, rng), {"mean_label": jnp.mean(batch["label"])}
 
     tx, lr = make_optimizer(learning_rate=0.1)
@@ -116,6 +116,20 @@ def test_condition_dropout_uses_null_label_and_empty_caption():
     assert set(np.unique(out["labels"]).tolist()) == {3, 10}
     assert abs(float(dropped.mean()) - 0.25) < 0.04
     np.testing.assert_array_equal(out["context_mask"].any(axis=1), ~dropped)
+
+
+def test_condition_dropout_to_a_pretrained_tokenizers_empty_prompt():
+    # Stable Diffusion's null caption is "" = BOS EOS pad..., its mask True on BOS and EOS.
+    ids = jnp.tile(jnp.arange(5, 9, dtype=jnp.int32), (1000, 1))
+    batch = {"image": jnp.zeros((1000, 1)), "context": ids, "context_mask": ids > 0}
+    null = (np.array([1, 2, 0, 0], np.int32), np.array([True, True, False, False]))
+    out = drop_conditioning(batch, jax.random.key(1), p=0.5, num_classes=0, null_context=null)
+    dropped = np.asarray(out["context"][:, 0] == 1)
+    assert 0.4 < dropped.mean() < 0.6
+    np.testing.assert_array_equal(out["context"][dropped], np.tile(null[0], (dropped.sum(), 1)))
+    np.testing.assert_array_equal(out["context_mask"][dropped][0], null[1])
+    np.testing.assert_array_equal(out["context"][~dropped], ids[~dropped])
+    assert out["context_mask"][~dropped].all()
 
 
 def test_optimizer_warmup_and_decay_mask():

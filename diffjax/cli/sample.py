@@ -6,6 +6,7 @@
         [--negative_prompt=""] --num_samples=4 --out=/tmp/cat.npz \
         [--method=ddim --steps=20 --guidance=7.5 --seed=0 --height=512 --width=512]
     python launch/sample.py --pretrained=DIT_DIR --labels=207,360 --num_samples=2 ...
+    python launch/sample.py --workdir=runs/sd_ft --prompt="a photo of ..." --num_samples=4 ...
 
 Writes FILE.npz with `images` (uint8 [N, H, W, C]) and `labels` (int [N]; class-
 conditional models cycle 0..K-1 unless --labels is given) and a PNG grid beside it.
@@ -25,7 +26,9 @@ _PRETRAINED = flags.DEFINE_string(
     "pretrained", None, "A diffusers pipeline directory (model_index.json) to sample from."
 )
 _PROMPT = flags.DEFINE_multi_string(
-    "prompt", None, "Text prompt(s) for a text-to-image pipeline (repeat for several; cycled)."
+    "prompt",
+    None,
+    "Text prompt(s) for a text-to-image pipeline or run (repeat for several; cycled).",
 )
 _NEGATIVE = flags.DEFINE_string(
     "negative_prompt", "", "Prompt of guidance's unconditional branch (default: empty)."
@@ -69,8 +72,10 @@ def main(argv):
     noise = _read_noise(_NOISE.value)
     if _PRETRAINED.value:
         return _sample_pretrained(labels, noise)
-    if _PROMPT.value or _HEIGHT.value or _WIDTH.value:
-        raise ValueError("--prompt, --height and --width apply to --pretrained only.")
+    if _HEIGHT.value or _WIDTH.value or _NEGATIVE.value:
+        raise ValueError("--height, --width and --negative_prompt apply to --pretrained only.")
+    if _PROMPT.value and labels:
+        raise ValueError("Pass --prompt or --labels, not both.")
     from diffjax import experiment, generate
 
     if _WORKDIR.value:
@@ -102,10 +107,11 @@ def main(argv):
             batch_size=_BATCH.value or 256,
             progress=True,
             noise=noise,
+            prompts=_PROMPT.value,
         ),
         _NUM.value,
         generator.image_shape,
-        ncols=generator.num_classes or None,
+        ncols=None if _PROMPT.value else (generator.num_classes or None),
     )
     print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
 

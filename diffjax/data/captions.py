@@ -177,7 +177,12 @@ def caption_condition(
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     kwargs = config.model.kwargs
     vocab = int(kwargs.get("text_vocab_size", 0) or 0)
-    if vocab > 0 or kwargs.get("text_encoder", False):
+    if d.get("tokenizer", ""):
+        # Token ids of a pretrained tokenizer; the frozen text encoder (text.encoder)
+        # embeds them where the model is called. The null caption is "" (BOS EOS).
+        captions = _label_captions(d, labels) + [""]
+        table_ids, table_mask = tokenize(captions, d.max_text_len, d.tokenizer)
+    elif vocab > 0 or kwargs.get("text_encoder", False):
         if 0 < vocab < TEXT_VOCAB_SIZE:
             raise ValueError(
                 f"model.kwargs.text_vocab_size={vocab} is smaller than the caption tokenizer's "
@@ -208,6 +213,24 @@ def caption_condition(
     }
 
 
+def prompt_condition(config: ml_collections.ConfigDict, prompts: Sequence[str]) -> dict[str, Any]:
+    """Token ids [P, L] + masks [P, L] (numpy) of `prompts`, for a model that reads
+    captions as ids: its own text encoder, or a frozen one (`text.encoder`).
+
+    Raises:
+      ValueError: the model takes precomputed embeddings (no tokenizer to read prompts).
+    """
+    d, kwargs = config.data, config.model.kwargs
+    if not (d.get("tokenizer", "") or kwargs.get("text_vocab_size", 0)):
+        raise ValueError(
+            "This model reads caption embeddings precomputed by encode_latents, so it has no "
+            "text encoder to read prompts with; sample it with --labels (the latents "
+            "directory's class captions)."
+        )
+    ids, mask = tokenize(list(prompts), d.max_text_len, d.get("tokenizer", ""))
+    return {"context": ids, "context_mask": mask}
+
+
 def _class_embeddings(
     d: ml_collections.ConfigDict, context_dim: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -235,5 +258,6 @@ __all__ = [
     "class_names",
     "default_template",
     "make_digits_text_source",
+    "prompt_condition",
     "tokenize",
 ]

@@ -118,6 +118,8 @@ class FolderSource:
       skip_corrupt: leave unreadable files out of the index (and count them) instead
         of raising.
       max_text_len: caption token length L (used only when captions exist).
+      tokenizer: "" (the word tokenizer) or a pretrained tokenizer directory
+        (`diffjax.data.tokens.tokenize`).
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class FolderSource:
         channels: int,
         skip_corrupt: bool = False,
         max_text_len: int = 16,
+        tokenizer: str = "",
     ):
         if channels not in PIL_MODES:
             raise ValueError(
@@ -137,6 +140,7 @@ class FolderSource:
         self._image_size = int(image_size)
         self._channels = int(channels)
         self._max_text_len = int(max_text_len)
+        self._tokenizer = tokenizer
         self._skip_corrupt = bool(skip_corrupt)
 
         classes = class_folders(self._root)
@@ -219,7 +223,7 @@ class FolderSource:
         if self._labels is not None:
             record["labels"] = self._labels[index]
         if self._captioned:
-            ids, mask = tokenize([self.caption(index)], self._max_text_len)
+            ids, mask = tokenize([self.caption(index)], self._max_text_len, self._tokenizer)
             record["context"], record["context_mask"] = ids[0], mask[0]
         return record
 
@@ -287,6 +291,7 @@ def make_folder_source(
     skip_corrupt: bool = False,
     max_text_len: int = 16,
     num_classes: int = 0,
+    tokenizer: str = "",
     **unused: Any,
 ) -> FolderSource:
     """`data.source='folder'`: builds a `FolderSource` from `config.data` fields.
@@ -304,6 +309,7 @@ def make_folder_source(
         channels=channels,
         skip_corrupt=skip_corrupt,
         max_text_len=max_text_len,
+        tokenizer=tokenizer,
     )
     k = len(src.class_names)
     if num_classes > 0 and k == 0:

@@ -23,6 +23,7 @@ with at least one real token agree.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -739,6 +740,16 @@ def from_diffusers_config(cfg: Mapping[str, Any], dtype: str = "float32", **kwar
     Raises:
       ValueError: an option SD 1.x/2.x do not use (named in the message), or an unknown key.
     """
+    return SDUNet(**diffusers_fields(cfg), dtype=dtype, **kwargs)
+
+
+def diffusers_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `SDUNet` fields of a diffusers `unet/config.json` dict (what
+    `from_diffusers_config` builds; `model.kwargs` of an `sd_unet` config).
+
+    Raises:
+      ValueError: an option SD 1.x/2.x do not use (named in the message), or an unknown key.
+    """
     cls = cfg.get("_class_name", "UNet2DConditionModel")
     if cls != "UNet2DConditionModel":
         raise ValueError(
@@ -809,7 +820,19 @@ def from_diffusers_config(cfg: Mapping[str, Any], dtype: str = "float32", **kwar
         )
     if isinstance(fields.get("mid_block_scale_factor"), int):
         fields["mid_block_scale_factor"] = float(fields["mid_block_scale_factor"])
-    return SDUNet(**fields, dtype=dtype, **kwargs)
+    return fields
+
+
+def diffusers_config(model: SDUNet) -> dict[str, Any]:
+    """The diffusers `unet/config.json` of `model` (the inverse of `diffusers_fields`)."""
+    cfg: dict[str, Any] = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0"}
+    for f in dataclasses.fields(model):
+        if f.name in _FIELDS:
+            value = getattr(model, f.name)
+            if f.name == "num_attention_heads" and not value:
+                value = None  # diffusers: heads = attention_head_dim
+            cfg[f.name] = list(value) if isinstance(value, tuple) else value
+    return cfg
 
 
 def count_skips(model: SDUNet) -> int:
@@ -819,4 +842,10 @@ def count_skips(model: SDUNet) -> int:
     return 1 + sum(layers) + (n - 1)
 
 
-__all__ = ["SDUNet", "count_skips", "from_diffusers_config"]
+__all__ = [
+    "SDUNet",
+    "count_skips",
+    "diffusers_config",
+    "diffusers_fields",
+    "from_diffusers_config",
+]

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from diffjax.pretrained import safetensors_io
-from diffjax.pretrained.pipeline import vae_dir
+from diffjax.pretrained.pipeline import text_encoder_dir, vae_dir
 
 FILE = "frozen.json"
 log = logging.getLogger(__name__)
@@ -35,6 +35,25 @@ def frozen_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.latent.vae:
         directory = os.path.abspath(vae_dir(config.latent.vae))
         record["vae"] = {"path": directory, "sha256": safetensors_io.weights_sha256(directory)}
+    if config.get("text", {}).get("encoder", ""):
+        # Computes the captions' embeddings in the train step (diffjax.pretrained.stage).
+        directory = text_encoder_dir(config.text.encoder)
+        record["text_encoder"] = {
+            "path": directory,
+            "sha256": safetensors_io.weights_sha256(directory),
+        }
+    ae = config.get("autoencoder", {})
+    if config.get("task", "") == "autoencoder" and ae.get("perceptual_weight", 0) > 0:
+        # The LPIPS network of the perceptual loss (launch/convert_lpips.py).
+        path = os.path.abspath(ae.perceptual_weights)
+        record["lpips"] = {"path": path, "sha256": safetensors_io.weights_sha256(path)}
+    if config.get("pretrained", ""):
+        # The weights a fine-tune started from (provenance; a resume reads its checkpoints).
+        directory = os.path.join(config.pretrained, "unet")
+        record["pretrained_unet"] = {
+            "path": directory,
+            "sha256": safetensors_io.weights_sha256(directory),
+        }
     if config.data.source == "latents":
         # Caption embeddings precomputed by encode_latents: the text encoder that made them.
         meta_path = os.path.join(config.data.data_dir, "meta.json")
@@ -68,7 +87,8 @@ def check_frozen(
                     f"{workdir} was trained with {name} {_describe(old)}, this config has "
                     f"{_describe(new)}. Resume with the original {name} (the VAE: "
                     "--config.latent.vae; caption embeddings: the latents directory they came "
-                    "from), or train into a new workdir."
+                    "from; LPIPS: --config.autoencoder.perceptual_weights), or train into a "
+                    "new workdir."
                 )
     if record.get("vae") and config.data.source == "latents":
         from diffjax.pretrained.encode import META, check_latents_meta

@@ -296,6 +296,19 @@ def vae_dir(path: str) -> str:
     return path
 
 
+def text_encoder_dir(path: str) -> str:
+    """The text encoder directory behind `path` (a pipeline's `text_encoder/`, or itself)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return _component_dir(path, read_model_index(path), "text_encoder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"text.encoder={path} is neither a pipeline directory (model_index.json) nor a "
+            "CLIPTextModel directory (config.json + safetensors weights)."
+        )
+    return path
+
+
 class LatentDecoder:
     """A frozen VAE decoding model-space latents to images in [-1, 1].
 
@@ -491,8 +504,11 @@ def describe(pipe: Pipeline) -> str:
     )
 
 
-def model_index_json(class_name: str, components: dict[str, tuple[str, str]]) -> str:
-    """A `model_index.json` text for a pipeline of `components` (name -> (lib, class))."""
-    body = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+def model_index_json(
+    class_name: str, components: dict[str, tuple[str | None, str | None]], **options: Any
+) -> str:
+    """A `model_index.json` text for a pipeline of `components` (name -> (lib, class);
+    (None, None) for an absent optional one) and pipeline `options`."""
+    body = {"_class_name": class_name, "_diffusers_version": "0.42.1", **options}
     body.update({k: list(v) for k, v in components.items()})
-    return json.dumps(body, indent=2) + "\n"
+    return json.dumps(body, indent=2, sort_keys=True) + "\n"

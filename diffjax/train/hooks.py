@@ -105,18 +105,21 @@ class PeriodicActions:
         start_step: int,
         compile_seconds: float,
         window_losses: list[float | None] = (),
+        stage: Any = None,
     ):
+        """`stage`: the run's `diffjax.pretrained.stage.FrozenStage` (None: none); sample
+        grids and evaluation encode their captions through it."""
         self._config, self._ckpt = config, ckpt
         self._meta = {"model": experiment.model_fingerprint(config)}
         self._started = time.perf_counter()
         tc = config.train
         self._grid = (
-            make_grid_sampler(config, parts, workdir, mesh, write=is_main)
+            make_grid_sampler(config, parts, workdir, mesh, write=is_main, stage=stage)
             if config.sample.num_images > 0
             else None
         )
         self._evaluate = (
-            make_periodic_eval(config, parts, mesh, workdir, is_main)
+            make_periodic_eval(config, parts, mesh, workdir, is_main, stage=stage)
             if config.eval.every_steps
             else None
         )
@@ -279,9 +282,8 @@ def train_flops(config: ml_collections.ConfigDict, parts: Components) -> float:
 
     if experiment.is_autoencoder(config):
         x = jax.ShapeDtypeStruct((1, *experiment.image_shape(config)), jnp.float32)
-        lowered = jax.jit(lambda p, x: parts.model.apply({"params": p}, x)).lower(
-            parts.abstract_state.params, x
-        )
+        params = experiment.autoencoder_params(config, parts.abstract_state.params)
+        lowered = jax.jit(lambda p, x: parts.model.apply({"params": p}, x)).lower(params, x)
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return 3.0 * float(cost["flops"])
@@ -330,7 +332,7 @@ class Profiler:
 # ---------------------------------------------------------------------------- sample grid
 
 
-def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: bool):
+def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: bool, stage=None):
     """`grid(params, step)` writes workdir/samples/step_XXXXXXXX.png from fixed noise.
 
     Every process runs the sampler (params are global arrays); only `write` saves. For
@@ -356,11 +358,14 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
     # Captions are tokenized on the host; every process holds the same values.
     labels = np.asarray(cycle_labels(n, config.data.num_classes))
     cond = jax.device_put(experiment.sampling_condition(config, labels), rep)
+    null = None
+    if stage is not None:  # token ids -> the frozen text encoder's embeddings
+        cond, null = stage.conditions(cond), stage.null_condition(n)
 
     decoder = latent_decoder(config, mesh)
 
     def grid(params, step: int) -> str | None:
-        x = sample(params, noise, cond, jax.random.fold_in(key, 1))
+        x = sample(params, noise, cond, jax.random.fold_in(key, 1), null)
         x = parallel.host_value(x if decoder is None else decoder(x))
         if not write:
             return None
@@ -374,7 +379,9 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
 # ---------------------------------------------------------------------------- evaluation
 
 
-def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: bool):
+def make_periodic_eval(
+    config, parts: Components, mesh, workdir: str, is_main: bool, stage: Any = None
+):
     """`evaluate(params, step)`: metrics to eval/step_X.json; the best params to best/.
 
     The primary metric is FID when reference statistics are configured, else the digits
@@ -399,6 +406,7 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
             mesh=mesh,
             step=step,
             decoder=decoder,
+            stage=stage,
         )
         metrics = evaluate_generator(
             generator, num_samples=config.eval.num_samples, batch_size=config.eval.batch_size
@@ -441,11 +449,14 @@ def fixed_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
     return np.stack([source[int(i) * len(source) // n]["image"] for i in range(n)])
 
 
-def _reconstructor(parts: Components, mesh):
-    """`recon(params, x) -> decode(mean)`, jitted, replicated out."""
-    return jax.jit(
-        lambda p, x: parts.model.apply({"params": p}, x), out_shardings=parallel.replicated(mesh)
-    )
+def _reconstructor(config, parts: Components, mesh):
+    """`recon(params, x) -> decode(mean)` of a run's params (the autoencoder's subtree
+    when it trains a discriminator), jitted, replicated out."""
+
+    def recon(params, x):
+        return parts.model.apply({"params": experiment.autoencoder_params(config, params)}, x)
+
+    return jax.jit(recon, out_shardings=parallel.replicated(mesh))
 
 
 def make_recon_grid(config, parts: Components, workdir: str, mesh, *, write: bool):
@@ -453,7 +464,7 @@ def make_recon_grid(config, parts: Components, workdir: str, mesh, *, write: boo
     for a fixed set of `sample.num_images` training images, rows of up to 10."""
     x = fixed_images(config, config.sample.num_images)
     x_dev = jax.device_put(x, parallel.replicated(mesh))
-    recon = _reconstructor(parts, mesh)
+    recon = _reconstructor(config, parts, mesh)
     ncols = min(len(x), 10)
 
     def grid(params, step: int) -> str | None:
@@ -495,7 +506,7 @@ def make_recon_eval(config, parts: Components, mesh, workdir: str, is_main: bool
     PSNR) exported in the diffusers `AutoencoderKL` format to `best/`."""
     x = fixed_images(config, config.eval.num_samples)
     batch = max(1, min(config.eval.batch_size, len(x)))
-    recon = _reconstructor(parts, mesh)
+    recon = _reconstructor(config, parts, mesh)
     best = _read_best(workdir)
 
     def evaluate(params, step: int) -> dict[str, Any]:

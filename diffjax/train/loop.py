@@ -22,8 +22,9 @@ from diffjax import experiment, parallel, rundir
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import check_eval_inputs
 from diffjax.models.partitioning import sharding_context
+from diffjax.pretrained import stage as stage_lib
 from diffjax.pretrained.frozen import check_frozen, write_frozen
-from diffjax.train import hooks
+from diffjax.train import autoencoder, hooks
 from diffjax.train.state import TrainState
 from diffjax.train.writers import MetricWriter
 
@@ -41,6 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     save in flight is committed and the checkpoint manager closed.
     """
     # -- setup: checks before any work, one trainer per workdir, Ctrl-C/SIGTERM handling
+    config = stage_lib.apply_pretrained(config)  # --config.pretrained=PIPELINE_DIR
     experiment.check_config(config)
     if config.eval.every_steps:
         check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
@@ -57,9 +59,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         per_process_batch = parallel.check_batch_size(tc.batch_size, mesh, tc.grad_accum_steps)
         log.info("Mesh %s, %d process(es).", dict(mesh.shape), jax.process_count())
 
+        # -- frozen components (VAE encoder, text encoder) run inside the step
+        stage = stage_lib.build_stage(config, mesh)
+        frozen_params = _frozen_params(config, stage, mesh)
+
         # -- data
         data_iter = data_lib.make_iterator(
-            data_lib.make_source(**config.data.to_dict()),
+            data_lib.make_source(**stage_lib.data_fields(config, stage)),
             batch_size=per_process_batch,
             seed=config.seed,
             process_index=jax.process_index(),
@@ -69,7 +75,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
 
         # -- model, abstract init and sharding
-        parts = rundir.build_components(config, mesh)
+        parts = rundir.build_components(
+            config,
+            mesh,
+            prepare=None if stage is None else stage.prepare,
+            null_context=None if stage is None else stage.null_context,
+        )
 
         # -- restore or initialize
         ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -89,13 +100,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             init = functools.partial(parts.init, unbox=True)
             state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(config.seed))
             start_step = 0
-            log.info("Starting from scratch in %s.", workdir)
+            if config.pretrained:
+                state = _start_from_pretrained(config, parts, state)
+            else:
+                log.info("Starting from scratch in %s.", workdir)
         writer.truncate_after(start_step)  # Rows past the restored step are superseded.
 
         # -- compile
         batch = parallel.global_batch(next(data_iter), mesh)
         t0 = time.perf_counter()
-        compiled_step = _compile_step(parts, state, batch, mesh)
+        compiled_step = _compile_step(parts, state, batch, frozen_params, mesh)
         compile_seconds = time.perf_counter() - t0
         log.info("Train step compiled in %.1f s.", compile_seconds)
 
@@ -111,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             start_step,
             compile_seconds,
             window_losses=window_losses,
+            stage=stage,
         )
         stack.callback(acts.close)
 
@@ -118,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         step = start_step
         while step < tc.num_steps:
             acts.before_step(step)
-            state, metrics = compiled_step(state, batch)
+            state, metrics = compiled_step(state, batch, frozen_params)
             step += 1
             acts.after_step(step, state, metrics, data_iter)
             # Across processes the flag is agreed at log steps (a collective); alone, every step.
@@ -136,21 +151,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _compile_step(parts: rundir.Components, state: TrainState, batch, mesh):
+def _frozen_params(config, stage, mesh):
+    """What the step reads but never trains (its `frozen` argument): the stage's VAE and
+    text encoder, or an autoencoder's LPIPS network; replicated."""
+    if stage is not None:
+        return stage.params
+    if experiment.is_autoencoder(config) and config.autoencoder.perceptual_weight > 0:
+        weights = autoencoder.frozen_params(config.autoencoder.perceptual_weights)
+        return jax.device_put(weights, parallel.replicated(mesh))
+    return {}
+
+
+def _start_from_pretrained(config, parts: rundir.Components, state: TrainState) -> TrainState:
+    """The fresh state with params and EMA set to the pipeline's U-Net weights (the
+    optimizer state of AdamW starts at zero either way)."""
+    weights = stage_lib.initial_params(config, parts.abstract_state.params)
+    params = jax.device_put(weights, parts.state_sharding.params)
+    ema = jax.device_put(weights, parts.state_sharding.ema_params)
+    log.info("Starting from the U-Net of %s.", config.pretrained)
+    return state.replace(params=params, ema_params=ema)
+
+
+def _compile_step(parts: rundir.Components, state: TrainState, batch, frozen, mesh):
     """The train step compiled ahead of time, with explicit shardings and donated state.
 
     Traced under the mesh's activation-sharding context, so the models' constraints at
-    block boundaries (`models.layers.constrain`) pin the batch to the data axes.
+    block boundaries (`models.layers.constrain`) pin the batch to the data axes. The
+    frozen weights (`frozen`, replicated) are an argument, not constants in the program.
     """
+    rep = parallel.replicated(mesh)
     with sharding_context(mesh):
         return (
             jax.jit(
                 parts.train_step,
-                in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh)),
-                out_shardings=(parts.state_sharding, parallel.replicated(mesh)),
+                in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh), rep),
+                out_shardings=(parts.state_sharding, rep),
                 donate_argnums=0,
                 compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
             )
-            .lower(state, batch)
+            .lower(state, batch, frozen)
             .compile()
         )

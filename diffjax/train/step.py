@@ -14,11 +14,18 @@ from diffjax.train.state import TrainState, ema_decay_at
 
 
 def drop_conditioning(
-    batch: dict[str, jax.Array], key: jax.Array, *, p: float, num_classes: int
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    p: float,
+    num_classes: int,
+    null_context: tuple[Any, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """Replaces each example's condition by the null one with probability `p` (CFG).
 
-    The null label is `num_classes`; the null caption is an all-False `context_mask`.
+    The null label is `num_classes`. The null caption is an all-False `context_mask`,
+    or with `null_context = (ids [L], mask [L])` those tokens (a pretrained text
+    encoder's empty prompt, Stable Diffusion's convention: "" encodes to BOS EOS).
     """
     if p <= 0:
         return batch
@@ -28,7 +35,12 @@ def drop_conditioning(
     if "labels" in batch and num_classes > 0:
         batch["labels"] = jnp.where(drop, num_classes, batch["labels"])
     if "context_mask" in batch:
-        batch["context_mask"] = jnp.where(drop[:, None], False, batch["context_mask"])
+        if null_context is None:
+            batch["context_mask"] = jnp.where(drop[:, None], False, batch["context_mask"])
+        else:
+            ids, mask = (jnp.asarray(a) for a in null_context)
+            batch["context"] = jnp.where(drop[:, None], ids[None], batch["context"])
+            batch["context_mask"] = jnp.where(drop[:, None], mask[None], batch["context_mask"])
     return batch
 
 
@@ -45,8 +57,10 @@ def make_loss_fn(
     cond_dropout: float,
     num_classes: int,
     cond_keys: tuple[str, ...] = (),
+    prepare: Callable | None = None,
+    null_context: tuple[Any, Any] | None = None,
 ):
-    """`loss_fn(params, batch, rng) -> loss` for one (micro-)batch.
+    """`loss_fn(params, batch, rng, frozen, step) -> loss` for one (micro-)batch.
 
     Args:
       apply_fn: the Flax module's `apply`.
@@ -56,11 +70,20 @@ def make_loss_fn(
       cond_dropout: probability of replacing the condition by the null one.
       num_classes: class count (the null label's value).
       cond_keys: batch keys fed to the model (`experiment.condition_keys`).
+      prepare: `prepare(frozen, batch, key) -> batch`, the frozen front of the step
+        (pixels -> latents by a frozen VAE, token ids -> embeddings by a frozen text
+        encoder: `diffjax.pretrained.stage`), applied after condition dropout.
+      null_context: the null caption's (ids, mask) for `drop_conditioning`.
     """
 
-    def loss_fn(params, batch, rng):
-        k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
-        batch = drop_conditioning(batch, k_drop, p=cond_dropout, num_classes=num_classes)
+    def loss_fn(params, batch, rng, frozen=None, step=None):
+        del step
+        k_drop, k_loss, k_dropout, k_prep = jax.random.split(rng, 4)
+        batch = drop_conditioning(
+            batch, k_drop, p=cond_dropout, num_classes=num_classes, null_context=null_context
+        )
+        if prepare is not None:
+            batch = prepare(frozen, batch, k_prep)
         cond = model_kwargs(batch, cond_keys)
 
         def net_fn(x, t):
@@ -85,11 +108,15 @@ def make_train_step(
     guard: str = "cond",
     has_aux: bool = False,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds `train_step(state, batch) -> (state, metrics)`; pure, ready for `jax.jit`.
+    """Builds `train_step(state, batch, frozen=None) -> (state, metrics)`; pure, ready
+    for `jax.jit`.
 
-    `loss_fn(params, batch, rng)` returns the scalar loss, or with `has_aux` a pair
-    `(loss, aux)` whose dict of scalars joins the metrics (averaged over micro-batches),
-    computed in the same forward pass as the loss.
+    `loss_fn(params, batch, rng, frozen, step)` returns the scalar loss, or with
+    `has_aux` a pair `(loss, aux)` whose dict of scalars joins the metrics (averaged
+    over micro-batches), computed in the same forward pass as the loss. `frozen` is a
+    pytree the step reads but never trains, differentiates or saves (pretrained VAE and
+    text-encoder weights, a LoRA base); `step` is the optimizer step being taken (an
+    int32 scalar), for losses that change with it.
 
     A step whose loss or gradient norm is not finite leaves params, EMA and optimizer
     state unchanged (the step counter still advances) and reports `finite = False`;
@@ -106,15 +133,15 @@ def make_train_step(
     if guard not in ("cond", "select"):
         raise ValueError(f"guard must be 'cond' or 'select', got {guard!r}.")
 
-    def with_aux(params, batch, rng):
-        out = loss_fn(params, batch, rng)
+    def with_aux(params, batch, rng, frozen, step):
+        out = loss_fn(params, batch, rng, frozen, step)
         return out if has_aux else (out, {})
 
     grad_fn = jax.value_and_grad(with_aux, has_aux=True)
 
-    def compute_grads(params, batch, rng):
+    def compute_grads(params, batch, rng, frozen, step):
         if grad_accum_steps == 1:
-            return grad_fn(params, batch, rng)
+            return grad_fn(params, batch, rng, frozen, step)
 
         def split(x):
             # [B, ...] -> [A, B/A, ...] with micro-batch i = rows i, i+A, ...; every
@@ -127,12 +154,13 @@ def make_train_step(
         def body(carry, inputs):
             loss_sum, aux_sum, grad_sum = carry
             i, mb = inputs
-            (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen, step)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux), grad_sum), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        aux0 = jax.eval_shape(with_aux, params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+        first = jax.tree.map(lambda x: x[0], micro)
+        aux0 = jax.eval_shape(with_aux, params, first, rng, frozen, step)[1]
         aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0)
         (loss_sum, aux_sum, grad_sum), _ = jax.lax.scan(
             body,
@@ -143,9 +171,9 @@ def make_train_step(
         aux = jax.tree.map(lambda a: a * scale, aux_sum)
         return (loss_sum * scale, aux), jax.tree.map(lambda g: g * scale, grad_sum)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = compute_grads(state.params, batch, rng)
+        (loss, aux), grads = compute_grads(state.params, batch, rng, frozen, state.step)
         # One pass over the gradients serves clipping, the metric and the guard: the
         # norm is inf/NaN when any gradient is (or when it overflows float32, ~1.8e19).
         grad_norm = optax.global_norm(grads)
