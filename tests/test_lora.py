@@ -1,0 +1,97 @@
+"""LoRA as a parameter-tree delta (diffjax.finetune.lora): targets, init, merge, layouts."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import models
+from diffjax.finetune import lora
+
+
+def _dit_params():
+    m = models.build_preset("DiT-S/2", num_classes=10, depth=2, hidden_size=48, num_heads=4)
+    x, t, y = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    return m, nn.meta.unbox(m.init(jax.random.key(0), x, t, labels=y)["params"])
+
+
+def test_fresh_lora_leaves_the_model_bit_for_bit_unchanged():
+    m, params = _dit_params()
+    targets = lora.select_targets(params, lora.DEFAULT_TARGETS["dit"])
+    assert targets == [
+        f"block{i}.attn.{p}" for i in (0, 1) for p in ("key", "out", "query", "value")
+    ]
+    tree = lora.init_lora(jax.random.key(1), params, targets, rank=4)
+    assert tree["block0.attn.query"]["A"].shape == (48, 4)
+    assert tree["block0.attn.query"]["B"].shape == (4, 4, 12)  # [r, heads, head_dim]
+    assert tree["block0.attn.out"]["A"].shape == (4, 12, 4)  # [heads, head_dim, r]
+    merged = lora.merge(params, tree, 2.0)
+    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), merged, params)
+    assert all(jax.tree.leaves(same))
+
+
+def test_merge_adds_scale_times_a_at_b_and_touches_nothing_else():
+    _, params = _dit_params()
+    tree = lora.init_lora(jax.random.key(1), params, ["block1.attn.out"], rank=3)
+    tree["block1.attn.out"]["B"] = jax.random.normal(jax.random.key(2), (3, 48))
+    merged = lora.merge(params, tree, 0.5)
+    a, b = tree["block1.attn.out"]["A"], tree["block1.attn.out"]["B"]
+    want = params["block1"]["attn"]["out"]["kernel"] + 0.5 * jnp.einsum("hdr,ro->hdo", a, b)
+    np.testing.assert_allclose(merged["block1"]["attn"]["out"]["kernel"], want, rtol=1e-6)
+    merged["block1"]["attn"]["out"]["kernel"] = params["block1"]["attn"]["out"]["kernel"]
+    same = jax.tree.map(lambda x, y: bool(jnp.all(x == y)), merged, params)
+    assert all(jax.tree.leaves(same))
+
+
+def test_conv_lora_merged_equals_conv_a_then_1x1_conv_b():
+    # peft's conv LoRA: a conv with A (same kernel size, stride, padding), then a 1x1 conv B.
+    k = jax.random.split(jax.random.key(0), 4)
+    w = jax.random.normal(k[0], (3, 3, 5, 7))
+    a, b = jax.random.normal(k[1], (3, 3, 5, 2)), jax.random.normal(k[2], (2, 7))
+    x = jax.random.normal(k[3], (2, 9, 9, 5))
+
+    def conv(x, w, stride=2, pad=1):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    params = {"c": {"kernel": w}}
+    merged = lora.merge(params, {"c": {"A": a, "B": b}}, 0.7)["c"]["kernel"]
+    runtime = conv(x, w) + 0.7 * conv(conv(x, a), b[None, None], stride=1, pad=0)
+    np.testing.assert_allclose(conv(x, merged), runtime, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_layout_round_trip_folds_the_scale_into_b():
+    params = {"lin": {"kernel": np.zeros((6, 5))}, "conv": {"kernel": np.zeros((3, 3, 4, 8))}}
+    rng = np.random.default_rng(0)
+    tree = {
+        "lin": {"A": rng.standard_normal((6, 2)), "B": rng.standard_normal((2, 5))},
+        "conv": {"A": rng.standard_normal((3, 3, 4, 2)), "B": rng.standard_normal((2, 8))},
+    }
+    torch = lora.to_torch(tree, scale=0.25)
+    assert torch["lin"][0].shape == (2, 6) and torch["lin"][1].shape == (5, 2)
+    assert torch["conv"][0].shape == (2, 4, 3, 3) and torch["conv"][1].shape == (8, 2, 1, 1)
+    back = lora.from_torch(
+        {k: (d, u, 1.0) for k, (d, u) in torch.items()}, lora.kernel_modules(params)
+    )
+    for name in tree:
+        np.testing.assert_allclose(
+            lora.delta(back[name]), 0.25 * lora.delta(tree[name]), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_targets_and_shapes_are_checked_by_name():
+    _, params = _dit_params()
+    with pytest.raises(lora.LoRAError, match="matches no Dense/Conv module.*block0"):
+        lora.select_targets(params, r"to_q$")
+    with pytest.raises(lora.LoRAError, match="not a valid regular expression"):
+        lora.select_targets(params, "attn(")
+    with pytest.raises(lora.LoRAError, match="not in the model"):
+        lora.merge(params, {"nope.q": {"A": jnp.zeros((2, 1)), "B": jnp.zeros((1, 2))}})
+    with pytest.raises(lora.LoRAError, match="does not fit"):
+        lora.merge(params, {"patch_embed": {"A": jnp.zeros((5, 1)), "B": jnp.zeros((1, 2))}})
+    with pytest.raises(lora.LoRAError, match="rank must be >= 1"):
+        lora.init_lora(jax.random.key(0), params, ["block0.attn.key"], rank=0)
