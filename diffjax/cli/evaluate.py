@@ -6,11 +6,14 @@
         --config.eval.reference_stats=imagenet256.npz \
         --config.eval.inception_weights=pt_inception.safetensors \
         --config.eval.num_samples=50000 --config.sample.num_steps=250 --config.sample.guidance=1.5
+    python launch/evaluate.py --pretrained=SD_DIR --lora=style.safetensors [--lora_scale=0.8] ...
 
 The run's own config (WORKDIR/config.json) is used; `--config.*` overrides any field
 of it. Writes WORKDIR/eval/step_XXXXXXXX.json. With --pretrained (a diffusers pipeline
 directory: DiT, or a diffjax export in diffusers format) the `sample.*` and `eval.*`
 fields apply; `sample.method` overrides the scheduler's own sampler; results go to --out.
+`--lora` / `--lora_scale` merge LoRA files into a Stable Diffusion pipeline first, as in
+sample.py.
 """
 
 import os
@@ -25,6 +28,12 @@ _PRETRAINED = flags.DEFINE_string(
     "pretrained", None, "A diffusers pipeline directory (model_index.json) to evaluate."
 )
 _OUT = flags.DEFINE_string("out", None, "With --pretrained: the JSON file to write.")
+_LORA = flags.DEFINE_multi_string(
+    "lora", None, "With --pretrained: a LoRA file (or directory) to merge; repeat for several."
+)
+_LORA_SCALE = flags.DEFINE_multi_float(
+    "lora_scale", None, "Scale of the --lora files: one for all, or one per file (default 1.0)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _CONFIG = override_flag()
@@ -39,6 +48,11 @@ def main(argv):
 
     if bool(_WORKDIR.value) == bool(_PRETRAINED.value):
         raise ValueError("Pass exactly one of --workdir or --pretrained.")
+    if (_LORA.value or _LORA_SCALE.value) and not _PRETRAINED.value:
+        raise ValueError(
+            "--lora/--lora_scale apply to --pretrained=SD_DIR only (the LoRA file is merged "
+            "into that pipeline); pass the base pipeline as --pretrained instead of --workdir."
+        )
     if _PRETRAINED.value:
         return _evaluate_pretrained()
     config = workdir_config(_WORKDIR.value, _CONFIG)
@@ -63,7 +77,7 @@ def _evaluate_pretrained() -> None:
 
     from diffjax.config import get_base_config
     from diffjax.eval.evaluate import check_eval_inputs, evaluate_generator
-    from diffjax.pretrained import pipeline
+    from diffjax.pretrained import lora_files, pipeline
 
     if not _OUT.value or not _OUT.value.endswith(".json"):
         raise ValueError(
@@ -73,12 +87,18 @@ def _evaluate_pretrained() -> None:
     check_eval_inputs(asked.eval.reference_stats, asked.eval.inception_weights)
     given = any(a.startswith("--config.sample.method=") for a in sys.argv[1:])
     method = asked.sample.method if given else None  # else the scheduler's own sampler
+    loras = lora_files.pair_scales(_LORA.value, _LORA_SCALE.value)
+    for path, _ in loras:
+        lora_files.lora_file(path)  # a missing file or a pickle fails before the load
     pipe = pipeline.load_pipeline(_PRETRAINED.value, method=method)
+    if loras:
+        pipe = lora_files.apply_lora_files(pipe, loras)
     generator = pipeline.PretrainedGenerator(
         pipe, num_steps=asked.sample.num_steps, guidance=asked.sample.guidance
     )
     generator.config.eval = asked.eval
-    print(f"Evaluating {pipeline.describe(pipe)}")
+    lora_note = f" with LoRA {lora_files.describe_files(loras)}" if loras else ""
+    print(f"Evaluating {pipeline.describe(pipe)}{lora_note}")
     metrics = evaluate_generator(
         generator,
         num_samples=asked.eval.num_samples,
@@ -86,6 +106,8 @@ def _evaluate_pretrained() -> None:
         seed=_SEED.value,
     )
     metrics["pretrained"] = os.path.abspath(_PRETRAINED.value)
+    if loras:
+        metrics["lora"] = [[os.path.abspath(f), s] for f, s in loras]
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)

@@ -65,7 +65,9 @@ _PARTS = (
     (".alpha", "alpha"),
 )
 # Attention-processor LoRA names of old diffusers files: `<attn>.to_q_lora.down.weight`.
-_PROCESSOR = re.compile(r"^(?P<attn>.+)\.(?P<proj>to_q|to_k|to_v|to_out)_lora$")
+_PROCESSOR = re.compile(
+    r"^(?P<attn>.+)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down\.weight|up\.weight|alpha)$"
+)
 _PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _PROCESSOR_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _UNSUPPORTED_HINT = (
@@ -167,16 +169,16 @@ def _diffusers_key(key: str) -> tuple[str, str, str] | None:
     if comp is None:  # old prefix-less files
         comp = "text_encoder" if key.startswith(_TEXT_PREFIX) else "unet"
     rest = rest.replace(".processor.", ".")
+    m = _PROCESSOR.match(rest)
+    if m:
+        names = _PROCESSOR_TEXT if comp == "text_encoder" else _PROCESSOR_UNET
+        return comp, f"{m['attn']}.{names[m['proj']]}", m["part"].split(".")[0]
     found = next(((s, p) for s, p in _PARTS if rest.endswith(s)), None)
     if found is None:
         return None
     stem, part = rest[: -len(found[0])], found[1]
-    if part == "alpha":  # `<module>.alpha`, `<module>.lora.alpha`, `<attn>.to_q_lora.alpha`
+    if part == "alpha":  # `<module>.alpha` or `<module>.lora.alpha`
         stem = stem.removesuffix(".lora").removesuffix(".lora_linear_layer")
-    m = _PROCESSOR.match(stem)
-    if m:
-        names = _PROCESSOR_TEXT if comp == "text_encoder" else _PROCESSOR_UNET
-        stem = f"{m['attn']}.{names[m['proj']]}"
     return (comp, stem, part) if stem else None
 
 
