@@ -63,6 +63,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     # prediction (diffusion.*), latent.vae, text.encoder and data.tokenizer, .max_text_len,
     # .channels (and .image_size when 0). `diffjax.pretrained.stage.apply_pretrained`.
     c.pretrained = ""  # Pipeline directory to fine-tune; "" = train from scratch.
+    # base_workdir: a diffjax run whose EMA params are the base of a LoRA (or the start of a
+    # full fine-tune); its model, diffusion, data shape, latent and text fields are taken.
+    c.base_workdir = ""  # Run directory to fine-tune; "" = none.
+
+    # ---------------------------------------------------------------- LoRA
+    # lora.rank > 0 trains only low-rank deltas W + (alpha / rank) * A @ B of the target
+    # modules over the frozen base (config.pretrained or config.base_workdir); only the LoRA
+    # is in the optimizer, EMA and checkpoints (`diffjax.finetune.lora`).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # LoRA rank r; 0 = train the whole model.
+    c.lora.alpha = 0.0  # The delta's scale is alpha / rank; 0 = alpha = rank (scale 1).
+    c.lora.targets = ""  # Regex over module names; "" = the model's attention q/k/v/out.
+    c.lora.text_encoder = False  # Also train a LoRA on the frozen text encoder (text.encoder).
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ import ml_collections
 from diffjax import models
 from diffjax.config import REMOVED_FIELDS, get_base_config
 from diffjax.diffusion import losses, samplers, schedules
+from diffjax.finetune import lora as lora_lib
 from diffjax.models.autoencoder_kl import AutoencoderKL
 
 TASKS = ("diffusion", "autoencoder")
@@ -241,12 +242,52 @@ def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Arra
     return init_fn
 
 
+def lora_rank(config: ml_collections.ConfigDict) -> int:
+    """The LoRA rank of a run (0: the whole model trains)."""
+    return int(config.get("lora", {}).get("rank", 0) or 0)
+
+
+def lora_scale(config: ml_collections.ConfigDict) -> float:
+    """alpha / rank (alpha 0 means alpha = rank: scale 1)."""
+    r = lora_rank(config)
+    return float(config.lora.alpha) / r if r and config.lora.alpha else 1.0
+
+
+def lora_targets(config: ml_collections.ConfigDict, component: str = "denoiser") -> str:
+    """The target regex of a LoRA run's component ('denoiser' or 'text_encoder')."""
+    if config.lora.targets and component == "denoiser":
+        return config.lora.targets
+    name = "clip_text" if component == "text_encoder" else config.model.name
+    if name not in lora_lib.DEFAULT_TARGETS:
+        raise ValueError(
+            f"model {name!r} has no default LoRA targets; set lora.targets to a regex over its "
+            "module names."
+        )
+    return lora_lib.DEFAULT_TARGETS[name]
+
+
+def merged_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of a LoRA run's merged model: a plain model (no LoRA, no base), what
+    exports of the merged params record."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.lora.rank, out.lora.alpha, out.lora.targets = 0, 0.0, ""
+    out.lora.text_encoder = False
+    out.base_workdir = ""
+    return out
+
+
 def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What must match for a checkpoint to belong to this config."""
     fingerprint = {"task": "autoencoder"} if is_autoencoder(config) else {}
     if has_discriminator(config):  # its params sit beside the autoencoder's
         a = config.autoencoder
         fingerprint["discriminator"] = {"channels": a.disc_channels, "layers": a.disc_layers}
+    if lora_rank(config):  # the checkpoints hold only the LoRA tree
+        fingerprint["lora"] = {
+            "rank": lora_rank(config),
+            "targets": config.lora.targets,
+            "text_encoder": bool(config.lora.text_encoder),
+        }
     return json.loads(
         json.dumps(
             {
@@ -378,6 +419,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_train_counts(config)
     if config.sample.num_steps < 1:
         raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
+    _check_lora(config)
     if config.text.encoder and config.data.source == "latents":
         raise ValueError(
             "text.encoder embeds the caption token ids of image data in the train step, but "
@@ -391,6 +433,36 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"this model makes latents of latent.vae={config.latent.vae!r}, which are not "
             "confined to it; set --config.diffusion.clip_x0=False."
         )
+
+
+def _check_lora(config: ml_collections.ConfigDict) -> None:
+    """LoRA fields: a base to adapt, a rank, targets that parse."""
+    lo = config.lora
+    if lo.rank < 0:
+        raise ValueError(f"lora.rank must be >= 0 (0 = no LoRA), got {lo.rank}.")
+    if config.pretrained and config.base_workdir:
+        raise ValueError(
+            "Set one base: config.pretrained (a diffusers pipeline) or config.base_workdir (a "
+            "diffjax run), not both."
+        )
+    if not lo.rank:
+        unused = [f"lora.{k}" for k in ("alpha", "targets", "text_encoder") if lo[k]]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply only with lora.rank > 0; set lora.rank.")
+        return
+    if not (config.pretrained or config.base_workdir):
+        raise ValueError(
+            "lora.rank > 0 adapts a trained model: set --config.pretrained=SD_DIR or "
+            "--config.base_workdir=RUN (the frozen base)."
+        )
+    if lo.alpha < 0:
+        raise ValueError(f"lora.alpha must be >= 0 (0 = alpha = rank), got {lo.alpha}.")
+    if lo.text_encoder and not config.text.encoder:
+        raise ValueError(
+            "lora.text_encoder=True trains a LoRA on the frozen text encoder, but this run has "
+            "none (text.encoder); clear lora.text_encoder."
+        )
+    lora_targets(config)
 
 
 def _check_train_counts(config: ml_collections.ConfigDict) -> None:

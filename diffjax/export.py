@@ -307,6 +307,7 @@ def export_diffusers(
     step: int,
     method: str | None = None,
     write: bool = True,
+    text_encoder_params: Any = None,
 ) -> dict[str, Any] | None:
     """Writes `params` as a diffusers pipeline directory that `from_pretrained` loads.
 
@@ -328,6 +329,8 @@ def export_diffusers(
       step: the training step (recorded in `out_dir/diffjax.json`).
       method: the diffjax sampler the scheduler config reproduces.
       write: False on processes that only take part in the gather.
+      text_encoder_params: a StableDiffusionPipeline's text encoder weights to write
+        instead of copying the run's (a LoRA merged into it).
 
     Raises:
       ExportError: an architecture, schedule or sampler diffusers cannot express
@@ -418,7 +421,10 @@ def export_diffusers(
         from diffjax.data.tokens import tokenizer_dir
 
         encoder = pipeline.text_encoder_dir(config.text.encoder)
-        shutil.copytree(encoder, os.path.join(tmp, "text_encoder"))
+        if text_encoder_params is None:
+            shutil.copytree(encoder, os.path.join(tmp, "text_encoder"))
+        else:
+            _write_text_encoder(encoder, text_encoder_params, os.path.join(tmp, "text_encoder"))
         shutil.copytree(tokenizer_dir(config.data.tokenizer), os.path.join(tmp, "tokenizer"))
         components.update(
             text_encoder=("transformers", "CLIPTextModel"),
@@ -448,6 +454,58 @@ def export_diffusers(
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp, out_dir)
     return meta
+
+
+def _write_text_encoder(source: str, params: Any, out_dir: str) -> None:
+    """A CLIPTextModel directory: `source`'s config.json with `params` as its weights."""
+    from diffjax import parallel
+    from diffjax.pretrained import convert, safetensors_io
+
+    os.makedirs(out_dir)
+    shutil.copy(os.path.join(source, "config.json"), os.path.join(out_dir, "config.json"))
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32), parallel.gather(params))
+    safetensors_io.write_tensors(
+        convert.flax_to_torch(host), os.path.join(out_dir, "model.safetensors")
+    )
+
+
+def export_lora(config: ml_collections.ConfigDict, params: Any, out_dir: str, *, step: int) -> str:
+    """Writes a LoRA run's (EMA) LoRA as diffusers' `pytorch_lora_weights.safetensors`
+    (`unet.<module>.lora_A/B.weight`, + `text_encoder.` ones; alpha / rank folded into
+    B), which `pipe.load_lora_weights(out_dir)` and `sample.py --lora` read, beside
+    `diffjax.json` (the base and the step). Returns the file's path.
+
+    Raises:
+      ExportError: a model whose modules have no diffusers names (diffjax's own unet/dit:
+        export the merged model instead), or an existing non-empty `out_dir`.
+    """
+    from diffjax import parallel
+    from diffjax.pretrained import lora_files
+
+    if config.model.name != "sd_unet":
+        raise ExportError(
+            f"--format=lora writes diffusers' LoRA layout, whose module names are those of "
+            f"Stable Diffusion's U-Net (sd_unet); this is a {config.model.name!r} run. Export "
+            "the merged model (the default format, or --format=diffusers)."
+        )
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ExportError(f"{out_dir} already holds files; choose a new directory.")
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32), parallel.gather(params))
+    trees = {"unet": host["denoiser"]}
+    if "text_encoder" in host:
+        trees["text_encoder"] = host["text_encoder"]
+    path = lora_files.write_lora(out_dir, trees, experiment.lora_scale(config))
+    meta = {
+        "diffjax_version": diffjax.__version__,
+        "step": int(step),
+        "format": "lora",
+        "base": config.pretrained or config.base_workdir,
+        "lora": config.lora.to_dict(),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    with open(os.path.join(out_dir, "diffjax.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=list)
+    return path
 
 
 def _export_sd_unet(config: ml_collections.ConfigDict, host: Any, out_dir: str, convert) -> None:
@@ -524,6 +582,8 @@ def export_autoencoder(
       out_dir: the directory to create.
       step: the training step (recorded in diffjax.json).
       write: False on processes that only take part in the gather.
+      text_encoder_params: a StableDiffusionPipeline's text encoder weights to write
+        instead of copying the run's (a LoRA merged into it).
       overwrite: replace a directory that already holds files.
 
     Raises:

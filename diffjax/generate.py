@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,18 +67,24 @@ class Generator:
         config = config if config is not None else rundir.load_workdir_config(workdir)
         config = _with_sampling(config, method, num_steps, guidance)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        state, step, parts = rundir.load_state(config, workdir, mesh, step)
+        stage = text_stage(config, mesh)
+        text = None if stage is None else stage.params.get("text_encoder")
+        state, step, parts = rundir.load_state(config, workdir, mesh, step, text_params=text)
+        params = state.ema_params
+        if parts.lora_targets is not None:  # a LoRA run samples with its merged base
+            frozen = {"base": base_params(config, mesh), "text_encoder": text}
+            params, stage = sampling_view(parts, stage, frozen, params)
         sample_fn = make_sample_fn(
             parts.model.apply, parts.schedule, **experiment.sampler_kwargs(config)
         )
         return cls(
             config=config,
-            params=state.ema_params,
+            params=params,
             sample_fn=sample_fn,
             mesh=mesh,
             step=step,
             decoder=latent_decoder(config, mesh),
-            stage=text_stage(config, mesh),
+            stage=stage,
         )
 
     @classmethod
@@ -214,6 +221,33 @@ def latent_decoder(config: ml_collections.ConfigDict, mesh, recorded: dict | Non
                 "--config.latent.vae or the export's config at the original VAE."
             )
     return decoder
+
+
+def base_params(config: ml_collections.ConfigDict, mesh) -> Any:
+    """The base weights a run adapts or starts from: `base_workdir`'s EMA params, or a
+    LoRA's pipeline U-Net (`pretrained`); None when the run has no such base (a full
+    fine-tune of a pipeline reads its U-Net when it starts)."""
+    if config.base_workdir:
+        return rundir.base_params(config, mesh)
+    if config.pretrained and experiment.lora_rank(config):
+        from diffjax.pretrained import stage
+
+        model = experiment.build_model(config)
+        shapes = nn.meta.unbox(
+            jax.eval_shape(experiment.make_init_fn(model, config), jax.random.key(0))
+        )
+        return stage.initial_params(config, shapes)
+    return None
+
+
+def sampling_view(parts: rundir.Components, stage: Any, frozen: Any, params: Any):
+    """(denoiser params, frozen stage) that a state's (EMA) params sample with: for a
+    LoRA run the LoRA merged into `frozen["base"]`, and a text-encoder LoRA into the
+    stage's text encoder; the params and stage as they are otherwise."""
+    model_params = parts.model_params(params, frozen)
+    if stage is not None and "text_encoder" in (parts.lora_targets or {}):
+        stage = stage.with_params(text_encoder=parts.text_params(params, frozen))
+    return model_params, stage
 
 
 def text_stage(config: ml_collections.ConfigDict, mesh):

@@ -17,11 +17,13 @@ import os
 import socket
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 
 from diffjax import experiment, models
 from diffjax.checkpoint import Checkpointer, abstract_with_shardings
+from diffjax.finetune import lora
 from diffjax.train.autoencoder import make_autoencoder_loss_fn
 from diffjax.train.state import TrainState, make_optimizer
 from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
@@ -208,6 +210,26 @@ class Components:
     abstract_state: Any
     state_sharding: Any
     train_step: Any  # train_step(state, batch, frozen=None) -> (state, metrics); pure, not jitted
+    # A LoRA run (lora.rank > 0): the shardings of the frozen base params (frozen["base"]),
+    # and the LoRA targets per component ({"denoiser": [...], "text_encoder": [...]}).
+    base_sharding: Any = None
+    lora_targets: Any = None
+    lora_scale: float = 1.0  # alpha / rank
+    model_shapes: Any = None  # the denoiser's params as shapes (a LoRA run's: the base's)
+
+    def model_params(self, params: Any, frozen: Any) -> Any:
+        """The denoiser's params of a state's (EMA) params: merged with the frozen base
+        for a LoRA run, the params themselves otherwise."""
+        if self.lora_targets is None:
+            return params
+        return lora.merge(frozen["base"], params["denoiser"], self.lora_scale)
+
+    def text_params(self, params: Any, frozen: Any) -> Any:
+        """The text encoder's params: with the LoRA's text part merged when it has one."""
+        text = frozen.get("text_encoder")
+        if self.lora_targets is None or "text_encoder" not in params:
+            return text
+        return lora.merge(text, params["text_encoder"], self.lora_scale)
 
 
 def build_components(
@@ -216,6 +238,7 @@ def build_components(
     *,
     prepare: Any = None,
     null_context: Any = None,
+    text_params: Any = None,
 ) -> Components:
     """Builds everything static about a run; allocates nothing (`jax.eval_shape`).
 
@@ -223,6 +246,10 @@ def build_components(
     stage (`diffjax.pretrained.stage.FrozenStage`): images -> latents and token ids ->
     embeddings inside the step, with the null caption for condition dropout. Without
     them `train_step(state, batch)` trains on the batch as it is.
+
+    A LoRA run (`lora.rank > 0`) trains `{"denoiser": lora, ["text_encoder": lora]}`
+    (`diffjax.finetune.lora`); the step merges them into `frozen["base"]` (and the
+    text encoder's `frozen["text_encoder"]`, whose params or shapes `text_params` gives).
     """
     tc = config.train
     model = experiment.build_model(config)
@@ -239,10 +266,14 @@ def build_components(
         eps=tc.eps,
         grad_clip=tc.grad_clip,
     )
-    init = functools.partial(
-        init_train_state, init_fn=experiment.make_init_fn(model, config), tx=tx
-    )
     key = jax.random.key(config.seed)
+    init_fn = experiment.make_init_fn(model, config)
+    base_sharding = targets = None
+    boxed_model = jax.eval_shape(init_fn, key)
+    if experiment.lora_rank(config):
+        base_sharding = models.param_shardings(boxed_model, mesh)
+        init_fn, targets = _lora_init(config, nn.meta.unbox(boxed_model), text_params)
+    init = functools.partial(init_train_state, init_fn=init_fn, tx=tx)
     boxed = jax.eval_shape(functools.partial(init, unbox=False), key)
     if autoencoder:
         ae = config.autoencoder
@@ -276,6 +307,8 @@ def build_components(
             prepare=prepare,
             null_context=null_context,
         )
+    if targets is not None:
+        loss_fn = _lora_loss(loss_fn, experiment.lora_scale(config))
     train_step = make_train_step(
         loss_fn,
         tx,
@@ -295,7 +328,91 @@ def build_components(
         init=init,
         abstract_state=jax.eval_shape(functools.partial(init, unbox=True), key),
         state_sharding=models.param_shardings(boxed, mesh),
+        base_sharding=base_sharding,
+        lora_targets=targets,
+        lora_scale=experiment.lora_scale(config),
+        model_shapes=nn.meta.unbox(boxed_model),
     )
+
+
+def _lora_init(config, base_shapes, text_params):
+    """`init_fn(key) -> LoRA tree` and the targets of each component."""
+    rank = experiment.lora_rank(config)
+    targets = {
+        "denoiser": lora.select_targets(base_shapes, experiment.lora_targets(config, "denoiser"))
+    }
+    if config.lora.text_encoder:
+        if text_params is None:
+            raise ValueError(
+                "lora.text_encoder=True needs the text encoder's params (text.encoder)."
+            )
+        pattern = experiment.lora_targets(config, "text_encoder")
+        targets["text_encoder"] = lora.select_targets(text_params, pattern)
+        text_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), text_params)
+
+    def init_fn(key):
+        k_den, k_text = jax.random.split(key)
+        out = {"denoiser": lora.init_lora(k_den, base_shapes, targets["denoiser"], rank)}
+        if "text_encoder" in targets:
+            out["text_encoder"] = lora.init_lora(k_text, text_shapes, targets["text_encoder"], rank)
+        return out
+
+    return init_fn, targets
+
+
+def _lora_loss(loss_fn, scale: float):
+    """The loss of a LoRA run: the trained LoRA merged into the frozen base (and text
+    encoder) inside the step, so gradients reach only A and B."""
+
+    def lora_loss(params, batch, rng, frozen, step):
+        frozen = dict(frozen)
+        model_params = lora.merge(frozen.pop("base"), params["denoiser"], scale)
+        if "text_encoder" in params:
+            frozen["text_encoder"] = lora.merge(
+                frozen["text_encoder"], params["text_encoder"], scale
+            )
+        return loss_fn(model_params, batch, rng, frozen, step)
+
+    return lora_loss
+
+
+def apply_base_workdir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the model of `config.base_workdir` (a diffjax run to fine-tune or
+    adapt with a LoRA): its `model.name`/`kwargs`, `diffusion`, the model-facing `data`
+    fields (image size, channels, classes, text length, tokenizer), `latent` and `text`.
+    Idempotent; unchanged when `base_workdir` is "".
+
+    Raises:
+      FileNotFoundError: the base run has no config.json or no checkpoint.
+    """
+    base_dir = config.get("base_workdir", "")
+    if not base_dir:
+        return config
+    base_dir = os.path.abspath(os.path.expanduser(base_dir))
+    if not has_checkpoints(base_dir):
+        raise FileNotFoundError(
+            f"base_workdir={base_dir} has no checkpoint; train the base first "
+            f"(python launch/train.py --config=... --workdir={base_dir})."
+        )
+    base = load_workdir_config(base_dir)
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.base_workdir = base_dir
+    out.model.name = base.model.name
+    out.model.kwargs = base.model.kwargs
+    out.diffusion = base.diffusion
+    for key in ("image_size", "channels", "num_classes", "max_text_len", "tokenizer"):
+        out.data[key] = base.data[key]
+    out.latent = base.latent
+    out.text = base.text
+    return out
+
+
+def base_params(config: ml_collections.ConfigDict, mesh) -> Any:
+    """The EMA params of `config.base_workdir`'s latest good checkpoint (the base of a
+    LoRA run, or the start of a full fine-tune)."""
+    base = load_workdir_config(config.base_workdir)
+    state, _, _ = load_state(base, config.base_workdir, mesh)
+    return state.ema_params
 
 
 def restore_target(parts: Components) -> Any:
@@ -309,9 +426,17 @@ def model_check(config: ml_collections.ConfigDict, workdir: str):
 
 
 def load_state(
-    config: ml_collections.ConfigDict, workdir: str, mesh, step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh,
+    step: int | None = None,
+    *,
+    text_params: Any = None,
 ) -> tuple[TrainState, int, Components]:
     """Restores the train state of `workdir` (latest good step, or `step`).
+
+    `text_params`: the frozen text encoder's params (or shapes), for a run that trains a
+    LoRA on it (`build_components`).
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (names the fix).
@@ -325,7 +450,7 @@ def load_state(
         )
     ckpt = Checkpointer(ckpt_dir)
     try:
-        parts = build_components(config, mesh)
+        parts = build_components(config, mesh, text_params=text_params)
         check = model_check(config, workdir)
         if step is None:
             state, step = ckpt.restore_latest(restore_target(parts), check_meta=check)

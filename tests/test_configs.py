@@ -53,6 +53,10 @@ def test_config_builds(path, arg):
     params = jax.eval_shape(experiment.make_init_fn(model, config), jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(params))) > 0
     experiment.build_loss(config, experiment.build_schedule(config))
+    if config.get("base_workdir", "") is None:  # adapts a trained run: it must be named
+        with pytest.raises(ValueError, match="--config.base_workdir=RUN"):
+            experiment.check_config(config)
+        return
     experiment.check_config(config)
 
 

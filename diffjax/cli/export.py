@@ -25,7 +25,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest goo
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Serialized-sampler platforms.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export at --out.")
 _FORMAT = flags.DEFINE_enum(
-    "format", "diffjax", ["diffjax", "diffusers"], "diffjax export, or a diffusers directory."
+    "format",
+    "diffjax",
+    ["diffjax", "diffusers", "lora"],
+    "diffjax export, a diffusers directory, or (a LoRA run of an SD U-Net) the LoRA alone as "
+    "diffusers' pytorch_lora_weights.safetensors. LoRA runs otherwise export the merged model.",
 )
 _METHOD = flags.DEFINE_string(
     "method",
@@ -46,12 +50,38 @@ def main(argv):
             f"--out {out} already holds files; pass --overwrite to replace that export, or "
             "choose another directory."
         )
-    from diffjax import export, parallel
+    from diffjax import experiment, export, generate, parallel
     from diffjax.rundir import load_state, load_workdir_config
 
     config = load_workdir_config(_WORKDIR.value)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    state, step, parts = load_state(config, _WORKDIR.value, mesh, _STEP.value)
+    lora_run = experiment.lora_rank(config) > 0
+    stage = generate.text_stage(config, mesh) if lora_run else None
+    text = None if stage is None else stage.params.get("text_encoder")
+    state, step, parts = load_state(config, _WORKDIR.value, mesh, _STEP.value, text_params=text)
+    params, text_params = state.ema_params, None
+    if _FORMAT.value == "lora":
+        if not lora_run:
+            raise ValueError(f"--format=lora: {_WORKDIR.value} is not a LoRA run (lora.rank=0).")
+        if _OVERWRITE.value and os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)
+        path = export.export_lora(config, params, out, step=step)
+        print(f"Exported the LoRA of step {step} of {_WORKDIR.value} to {path}.")
+        return
+    if lora_run:  # the merged model, exported as a plain one
+        frozen = {"base": generate.base_params(config, mesh), "text_encoder": text}
+        params, merged_stage = generate.sampling_view(parts, stage, frozen, params)
+        if "text_encoder" in parts.lora_targets:
+            text_params = merged_stage.params["text_encoder"]
+            if _FORMAT.value != "diffusers":
+                raise ValueError(
+                    "This run trained a LoRA on the text encoder too, which a diffjax export "
+                    "(it names the base text encoder) cannot hold; export with "
+                    "--format=diffusers (the merged pipeline) or --format=lora."
+                )
+        config = experiment.merged_config(config)
     if config.get("task", "diffusion") == "autoencoder":
         if _METHOD.value:
             raise ValueError("--method applies to diffusion models only, not an autoencoder.")
@@ -69,7 +99,7 @@ def main(argv):
 
             shutil.rmtree(out)
         meta = export.export_diffusers(
-            config, state.ema_params, out, step=step, method=_METHOD.value
+            config, params, out, step=step, method=_METHOD.value, text_encoder_params=text_params
         )
         print(
             f"Exported step {step} of {_WORKDIR.value} to {out} in diffusers format "
@@ -82,7 +112,7 @@ def main(argv):
         config,
         parts.model,
         parts.schedule,
-        state.ema_params,
+        params,
         _OUT.value,
         step=step,
         platforms=tuple(_PLATFORMS.value),

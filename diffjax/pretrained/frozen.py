@@ -11,12 +11,16 @@ and the text encoder that made its caption embeddings is recorded (and checked) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
+from flax import traverse_util
 
 from diffjax.pretrained import safetensors_io
 from diffjax.pretrained.pipeline import text_encoder_dir, vae_dir
@@ -65,17 +69,33 @@ def frozen_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return record
 
 
+def tree_sha256(tree: Any) -> str:
+    """SHA-256 over a params tree (sorted paths, float32 bytes): the record of a base that
+    is not a file (a diffjax run's EMA params)."""
+    h = hashlib.sha256()
+    flat = traverse_util.flatten_dict(tree)
+    for path in sorted(flat):
+        h.update("/".join(map(str, path)).encode())
+        h.update(np.ascontiguousarray(np.asarray(jax.device_get(flat[path]), np.float32)).tobytes())
+    return h.hexdigest()
+
+
 def check_frozen(
-    config: ml_collections.ConfigDict, workdir: str, *, resuming: bool
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    resuming: bool,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Checks the frozen components before any work; returns their record (for
-    `write_frozen` once the workdir is prepared).
+    `write_frozen` once the workdir is prepared). `extra` adds entries the caller
+    computed ({name: {path, sha256}}, e.g. a LoRA's base run).
 
     Raises:
       FrozenComponentError: a resumed run's component has other weights, or a latents
         data directory was encoded with another VAE.
     """
-    record = frozen_record(config)
+    record = {**frozen_record(config), **(extra or {})}
     path = os.path.join(workdir, FILE)
     if resuming and os.path.exists(path):
         with open(path) as f:
@@ -87,8 +107,9 @@ def check_frozen(
                     f"{workdir} was trained with {name} {_describe(old)}, this config has "
                     f"{_describe(new)}. Resume with the original {name} (the VAE: "
                     "--config.latent.vae; caption embeddings: the latents directory they came "
-                    "from; LPIPS: --config.autoencoder.perceptual_weights), or train into a "
-                    "new workdir."
+                    "from; LPIPS: --config.autoencoder.perceptual_weights; a LoRA's base: "
+                    "--config.base_workdir at the same checkpoint), or train into a new "
+                    "workdir."
                 )
     if record.get("vae") and config.data.source == "latents":
         from diffjax.pretrained.encode import META, check_latents_meta

@@ -142,7 +142,7 @@ def initial_params(config: ml_collections.ConfigDict, abstract_params: Any) -> A
 # ----------------------------------------------------------------------------- frozen stage
 
 
-@dataclasses.dataclass(eq=False)  # hashed by identity: one compiled encoder per stage
+@dataclasses.dataclass
 class FrozenStage:
     """Frozen components applied to each batch before the denoiser (module docstring).
 
@@ -175,16 +175,13 @@ class FrozenStage:
         """`context` token ids [B, L] -> last hidden states [B, L, D], mask all True."""
         if self.text_encoder is None or "context" not in cond:
             return cond
-        cond = dict(cond)
-        module = self.text_encoder.module
-        hidden = module.apply({"params": frozen["text_encoder"]}, cond["context"])
-        cond["context"] = jax.lax.stop_gradient(hidden["last_hidden_state"].astype(jnp.float32))
-        cond["context_mask"] = jnp.ones(cond["context"].shape[:2], bool)
-        return cond
+        return _encode_text(self.text_encoder.module, frozen["text_encoder"], cond)
 
     def conditions(self, cond: dict[str, Any]) -> dict[str, Any]:
         """`encode_condition` with the stage's own params, jitted (for sampling)."""
-        return _jitted_encode(self)(self.params, cond)
+        if self.text_encoder is None or "context" not in cond:
+            return cond
+        return _jitted_text(self.text_encoder.module)(self.params["text_encoder"], cond)
 
     def null_condition(self, batch: int) -> dict[str, Any] | None:
         """The encoded null caption for `batch` rows (classifier-free guidance), or None."""
@@ -198,10 +195,22 @@ class FrozenStage:
             }
         )
 
+    def with_params(self, **params: Any) -> FrozenStage:
+        """The stage with some components' params replaced (a text encoder with a LoRA)."""
+        return dataclasses.replace(self, params={**self.params, **params})
+
+
+def _encode_text(module, params, cond: dict[str, Any]) -> dict[str, Any]:
+    cond = dict(cond)
+    hidden = module.apply({"params": params}, cond["context"])
+    cond["context"] = jax.lax.stop_gradient(hidden["last_hidden_state"].astype(jnp.float32))
+    cond["context_mask"] = jnp.ones(cond["context"].shape[:2], bool)
+    return cond
+
 
 @functools.lru_cache(maxsize=4)
-def _jitted_encode(stage: FrozenStage):
-    return jax.jit(stage.encode_condition)
+def _jitted_text(module):
+    return jax.jit(functools.partial(_encode_text, module))
 
 
 def _encode_images(vae_module, params, images, key, sample: bool):

@@ -106,20 +106,24 @@ class PeriodicActions:
         compile_seconds: float,
         window_losses: list[float | None] = (),
         stage: Any = None,
+        view: Any = None,
     ):
         """`stage`: the run's `diffjax.pretrained.stage.FrozenStage` (None: none); sample
-        grids and evaluation encode their captions through it."""
+        grids and evaluation encode their captions through it. `view(ema_params) ->
+        (model params, stage)` (`generate.sampling_view`): what the EMA params sample
+        with, a LoRA merged into its base (default: the params and `stage` as they are)."""
         self._config, self._ckpt = config, ckpt
+        self._view = view or (lambda params: (params, stage))
         self._meta = {"model": experiment.model_fingerprint(config)}
         self._started = time.perf_counter()
         tc = config.train
         self._grid = (
-            make_grid_sampler(config, parts, workdir, mesh, write=is_main, stage=stage)
+            make_grid_sampler(config, parts, workdir, mesh, write=is_main)
             if config.sample.num_images > 0
             else None
         )
         self._evaluate = (
-            make_periodic_eval(config, parts, mesh, workdir, is_main, stage=stage)
+            make_periodic_eval(config, parts, mesh, workdir, is_main)
             if config.eval.every_steps
             else None
         )
@@ -146,9 +150,9 @@ class PeriodicActions:
         if every(step, tc.checkpoint_every_steps, last):
             self.save(step, state, data_iter)
         if self._grid and every(step, tc.sample_every_steps, last):
-            self.last_grid = self._grid(state.ema_params, step) or self.last_grid
+            self.last_grid = self._grid(*self._view(state.ema_params), step) or self.last_grid
         if self._evaluate and every(step, self._config.eval.every_steps, last):
-            self._evaluate(state.ema_params, step)
+            self._evaluate(*self._view(state.ema_params), step)
 
     def save(self, step: int, state, data_iter) -> None:
         # The losses of the metric window so far travel with the checkpoint, so a run
@@ -295,7 +299,7 @@ def train_flops(config: ml_collections.ConfigDict, parts: Components) -> float:
         channels=config.data.channels,
         text_len=config.data.max_text_len,
     )
-    return 3.0 * summary.forward_flops(parts.model, parts.abstract_state.params, inputs)
+    return 3.0 * summary.forward_flops(parts.model, parts.model_shapes, inputs)
 
 
 def progress_bar(start: int, total: int, enabled: bool):
@@ -332,8 +336,9 @@ class Profiler:
 # ---------------------------------------------------------------------------- sample grid
 
 
-def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: bool, stage=None):
-    """`grid(params, step)` writes workdir/samples/step_XXXXXXXX.png from fixed noise.
+def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: bool):
+    """`grid(params, stage, step)` writes workdir/samples/step_XXXXXXXX.png from fixed
+    noise; `stage` (or None) encodes the captions (a frozen text encoder).
 
     Every process runs the sampler (params are global arrays); only `write` saves. For
     an autoencoder the grid shows reconstructions (`make_recon_grid`).
@@ -357,14 +362,14 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
     )(key)
     # Captions are tokenized on the host; every process holds the same values.
     labels = np.asarray(cycle_labels(n, config.data.num_classes))
-    cond = jax.device_put(experiment.sampling_condition(config, labels), rep)
-    null = None
-    if stage is not None:  # token ids -> the frozen text encoder's embeddings
-        cond, null = stage.conditions(cond), stage.null_condition(n)
+    ids = jax.device_put(experiment.sampling_condition(config, labels), rep)
 
     decoder = latent_decoder(config, mesh)
 
-    def grid(params, step: int) -> str | None:
+    def grid(params, stage, step: int) -> str | None:
+        cond, null = ids, None
+        if stage is not None:  # token ids -> the frozen text encoder's embeddings
+            cond, null = stage.conditions(ids), stage.null_condition(n)
         x = sample(params, noise, cond, jax.random.fold_in(key, 1), null)
         x = parallel.host_value(x if decoder is None else decoder(x))
         if not write:
@@ -379,10 +384,9 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
 # ---------------------------------------------------------------------------- evaluation
 
 
-def make_periodic_eval(
-    config, parts: Components, mesh, workdir: str, is_main: bool, stage: Any = None
-):
-    """`evaluate(params, step)`: metrics to eval/step_X.json; the best params to best/.
+def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: bool):
+    """`evaluate(params, stage, step)`: metrics to eval/step_X.json; the best params to
+    best/ (a LoRA run's merged model, as a plain one).
 
     The primary metric is FID when reference statistics are configured, else the digits
     Fréchet distance; lower is better. `best/` is an export (see diffjax.export) of the
@@ -397,7 +401,7 @@ def make_periodic_eval(
     decoder = latent_decoder(config, mesh)
     best = _read_best(workdir)
 
-    def evaluate(params, step: int) -> dict[str, Any]:
+    def evaluate(params, stage, step: int) -> dict[str, Any]:
         nonlocal best
         generator = Generator(
             config=config,
@@ -417,7 +421,7 @@ def make_periodic_eval(
         if key is not None and (best is None or metrics[key] < best["value"]):
             best = {"step": int(step), "metric": key, "value": float(metrics[key])}
             export.export_params(
-                config,
+                experiment.merged_config(config),
                 parts.model,
                 parts.schedule,
                 params,
@@ -467,7 +471,8 @@ def make_recon_grid(config, parts: Components, workdir: str, mesh, *, write: boo
     recon = _reconstructor(config, parts, mesh)
     ncols = min(len(x), 10)
 
-    def grid(params, step: int) -> str | None:
+    def grid(params, stage, step: int) -> str | None:
+        del stage  # an autoencoder has no frozen stage
         r = parallel.host_value(recon(params, x_dev))
         if not write:
             return None
@@ -509,7 +514,8 @@ def make_recon_eval(config, parts: Components, mesh, workdir: str, is_main: bool
     recon = _reconstructor(config, parts, mesh)
     best = _read_best(workdir)
 
-    def evaluate(params, step: int) -> dict[str, Any]:
+    def evaluate(params, stage, step: int) -> dict[str, Any]:
+        del stage  # an autoencoder has no frozen stage
         nonlocal best
         start = time.perf_counter()
         outs = []

@@ -18,12 +18,12 @@ import jax
 import ml_collections
 
 from diffjax import data as data_lib
-from diffjax import experiment, parallel, rundir
+from diffjax import experiment, generate, parallel, rundir
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import check_eval_inputs
 from diffjax.models.partitioning import sharding_context
 from diffjax.pretrained import stage as stage_lib
-from diffjax.pretrained.frozen import check_frozen, write_frozen
+from diffjax.pretrained.frozen import check_frozen, tree_sha256, write_frozen
 from diffjax.train import autoencoder, hooks
 from diffjax.train.state import TrainState
 from diffjax.train.writers import MetricWriter
@@ -42,7 +42,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     save in flight is committed and the checkpoint manager closed.
     """
     # -- setup: checks before any work, one trainer per workdir, Ctrl-C/SIGTERM handling
-    config = stage_lib.apply_pretrained(config)  # --config.pretrained=PIPELINE_DIR
+    # --config.pretrained=PIPELINE_DIR / --config.base_workdir=RUN fill the model fields.
+    config = rundir.apply_base_workdir(stage_lib.apply_pretrained(config))
     experiment.check_config(config)
     if config.eval.every_steps:
         check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
@@ -51,12 +52,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with contextlib.ExitStack() as stack:
         stack.enter_context(rundir.WorkdirLock(workdir, enabled=is_main))
         preemption = stack.enter_context(hooks.Preemption())
-        frozen = check_frozen(config, workdir, resuming=rundir.has_checkpoints(workdir))
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        per_process_batch = parallel.check_batch_size(tc.batch_size, mesh, tc.grad_accum_steps)
+        # The frozen base of a LoRA run, or the start of a fine-tune from a diffjax run.
+        base = generate.base_params(config, mesh)
+        extra = {}
+        if config.base_workdir:
+            extra["base"] = {"path": config.base_workdir, "sha256": tree_sha256(base)}
+        frozen = check_frozen(
+            config, workdir, resuming=rundir.has_checkpoints(workdir), extra=extra
+        )
         rundir.prepare_workdir(config, workdir, is_main)
         if is_main:
             write_frozen(workdir, frozen)
-        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        per_process_batch = parallel.check_batch_size(tc.batch_size, mesh, tc.grad_accum_steps)
         log.info("Mesh %s, %d process(es).", dict(mesh.shape), jax.process_count())
 
         # -- frozen components (VAE encoder, text encoder) run inside the step
@@ -80,7 +88,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             mesh,
             prepare=None if stage is None else stage.prepare,
             null_context=None if stage is None else stage.null_context,
+            text_params=None if stage is None else stage.params.get("text_encoder"),
         )
+        if parts.lora_targets is not None:
+            frozen_params = {**frozen_params, "base": jax.device_put(base, parts.base_sharding)}
+            log.info(
+                "LoRA rank %d on %s.",
+                experiment.lora_rank(config),
+                {k: len(v) for k, v in parts.lora_targets.items()},
+            )
 
         # -- restore or initialize
         ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -100,8 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             init = functools.partial(parts.init, unbox=True)
             state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(config.seed))
             start_step = 0
-            if config.pretrained:
-                state = _start_from_pretrained(config, parts, state)
+            if parts.lora_targets is None and (config.pretrained or config.base_workdir):
+                state = _start_from(config, parts, state, base)
             else:
                 log.info("Starting from scratch in %s.", workdir)
         writer.truncate_after(start_step)  # Rows past the restored step are superseded.
@@ -126,6 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             compile_seconds,
             window_losses=window_losses,
             stage=stage,
+            view=functools.partial(generate.sampling_view, parts, stage, frozen_params),
         )
         stack.callback(acts.close)
 
@@ -162,13 +179,14 @@ def _frozen_params(config, stage, mesh):
     return {}
 
 
-def _start_from_pretrained(config, parts: rundir.Components, state: TrainState) -> TrainState:
-    """The fresh state with params and EMA set to the pipeline's U-Net weights (the
-    optimizer state of AdamW starts at zero either way)."""
-    weights = stage_lib.initial_params(config, parts.abstract_state.params)
-    params = jax.device_put(weights, parts.state_sharding.params)
-    ema = jax.device_put(weights, parts.state_sharding.ema_params)
-    log.info("Starting from the U-Net of %s.", config.pretrained)
+def _start_from(config, parts: rundir.Components, state: TrainState, base) -> TrainState:
+    """The fresh state with params and EMA set to the base weights (the pipeline's U-Net
+    or the base run's EMA params); AdamW's state starts at zero either way."""
+    if base is None:
+        base = stage_lib.initial_params(config, parts.model_shapes)
+    params = jax.device_put(base, parts.state_sharding.params)
+    ema = jax.device_put(base, parts.state_sharding.ema_params)
+    log.info("Starting from the weights of %s.", config.pretrained or config.base_workdir)
     return state.replace(params=params, ema_params=ema)
 
 
@@ -180,11 +198,12 @@ def _compile_step(parts: rundir.Components, state: TrainState, batch, frozen, me
     frozen weights (`frozen`, replicated) are an argument, not constants in the program.
     """
     rep = parallel.replicated(mesh)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)  # as placed by the loop
     with sharding_context(mesh):
         return (
             jax.jit(
                 parts.train_step,
-                in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh), rep),
+                in_shardings=(parts.state_sharding, parallel.batch_sharding(mesh), frozen_sharding),
                 out_shardings=(parts.state_sharding, rep),
                 donate_argnums=0,
                 compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform),
