@@ -326,3 +326,32 @@ def test_sample_cli_lora(refs, tmp_path):
     bad = [sys.executable, "launch/sample.py", f"--workdir={tmp_path}", f"--lora={PEFT}"]
     proc = subprocess.run([*bad, f"--out={out}"], cwd=root, capture_output=True, text=True)
     assert proc.returncode != 0 and "apply to --pretrained=SD_DIR only" in proc.stderr
+
+
+TRAINED = os.path.join(LORA_DIR, "diffjax_trained")
+
+
+def test_lora_trained_by_diffjax_matches_diffusers(sd_pipe, tmp_path):
+    """A LoRA that diffjax trained (configs/sd_lora.py, U-Net + text encoder) and exported
+    with --format=lora (tests/fixtures/make_lora_trained.py): diffjax with the file gives
+    diffusers' `load_lora_weights` images, with and without its text-encoder part."""
+    with open(os.path.join(TRAINED, "meta.json")) as f:
+        meta = json.load(f)
+    refs = np.load(os.path.join(TRAINED, "reference.npz"))
+    noise = np.load(os.path.join(TRAINED, "diffjax.npz"))["noise"]
+    path = os.path.join(TRAINED, lora_files.WEIGHT_NAME)
+    tensors = safetensors_io.read_tensors(path)
+    # Both parts were trained: every B moved from its zero init.
+    for comp in ("unet", "text_encoder"):
+        ups = [v for k, v in tensors.items() if k.startswith(comp + ".") and "lora_B" in k]
+        assert ups and all(np.abs(v).max() > 0 for v in ups), comp
+    got = _images(lora_files.apply_lora_files(sd_pipe, [(path, 1.0)]), meta, noise)
+    assert np.abs(got - refs["lora"]).max() <= TOL
+    assert np.abs(got - refs["base"]).max() > 0.1
+    # The U-Net part alone = diffusers with the text encoder's LoRA disabled.
+    unet_only = {k: v for k, v in tensors.items() if k.startswith("unet.")}
+    safetensors_io.write_tensors(unet_only, str(tmp_path / "unet.safetensors"))
+    half = lora_files.apply_lora_files(sd_pipe, [(str(tmp_path / "unet.safetensors"), 1.0)])
+    got = _images(half, meta, noise)
+    assert np.abs(got - refs["lora_unet_only"]).max() <= TOL
+    assert np.abs(refs["lora_unet_only"] - refs["lora"]).max() > 0.1
