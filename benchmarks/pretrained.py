@@ -1,12 +1,13 @@
 """Pretrained components side by side with diffusers: SD U-Net, text-to-image, VAE tiling,
-VAE encode throughput and the latent train step.
+VAE encode throughput, the latent train step and a LoRA step against the full one.
 
     python benchmarks/pretrained.py --suite cpu            # shrunken shapes, here (minutes)
     python benchmarks/pretrained.py --suite gpu            # SD 1.5 shapes on one GPU
     python benchmarks/pretrained.py --suite gpu --quick    # the script's logic, tiny, any device
 
-Five measurements, each for diffjax and, in the same run, for diffusers 0.42.1
-(`pip install torch==2.13.0 diffusers==0.42.1 transformers`; `--no-torch` skips it,
+Seven measurements, each for diffjax and, in the same run, for diffusers 0.42.1
+(`pip install torch==2.13.0 diffusers==0.42.1 transformers peft==0.21.2`; `--no-torch`
+skips it,
 `--torch-python PATH` runs the diffusers side with another interpreter):
 
 * `unet`: one forward of an SD-1.5-shaped `UNet2DConditionModel` (GPU: 64x64x4
@@ -39,6 +40,18 @@ Five measurements, each for diffjax and, in the same run, for diffusers 0.42.1
   with donated state as `train/loop.py` does; diffusers: `DDPMScheduler.add_noise`,
   MSE on epsilon, backward, `clip_grad_norm_`, `torch.optim.AdamW`, EMA of the params
   (as `train_text_to_image.py --use_ema --max_grad_norm 1`). Steps/s and img/s.
+* `finetune` (diffjax only): `configs/sd_finetune.py`'s step with the frozen VAE encoder
+  and CLIP inside it, at two remat policies; XLA's memory plan and the device's peak.
+* `lora`: a rank-4 LoRA step (`lora_r4`) against the full fine-tune step (`lora_full`)
+  of the same U-Net, batch, dtype and remat (the train case's latents and context; both
+  start from the directory's U-Net weights). diffjax: the train case's config with
+  `lora.rank=4, lora.alpha=4` (configs/sd_lora.py's LoRA and AdamW, no EMA; the U-Net is
+  the step's frozen `base`), compiled by the loop's `_compile_step`; diffusers: the train
+  case's step after `unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=
+  [to_q, to_k, to_v, to_out.0]))` (peft 0.21.2; train_text_to_image_lora.py), AdamW over
+  the LoRA params only. img/s, XLA's plan (arguments / temporaries), the optimizer
+  state's bytes on both sides, the device peaks on a GPU (diffjax: a fresh worker per
+  case; diffusers: `max_memory_allocated`).
 
 Both frameworks read the SAME random weights: the JAX worker writes a diffusers-layout
 pipeline directory (random weights, SD 1.5's DDIM scheduler config, the CLIP BPE
@@ -78,9 +91,12 @@ from benchmarks import common  # noqa: E402
 from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info, result_path  # noqa: E402
 
 TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
-KINDS = ("unet", "t2i", "vae", "encode", "train", "finetune")
+KINDS = ("unet", "t2i", "vae", "encode", "train", "finetune", "lora")
 # Cases measured on diffjax's side only (variants of one diffjax config, side by side).
 JAX_ONLY_KINDS = ("finetune",)
+# Cases measured in a JAX worker of their own on a GPU (the suite gpu), so that the
+# device's peak memory is theirs (JAX cannot reset it); a CPU has no device peak.
+FRESH_WORKER_KINDS = ("lora",)
 
 # The train case's AdamW on both sides (diffusers' train_text_to_image.py defaults, with
 # its --max_grad_norm 1.0 and --use_ema); no warmup, constant learning rate.
@@ -93,6 +109,9 @@ TRAIN_OPTIMIZER = {
     "grad_clip": 1.0,
     "ema_decay": 0.9999,
 }
+# The LoRA case's AdamW: configs/sd_lora.py's and diffusers' train_text_to_image_lora.py's
+# (lr 1e-4, weight decay 1e-2, clipping 1.0, no EMA); its full fine-tune twin keeps EMA.
+LORA_OPTIMIZER = {**TRAIN_OPTIMIZER, "ema_decay": 0.0}
 
 # Stable Diffusion 1.5's scheduler/scheduler_config.json, DDIM variant (as users swap in).
 SD15_DDIM = {
@@ -229,6 +248,14 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "encode_case": {"batch": 2, "size": 16, "dtypes": ["float32"]},
             "train_case": {"batch": 2, "latent": 8, "context_len": 77, "dtypes": ["float32"]},
             "finetune_case": {"batch": 2, "dtype": "float32", "remats": ["full", "none"]},
+            "lora_case": {
+                "batch": 2,
+                "latent": 8,
+                "context_len": 77,
+                "dtype": "float32",
+                "remat": "none",
+                "rank": 4,
+            },  # fmt: skip
             # One level (no cross-attention block but the middle one): the train step's
             # compile is ~4x shorter than with `unet`'s two levels.
             "train_unet": dict(
@@ -258,6 +285,16 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             # configs/sd_finetune.py at SD 1.5's shape: 512-px images, frozen VAE + CLIP in
             # the step; the peak memory of one device is what the issue asks for.
             "finetune_case": {"batch": 4, "dtype": "bfloat16", "remats": ["full", "none"]},
+            # LoRA vs the full step on the train case's latents, SD 1.5's U-Net; no remat
+            # (diffusers' scripts' default, and configs/sd_lora.py's).
+            "lora_case": {
+                "batch": 4,
+                "latent": 64,
+                "context_len": 77,
+                "dtype": "bfloat16",
+                "remat": "none",
+                "rank": 4,
+            },  # fmt: skip
             "windows": 3,
             "window_s": 2.0,
         }
@@ -275,6 +312,14 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
             "encode_case": {"batch": 4, "size": 128, "dtypes": ["float32"]},
             "train_case": {"batch": 2, "latent": 16, "context_len": 77, "dtypes": ["float32"]},
             "finetune_case": {"batch": 2, "dtype": "float32", "remats": ["full", "none"]},
+            "lora_case": {
+                "batch": 2,
+                "latent": 16,
+                "context_len": 77,
+                "dtype": "float32",
+                "remat": "none",
+                "rank": 4,
+            },  # fmt: skip
             "windows": 3,
             "window_s": 2.0,
         }
@@ -314,6 +359,15 @@ def cases_of(plan: dict[str, Any], pipe_dir: str, vae_dir: str) -> list[dict[str
         cases.append({"name": f"finetune_remat_{remat}", "kind": "finetune", "dir": pipe_dir,
                       "batch": ft["batch"], "dtype": ft["dtype"], "remat": remat,
                       "prompt": plan["prompt"], "seed": 6})  # fmt: skip
+    lo = plan["lora_case"]
+    for name, lora, opt in (
+        ("lora_full", None, TRAIN_OPTIMIZER),
+        (f"lora_r{lo['rank']}", {"rank": lo["rank"], "alpha": float(lo["rank"])}, LORA_OPTIMIZER),
+    ):
+        cases.append({"name": name, "kind": "lora", "dir": train_dir, "batch": lo["batch"],
+                      "latent": lo["latent"], "context_len": lo["context_len"],
+                      "dtype": lo["dtype"], "remat": lo["remat"], "lora": lora, "seed": 7,
+                      "schedule": SD15_DDIM, "optimizer": opt})  # fmt: skip
     return cases
 
 
@@ -656,25 +710,22 @@ class JaxSide(_Side):
             "path": "diffjax.pretrained.encode.Encoder (launch/encode_latents.py's step)",
         }
 
-    def _setup_train(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """The real latent train step, as `launch/train.py` builds and compiles it.
+    def _latent_step(self, spec: dict[str, Any]):
+        """The latent train step's config, U-Net config and global batch (train, lora).
 
-        `rundir.build_components` of a config (`model.name='sd_unet'`, `data.source=
-        'latents'`, discrete_vp scaled_linear, epsilon, AdamW + clipping + EMA), the
-        state initialised and the step compiled ahead of time with donated state as
-        `diffjax.train.loop._compile_step` does. The U-Net is randomly initialised (the
-        step's cost does not depend on the weights; the parameter count is checked).
+        A config with `model.name='sd_unet'` (the directory's U-Net as kwargs),
+        `data.source='latents'`, discrete_vp scaled_linear, epsilon, `eps_mse`, no caption
+        dropout, AdamW + clipping + EMA from `spec['optimizer']`; the batch is the latents
+        and the context the diffusers side reads (`normal` draws, an all-True mask).
+        Returns (config, unet config, mesh, batch).
         """
         import dataclasses
 
         import numpy as np
 
-        jax = self.jax
-        from diffjax import parallel, rundir
+        from diffjax import parallel
         from diffjax.config import get_base_config
         from diffjax.models import sd_unet
-        from diffjax.models.partitioning import sharding_context
-        from diffjax.models.summary import count_params
 
         with open(os.path.join(spec["dir"], "unet", "config.json")) as f:
             ucfg = json.load(f)
@@ -691,6 +742,7 @@ class JaxSide(_Side):
         config.model.name = "sd_unet"
         config.model.kwargs.update(kwargs)
         config.model.dtype = spec["dtype"]
+        config.model.remat_policy = spec.get("remat", "none")
         d = config.data
         d.source, d.image_size, d.channels = "latents", n, ucfg["in_channels"]
         d.num_classes, d.max_text_len = 0, ctx_len
@@ -704,14 +756,7 @@ class JaxSide(_Side):
         tc.learning_rate, tc.weight_decay = o["learning_rate"], o["weight_decay"]
         tc.b1, tc.b2, tc.eps, tc.grad_clip = o["b1"], o["b2"], o["eps"], o["grad_clip"]
         tc.ema_decay, tc.ema_warmup = o["ema_decay"], True
-
-        t0 = time.perf_counter()
         mesh = parallel.make_mesh(-1, 1)
-        parts = rundir.build_components(config, mesh)
-        # The real step: sd_unet configs are text-conditioned, so it feeds the context.
-        train_step, step_from = parts.train_step, "rundir.build_components"
-        init = functools.partial(parts.init, unbox=True)
-        state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
         dim = ucfg["cross_attention_dim"]
         batch = parallel.global_batch(
             {
@@ -722,6 +767,30 @@ class JaxSide(_Side):
             },
             mesh,
         )
+        return config, ucfg, mesh, batch
+
+    def _setup_train(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The real latent train step, as `launch/train.py` builds and compiles it.
+
+        `rundir.build_components` of `_latent_step`'s config, the state initialised and
+        the step compiled ahead of time with donated state as
+        `diffjax.train.loop._compile_step` does. The U-Net is randomly initialised (the
+        step's cost does not depend on the weights; the parameter count is checked).
+        """
+        import numpy as np
+
+        jax = self.jax
+        from diffjax import parallel, rundir
+        from diffjax.models.partitioning import sharding_context
+        from diffjax.models.summary import count_params
+
+        t0 = time.perf_counter()
+        config, _, mesh, batch = self._latent_step(spec)
+        parts = rundir.build_components(config, mesh)
+        # The real step: sd_unet configs are text-conditioned, so it feeds the context.
+        train_step, step_from = parts.train_step, "rundir.build_components"
+        init = functools.partial(parts.init, unbox=True)
+        state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
         build_s = time.perf_counter() - t0
         platform = mesh.devices.flat[0].platform
         t0 = time.perf_counter()
@@ -828,6 +897,87 @@ class JaxSide(_Side):
             "first_loss": float(m["loss"]),
             "memory": _xla_memory(compiled),
             # Cumulative over this worker process (cases run one after another).
+            "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        }
+
+    def _setup_lora(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A LoRA step or the full fine-tune step of the same latent-fed U-Net.
+
+        `_latent_step`'s config (the train case's, at `spec['remat']`), with
+        `lora.rank`/`lora.alpha` from `spec['lora']` (None: the full fine-tune), built by
+        `rundir.build_components` and compiled by the loop's own `_compile_step`. Both
+        start from the directory's U-Net weights: the full step's state holds them (the
+        loop's `_start_from`); the LoRA step's `frozen["base"]` does (placed with
+        `parts.base_sharding`, as the loop does), its state holds only the LoRA (B = 0,
+        so the first step's loss equals the full step's). Memory: XLA's plan of the step
+        (arguments = state + frozen + batch), the state's bytes per part, and on GPUs the
+        device's peak (the gpu suite runs this case in a fresh worker: its own peak).
+        """
+        import numpy as np
+
+        jax = self.jax
+        from diffjax import rundir
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import pipeline
+        from diffjax.train import loop
+
+        t0 = time.perf_counter()
+        config, _, mesh, batch = self._latent_step(spec)
+        lo = spec["lora"]
+        if lo:
+            config.lora.rank, config.lora.alpha = lo["rank"], lo["alpha"]
+        parts = rundir.build_components(config, mesh)
+        base = pipeline.load_sd_unet(os.path.join(spec["dir"], "unet")).params
+        shapes = jax.tree.map(lambda a: tuple(a.shape), parts.model_shapes)
+        if jax.tree.map(lambda a: tuple(a.shape), base) != shapes:
+            raise ValueError(f"{spec['name']}: the directory's U-Net is not the config's model.")
+        init = functools.partial(parts.init, unbox=True)
+        state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
+        if lo:
+            frozen = {"base": jax.device_put(base, parts.base_sharding)}
+        else:
+            state, frozen = loop._start_from(config, parts, state, base), {}
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = loop._compile_step(parts, state, batch, frozen, mesh)
+        compile_s = time.perf_counter() - t0
+        holder = {"state": state}
+
+        def nbytes(tree):
+            return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+        state_bytes = {
+            "params": nbytes(state.params),
+            "ema_params": nbytes(state.ema_params),
+            "opt_state": nbytes(state.opt_state),
+            "frozen": nbytes(frozen),
+        }
+
+        def once():
+            holder["state"], metrics = compiled(holder["state"], batch, frozen)
+            jax.block_until_ready((holder["state"], metrics))
+            return metrics
+
+        t0 = time.perf_counter()
+        m = once()
+        first_s = time.perf_counter() - t0
+        if not bool(m["finite"]):
+            raise ValueError(f"{spec['name']}: the first step is not finite ({float(m['loss'])}).")
+        self.runs[spec["name"]] = once
+        self.outs[spec["name"]] = lambda: np.asarray(once()["loss"])
+        stats = jax.devices()[0].memory_stats() or {}
+        targets = parts.lora_targets or {}
+        return {
+            "params": count_params(holder["state"].params),  # trained (what AdamW holds)
+            "model_params": count_params(base),
+            "lora_modules": len(targets.get("denoiser", [])),
+            "load_s": build_s,
+            "compile_s": compile_s,
+            "first_run_s": first_s,
+            "first_loss": float(m["loss"]),
+            "param_dtype": str(jax.tree.leaves(holder["state"].params)[0].dtype),
+            "state_bytes": state_bytes,
+            "memory": _xla_memory(compiled),
             "device_peak_bytes": stats.get("peak_bytes_in_use"),
         }
 
@@ -1072,11 +1222,23 @@ class TorchSide(_Side):
         }
 
     def _setup_train(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' latent train step (train_text_to_image.py's loop body, one step).
+        """diffusers' latent train step (train_text_to_image.py's loop body, one step)."""
+        return self._latent_step(spec, lora=None)
+
+    def _setup_lora(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The same step with a peft LoRA (train_text_to_image_lora.py), or without one."""
+        return self._latent_step(spec, lora=spec["lora"])
+
+    def _latent_step(self, spec: dict[str, Any], lora: dict[str, Any] | None) -> dict[str, Any]:
+        """One latent train step of diffusers' U-Net, full or with a LoRA adapter.
 
         DDPMScheduler(scaled_linear).add_noise, MSE on epsilon, backward, clip_grad_norm_,
-        torch.optim.AdamW, and an EMA of the params (what `--use_ema` keeps; EMAModel's
-        decay min(decay, (1 + step) / (10 + step))). bfloat16: autocast, float32 params.
+        torch.optim.AdamW over the trained params, and (optimizer `ema_decay` > 0) an EMA
+        of them (what `--use_ema` keeps; EMAModel's decay min(decay, (1 + step) /
+        (10 + step))). bfloat16: autocast, float32 params. `lora`: {rank, alpha}: the
+        U-Net frozen, `unet.add_adapter(LoraConfig(r, lora_alpha, init_lora_weights=
+        "gaussian", target_modules=[to_q, to_k, to_v, to_out.0]))` as diffusers'
+        train_text_to_image_lora.py does, so only the LoRA params require grad.
         """
         import torch
         import torch.nn.functional as F
@@ -1087,6 +1249,18 @@ class TorchSide(_Side):
         unet = UNet2DConditionModel.from_pretrained(
             spec["dir"], subfolder="unet", torch_dtype=torch.float32
         )
+        if lora:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(
+                LoraConfig(
+                    r=lora["rank"],
+                    lora_alpha=lora["alpha"],
+                    init_lora_weights="gaussian",
+                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                )
+            )
         unet = unet.to(self.device).train()
         s, o = spec["schedule"], spec["optimizer"]
         sched = DDPMScheduler(
@@ -1104,7 +1278,7 @@ class TorchSide(_Side):
             eps=o["eps"],
             weight_decay=o["weight_decay"],
         )
-        ema = [p.detach().clone() for p in params]
+        ema = [p.detach().clone() for p in params] if o["ema_decay"] > 0 else None
         load_s = time.perf_counter() - t0
         b, n = spec["batch"], spec["latent"]
         latents = self._nchw(normal(spec["seed"], (b, n, n, unet.config.in_channels)),
@@ -1128,9 +1302,10 @@ class TorchSide(_Side):
                 torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                decay = min(o["ema_decay"], (1 + step[0]) / (10 + step[0]))
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, params, 1.0 - decay)
+                if ema is not None:
+                    decay = min(o["ema_decay"], (1 + step[0]) / (10 + step[0]))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema, params, 1.0 - decay)
                 step[0] += 1
             self._sync()
             return loss.detach()
@@ -1140,18 +1315,28 @@ class TorchSide(_Side):
         first = time.perf_counter() - t0
         self.runs[spec["name"]] = once
         self.outs[spec["name"]] = lambda: once().float().cpu().numpy()
+
+        def nbytes(tensors):
+            return int(sum(x.numel() * x.element_size() for x in tensors))
+
+        opt_tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
         return {
             "params": int(sum(p.numel() for p in params)),
+            "model_params": int(
+                sum(p.numel() for k, p in unet.named_parameters() if "lora_" not in k)
+            ),
             "load_s": load_s,
             "first_run_s": first,
             "first_loss": first_loss,
             "param_dtype": str(params[0].dtype),
             "autocast": "bfloat16" if bf16 else None,
+            "state_bytes": {
+                "params": nbytes(params),
+                "ema_params": nbytes(ema or []),
+                "opt_state": nbytes(opt_tensors),
+            },
             "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
         }
-
-        if self.device.type == "cuda":
-            self.torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- orchestrator
@@ -1276,7 +1461,14 @@ class Bench:
             for spec in cases_of(plan, pipe_dir, vae_dir):
                 if spec["kind"] not in wanted:
                     continue
-                result["cases"].append(self.run_case(spec, plan, jw, refs, tmp))
+                if self.suite != "gpu" or spec["kind"] not in FRESH_WORKER_KINDS:
+                    result["cases"].append(self.run_case(spec, plan, jw, refs, tmp))
+                    continue
+                own = Worker("jax", python=sys.executable, threads=self.threads, env=env)
+                try:
+                    result["cases"].append(self.run_case(spec, plan, own, refs, tmp))
+                finally:
+                    own.close()
         finally:
             for w in (jw, *refs.values()):
                 w.close()
@@ -1357,7 +1549,7 @@ class Bench:
         import numpy as np
 
         refs = [k for k in workers if k != "diffjax" and "ms" in out.get(k, {})]
-        if not refs or out["spec"].get("tiled") or out["kind"] == "train":
+        if not refs or out["spec"].get("tiled") or out["kind"] in ("train", "lora"):
             # tiled decodes: the two tile layouts and blends differ by design; train
             # steps: each side draws its own noise and timesteps (the losses are recorded).
             return
@@ -1396,6 +1588,9 @@ def _shape(c: dict[str, Any]) -> str:
         return f"{s['batch']}x{s['size']}x{s['size']}x3 images"
     if c["kind"] == "train":
         return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}"
+    if c["kind"] == "lora":
+        what = f"LoRA r{s['lora']['rank']}" if s["lora"] else "full"
+        return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}, {what}"
     if c["kind"] == "finetune":
         h, w, ch = (c.get("diffjax", {}).get("setup") or {}).get("image_shape", ("?", "?", 3))
         return f"{s['batch']}x{h}x{w}x{ch} images + 77 ids, remat {s['remat']}"
@@ -1470,6 +1665,7 @@ def report(result: dict[str, Any]) -> str:
                   "worker (cases run in order)", ""]  # fmt: skip
         lines.append(_table(["case", "shape", "dtype", "img/s", "arguments", "temporaries",
                              "total", "device peak so far"], rows))  # fmt: skip
+    lines += _lora_report(result)
     vae = [c for c in result["cases"] if c["kind"] == "vae" and "ms" in c.get("diffjax", {})]
     if vae:
         rows = []
@@ -1491,6 +1687,59 @@ def report(result: dict[str, Any]) -> str:
     for err in result.get("errors", []):
         lines.append(f"ERROR: {err.splitlines()[0]}")
     return "\n".join(lines)
+
+
+def _lora_report(result: dict[str, Any]) -> list[str]:
+    """The lora cases: img/s and memory of the LoRA step against the full step, both sides."""
+    cases = [c for c in result["cases"] if c["kind"] == "lora" and "ms" in c.get("diffjax", {})]
+    if not cases:
+        return []
+    rows, rates = [], {}
+    for c in cases:
+        b, st, ref = c["spec"]["batch"], c["diffjax"]["setup"], c.get("reference")
+        m, r = st["memory"], c.get(ref, {}) if ref else {}
+        rs = r.get("setup") or {}
+        rates[c["name"]] = (b * 1e3 / c["diffjax"]["ms"], b * 1e3 / r["ms"] if ref else None)
+        rows.append([
+            c["name"], _shape(c), c["spec"]["dtype"], f"{c['params'] / 1e6:.3g}M",
+            f"{rates[c['name']][0]:.2f}", f"{rates[c['name']][1]:.2f} ({ref})" if ref else "n/a",
+            f"{c['ratio']:.2f}x" if "ratio" in c else "",
+            _fmt_bytes(m.get("argument_bytes")), _fmt_bytes(m.get("temp_bytes")),
+            _fmt_bytes(m.get("total_bytes")),
+            f"{_fmt_bytes(st['state_bytes']['opt_state'])} / "
+            f"{_fmt_bytes((rs.get('state_bytes') or {}).get('opt_state'))}",
+            f"{_fmt_bytes(st.get('device_peak_bytes'))} / "
+            f"{_fmt_bytes((rs.get('memory') or {}).get('total_bytes'))}",
+        ])  # fmt: skip
+    lines = [
+        "",
+        "LoRA step vs the full fine-tune step (latent-fed sd_unet, the train case's step; "
+        "diffjax vs diffusers(+peft)). XLA plan of the diffjax step: arguments = state + "
+        "frozen base + batch; optimizer state = AdamW's moments (diffjax / diffusers); "
+        "device peak: diffjax's worker (a fresh one per case) / torch.cuda.max_memory_allocated",
+        "",
+        _table(["case", "shape", "dtype", "trained params", "diffjax img/s", "diffusers img/s",
+                "diffjax/diffusers time", "XLA arguments", "XLA temporaries", "XLA total",
+                "optimizer state (dj / df)", "device peak (dj / df)"], rows),
+    ]  # fmt: skip
+    by = {c["name"]: c for c in cases}
+    full = by.get("lora_full")
+    for c in cases:
+        if c is full or full is None:
+            continue
+        f, lo = full["diffjax"]["setup"], c["diffjax"]["setup"]
+        dj = rates[c["name"]][0] / rates["lora_full"][0]
+        total = lo["memory"].get("total_bytes"), f["memory"].get("total_bytes")
+        mem = f"{total[0] / total[1]:.2f}x" if None not in total else "n/a"
+        opt = lo["state_bytes"]["opt_state"] / f["state_bytes"]["opt_state"]
+        line = (
+            f"{c['name']} / lora_full: diffjax img/s {dj:.2f}x, XLA plan total {mem}, "
+            f"optimizer state {opt:.4f}x"
+        )
+        if rates[c["name"]][1] and rates["lora_full"][1]:
+            line += f"; diffusers img/s {rates[c['name']][1] / rates['lora_full'][1]:.2f}x"
+        lines += ["", line]
+    return lines
 
 
 def _throughput(result: dict[str, Any]) -> list[str]:

@@ -122,21 +122,23 @@ def test_pretrained_quick_writes_json(tmp_path):
     assert tiled["memory"]["host_blend_bytes"] > 0
 
 
-def test_pretrained_quick_encode_and_train(tmp_path):
-    """pretrained.py --cases encode,train: diffjax's encode and real latent train step run."""
+def test_pretrained_quick_encode_train_and_lora(tmp_path):
+    """pretrained.py --cases encode,train,lora: diffjax's encode, real latent train step,
+    and its LoRA step beside the full one, run."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "pretrained.py"), "--suite", "cpu",
-           "--quick", "--no-torch", "--cases", "encode,train", "--out", str(tmp_path)]  # fmt: skip
+           "--quick", "--no-torch", "--cases", "encode,train,lora", "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "img/s" in proc.stdout and "steps/s" in proc.stdout
+    assert "lora_r4 / lora_full: diffjax img/s" in proc.stdout
 
     (path,) = glob.glob(str(tmp_path / "pretrained_cpu-quick_cpu_*.json"))
     result = json.load(open(path))
     assert result["errors"] == [] and result["torch"] is None
     cases = {c["name"]: c for c in result["cases"]}
-    assert list(cases) == ["encode_float32", "train_float32"]
+    assert list(cases) == ["encode_float32", "train_float32", "lora_full", "lora_r4"]
     enc, train = cases["encode_float32"], cases["train_float32"]
-    for c in (enc, train):
+    for c in cases.values():
         assert c["diffjax"]["ms"] > 0 and len(c["diffjax"]["window_s"]) == 2
     # The quick VAE has two levels: 16 px images -> 8x8x4 latents.
     assert enc["params"] == result["weights"]["params"]["vae_mem"]
@@ -145,3 +147,22 @@ def test_pretrained_quick_encode_and_train(tmp_path):
     assert train["params"] == result["weights"]["params"]["train_unet"]
     assert s["compile_s"] > 0 and s["param_dtype"] == "float32" and s["first_loss"] > 0
     assert s["memory"]["total_bytes"] > 0
+
+    full, lo = cases["lora_full"]["diffjax"]["setup"], cases["lora_r4"]["diffjax"]["setup"]
+    n = result["weights"]["params"]["train_unet"]
+    assert full["params"] == full["model_params"] == lo["model_params"] == n
+    # The quick U-Net's one transformer block (the middle one), width w, context c: a
+    # rank-r LoRA on attn1's q/k/v/out (w -> w) and attn2's q/out (w -> w), k/v (c -> w).
+    u = result["plan"]["train_unet"]
+    w, c, r = u["block_out_channels"][-1], u["cross_attention_dim"], 4
+    assert lo["lora_modules"] == 8
+    assert lo["params"] == r * (6 * 2 * w + 2 * (c + w))
+    # B = 0: the LoRA step's first loss is the full step's (same base, batch and rng).
+    assert lo["first_loss"] == pytest.approx(full["first_loss"], rel=1e-5)
+    for st in (full, lo):
+        b = st["state_bytes"]
+        assert 8 * st["params"] <= b["opt_state"] <= 8 * st["params"] + 64  # AdamW mu, nu
+        # XLA's arguments hold the state, the frozen base and the batch.
+        assert st["memory"]["argument_bytes"] >= sum(b.values())
+    assert lo["state_bytes"]["frozen"] == 4 * n and full["state_bytes"]["frozen"] == 0
+    assert lo["memory"]["argument_bytes"] < full["memory"]["argument_bytes"]
