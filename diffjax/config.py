@@ -67,6 +67,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     # full fine-tune); its model, diffusion, data shape, latent and text fields are taken.
     c.base_workdir = ""  # Run directory to fine-tune; "" = none.
 
+    # ---------------------------------------------------------------- DreamBooth
+    # data.source='dreambooth': instance images captioned with an identifier prompt, plus
+    # (prior preservation) class images the base generates once into class_dir.
+    c.dreambooth = ml_collections.ConfigDict()
+    c.dreambooth.instance_dir = ""  # Folder of the subject's images.
+    c.dreambooth.instance_prompt = ""  # Their caption, with the identifier ("a photo of sks dog").
+    c.dreambooth.class_prompt = ""  # Prior prompt; "" = every class caption of the base's data.
+    c.dreambooth.num_class_images = 200  # Class images the base generates (cached, reused).
+    c.dreambooth.prior_loss_weight = 1.0  # Weight of the class images' loss (0 = no prior).
+    c.dreambooth.class_dir = ""  # Where they are cached; "" = WORKDIR/class_images.
+
     # ---------------------------------------------------------------- LoRA
     # lora.rank > 0 trains only low-rank deltas W + (alpha / rank) * A @ B of the target
     # modules over the frozen base (config.pretrained or config.base_workdir); only the LoRA

@@ -9,6 +9,7 @@ fixed-shape batches. Training's periodic evaluation, `launch/sample.py` and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -248,6 +249,84 @@ def sampling_view(parts: rundir.Components, stage: Any, frozen: Any, params: Any
     if stage is not None and "text_encoder" in (parts.lora_targets or {}):
         stage = stage.with_params(text_encoder=parts.text_params(params, frozen))
     return model_params, stage
+
+
+def class_prompts(config: ml_collections.ConfigDict) -> list[str]:
+    """DreamBooth's prior prompts: `dreambooth.class_prompt`, or (empty) every class
+    caption of the base run's data ("a handwritten zero" ... for digits_text)."""
+    if config.dreambooth.class_prompt:
+        return [config.dreambooth.class_prompt]
+    if config.base_workdir:
+        from diffjax.data.captions import class_caption_list
+
+        base = rundir.load_workdir_config(config.base_workdir)
+        if experiment.conditioning_kind(base) == "text":
+            return class_caption_list(base.data)
+    raise ValueError(
+        "dreambooth.class_prompt is empty and the base has no class captions to use; set "
+        "the prior's prompt, e.g. --config.dreambooth.class_prompt='a photo of a dog'."
+    )
+
+
+def class_images(config: ml_collections.ConfigDict, *, write: bool = True) -> str:
+    """Generates DreamBooth's class images once with the base model (diffjax's sampler,
+    `sample.*` settings), into `dreambooth.class_dir`; reused while their record
+    (`meta.json`: base, prompts, count, sampler, seed) matches the config.
+
+    Returns the images file. Every process samples (the params are global arrays);
+    only `write` saves.
+
+    Raises:
+      ValueError: the cached images were made otherwise (names the difference).
+    """
+    from diffjax.data.dreambooth import CLASS_FILE
+
+    db, s = config.dreambooth, config.sample
+    directory = os.path.abspath(db.class_dir)
+    path, meta_path = os.path.join(directory, CLASS_FILE), os.path.join(directory, "meta.json")
+    prompts = class_prompts(config)
+    meta = {
+        "base": os.path.abspath(config.pretrained or config.base_workdir),
+        "prompts": prompts,
+        "num_class_images": int(db.num_class_images),
+        "method": s.method,
+        "num_steps": int(s.num_steps),
+        "guidance": float(s.guidance),
+        "seed": int(config.seed),
+    }
+    if os.path.isfile(path) and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            saved = json.load(f)
+        if saved == meta:
+            return path
+        diff = sorted(k for k in meta if saved.get(k) != meta[k])
+        raise ValueError(
+            f"The class images in {directory} were made with other {diff} than this config "
+            f"asks for; delete {directory} to regenerate them, or set dreambooth.class_dir."
+        )
+    if config.pretrained:
+        from diffjax.pretrained import pipeline
+
+        gen = pipeline.PretrainedGenerator(
+            pipeline.load_pipeline(config.pretrained, method=s.method),
+            num_steps=s.num_steps,
+            guidance=s.guidance,
+        )
+    else:
+        gen = Generator.from_workdir(
+            config.base_workdir, method=s.method, num_steps=s.num_steps, guidance=s.guidance
+        )
+    n = db.num_class_images
+    imgs, _ = gen.generate(n, prompts=prompts, seed=config.seed, batch_size=64, progress=True)
+    if write:  # both generators cycle the prompts: image i was asked for prompt i % P
+        os.makedirs(directory, exist_ok=True)
+        tmp = path[: -len(".npz")] + ".tmp.npz"
+        captions = np.asarray([prompts[i % len(prompts)] for i in range(n)])
+        np.savez(tmp, images=imgs, captions=captions)
+        os.replace(tmp, path)
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=2)
+    return path
 
 
 def text_stage(config: ml_collections.ConfigDict, mesh):

@@ -6,7 +6,7 @@ Modules, lowest first (each imports only modules above it in this list, plus
   * `tokens`: the data room's caption tokenizer (ids for `context`).
   * `sources` (arrays, digits), `latents`, `tfds_source`, `folder`: the sources.
   * `captions`: caption conditioning over those sources (`digits_text`, captions of
-    classes at sampling time).
+    classes at sampling time); `dreambooth`: instance + class images.
   * `pipeline`: shuffle, per-process slice, augment, batch, checkpointable state.
   * this package: `make_source`, the one entry that picks a source by name.
 
@@ -15,13 +15,14 @@ Records are dicts of numpy arrays: `image`, and where the source has them `label
 """
 
 from diffjax.data.captions import make_digits_text_source
+from diffjax.data.dreambooth import make_dreambooth_source
 from diffjax.data.folder import make_folder_source
 from diffjax.data.latents import make_latent_source
 from diffjax.data.pipeline import make_dataset, make_iterator
 from diffjax.data.sources import ArraySource, digits_source, load_digits_arrays
 from diffjax.data.tfds_source import make_tfds_source
 
-SOURCES = ("digits", "digits_text", "tfds", "folder", "latents")
+SOURCES = ("digits", "digits_text", "tfds", "folder", "latents", "dreambooth")
 
 # Sources built from `config.data` fields (digits takes only the split).
 _MAKERS = {
@@ -29,6 +30,7 @@ _MAKERS = {
     "tfds": make_tfds_source,
     "folder": make_folder_source,
     "latents": make_latent_source,
+    "dreambooth": make_dreambooth_source,
 }
 
 

@@ -18,6 +18,7 @@ those class captions at sampling time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from diffjax.data import folder, latents, tfds_source
+from diffjax.data.dreambooth import CLASS_FILE
 from diffjax.data.sources import DIGIT_NAMES, digits_source
 from diffjax.data.tokens import NUM_BUCKETS, TEXT_VOCAB_SIZE, tokenize
 
@@ -132,8 +134,24 @@ def class_names(source: str, *, name: str = "", data_dir: str = "") -> list[str]
     raise ValueError(f"data.source={source!r} has no class names to make captions from.")
 
 
-def _label_captions(d: ml_collections.ConfigDict, labels: np.ndarray) -> list[str]:
-    """Caption of each class (index = label) for `config.data` `d`."""
+def class_caption_list(d: ml_collections.ConfigDict) -> list[str]:
+    """The caption of every class of `config.data` `d` (index = label)."""
+    names = class_names(d.source, name=d.name, data_dir=d.data_dir)
+    return class_captions(d.caption_template or default_template(d.source), names)
+
+
+def _label_captions(config: ml_collections.ConfigDict, labels: np.ndarray) -> list[str]:
+    """Caption of each class (index = label) for `config`'s data."""
+    d = config.data
+    if d.source == "dreambooth":
+        # The instance prompt, then the class images' prompts (the sample grid's rows).
+        db = config.dreambooth
+        found = [db.instance_prompt]
+        path = os.path.join(db.class_dir, CLASS_FILE)
+        if db.prior_loss_weight > 0 and os.path.isfile(path):
+            with np.load(path) as f:
+                found += [c for c in dict.fromkeys(str(c) for c in f["captions"])]
+        return found
     if d.source == "folder" and not folder.class_folders(d.data_dir):
         # Unlabelled but captioned: label i asks for the folder's i-th caption.
         count = int(labels.max()) + 1 if labels.size else 1
@@ -144,8 +162,7 @@ def _label_captions(d: ml_collections.ConfigDict, labels: np.ndarray) -> list[st
                 "is nothing to caption samples with."
             )
         return found
-    names = class_names(d.source, name=d.name, data_dir=d.data_dir)
-    return class_captions(d.caption_template or default_template(d.source), names)
+    return class_caption_list(d)
 
 
 def default_template(source: str) -> str:
@@ -180,7 +197,7 @@ def caption_condition(
     if d.get("tokenizer", ""):
         # Token ids of a pretrained tokenizer; the frozen text encoder (text.encoder)
         # embeds them where the model is called. The null caption is "" (BOS EOS).
-        captions = _label_captions(d, labels) + [""]
+        captions = _label_captions(config, labels) + [""]
         table_ids, table_mask = tokenize(captions, d.max_text_len, d.tokenizer)
     elif vocab > 0 or kwargs.get("text_encoder", False):
         if 0 < vocab < TEXT_VOCAB_SIZE:
@@ -188,7 +205,7 @@ def caption_condition(
                 f"model.kwargs.text_vocab_size={vocab} is smaller than the caption tokenizer's "
                 f"vocabulary; set it to diffjax.data.captions.TEXT_VOCAB_SIZE={TEXT_VOCAB_SIZE}."
             )
-        captions = _label_captions(d, labels) + [""]  # last row: the null caption
+        captions = _label_captions(config, labels) + [""]  # last row: the null caption
         table_ids, table_mask = tokenize(captions, d.max_text_len)
     elif (kwargs.get("context_dim", 0) or kwargs.get("cross_attention_dim", 0)) > 0:
         dim = kwargs.get("context_dim", 0) or kwargs["cross_attention_dim"]

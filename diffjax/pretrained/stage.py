@@ -283,9 +283,12 @@ def build_stage(config: ml_collections.ConfigDict, mesh=None) -> FrozenStage | N
 
 
 def data_fields(config: ml_collections.ConfigDict, stage: FrozenStage | None) -> dict[str, Any]:
-    """`config.data` as `data.make_source` keywords, with the image size and channels of
-    the pixels the stage encodes (the model's latent shape otherwise)."""
+    """`config.data` as `data.make_source` keywords (with the `dreambooth` section for
+    that source), with the image size and channels of the pixels the stage encodes (the
+    model's latent shape otherwise)."""
     fields = config.data.to_dict()
+    if config.data.source == "dreambooth":
+        fields["dreambooth"] = config.dreambooth.to_dict()
     if stage is not None and stage.vae is not None:
         fields["image_size"], _, fields["channels"] = stage.image_shape
     return fields

@@ -15,6 +15,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from diffjax import data as data_lib
@@ -49,6 +50,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
     workdir, tc = os.path.abspath(workdir), config.train
     is_main = jax.process_index() == 0
+    if config.data.source == "dreambooth" and not config.dreambooth.class_dir:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.dreambooth.class_dir = os.path.join(workdir, "class_images")
     with contextlib.ExitStack() as stack:
         stack.enter_context(rundir.WorkdirLock(workdir, enabled=is_main))
         preemption = stack.enter_context(hooks.Preemption())
@@ -66,6 +70,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if is_main:
             write_frozen(workdir, frozen)
         log.info("Mesh %s, %d process(es).", dict(mesh.shape), jax.process_count())
+
+        # -- DreamBooth's prior: class images generated once by the base, cached
+        if config.data.source == "dreambooth" and config.dreambooth.prior_loss_weight > 0:
+            generate.class_images(config, write=is_main)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("dreambooth class images")
 
         # -- frozen components (VAE encoder, text encoder) run inside the step
         stage = stage_lib.build_stage(config, mesh)
@@ -185,7 +197,11 @@ def _start_from(config, parts: rundir.Components, state: TrainState, base) -> Tr
     if base is None:
         base = stage_lib.initial_params(config, parts.model_shapes)
     params = jax.device_put(base, parts.state_sharding.params)
-    ema = jax.device_put(base, parts.state_sharding.ema_params)
+    # Its own buffers: the step donates params and EMA (base may already be on the mesh).
+    copy = jax.jit(
+        lambda t: jax.tree.map(jnp.copy, t), out_shardings=parts.state_sharding.ema_params
+    )
+    ema = copy(params)
     log.info("Starting from the weights of %s.", config.pretrained or config.base_workdir)
     return state.replace(params=params, ema_params=ema)
 

@@ -92,7 +92,10 @@ def make_loss_fn(
             )
 
         per_example, _ = diffusion_loss(precondition(net_fn), batch["image"], k_loss)
-        return jnp.mean(per_example.astype(jnp.float32))
+        per_example = per_example.astype(jnp.float32)
+        if "loss_weight" in batch:  # per-record weights (DreamBooth's prior preservation)
+            per_example = per_example * batch["loss_weight"].astype(jnp.float32)
+        return jnp.mean(per_example)
 
     return loss_fn
 
