@@ -420,6 +420,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.sample.num_steps < 1:
         raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
     _check_lora(config)
+    if config.data.source == "dreambooth" and not (config.pretrained or config.base_workdir):
+        raise ValueError(
+            "data.source='dreambooth' fine-tunes a trained model: set "
+            "--config.pretrained=SD_DIR or --config.base_workdir=RUN."
+        )
     if config.text.encoder and config.data.source == "latents":
         raise ValueError(
             "text.encoder embeds the caption token ids of image data in the train step, but "

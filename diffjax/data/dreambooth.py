@@ -42,6 +42,7 @@ class DreamBoothSource:
         class_dir: str = "",
         prior_loss_weight: float = 0.0,
     ):
+        instance_prompt = instance_prompt or ""
         if not instance_prompt.strip():
             raise ValueError(
                 "dreambooth.instance_prompt is empty; give the prompt that binds the subject "
