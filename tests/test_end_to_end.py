@@ -1,5 +1,6 @@
 """The user path through the real entry points: train -> kill/resume -> sample -> evaluate."""
 
+import functools
 import json
 import os
 import signal
@@ -12,6 +13,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "--config=configs/digits.py:quick"
+# Every run here trains a one-level U-Net without attention. These tests are about the
+# entry points (resume, signals, export, sampling, evaluation), not the architecture
+# (tests/test_models_unet.py, test_diffusers_layouts.py and test_pretrained_pipeline.py
+# check the full digits U-Net and its export); ~20 commands each trace and load it, and
+# the first compiles it cold.
+TINY = (
+    "--config.model.kwargs.base_channels=8",
+    "--config.model.kwargs.num_groups=4",
+    "--config.model.kwargs.channel_mult=(1,)",
+    "--config.model.kwargs.attention_resolutions=()",
+    "--config.model.kwargs.mid_attention=False",
+)
 
 
 def _env(devices=1):
@@ -39,12 +52,18 @@ def _run(script, *args, check=True, devices=1, timeout=900):
 
 
 def _train_args(workdir, *extra):
-    return (QUICK, f"--workdir={workdir}", *extra)
+    return (QUICK, *TINY, f"--workdir={workdir}", *extra)
 
 
 def _steps(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_params(workdir):
+    """`_final_params` of the module's reference run (read once, compared three times)."""
+    return _final_params(workdir)
 
 
 def _final_params(workdir):
@@ -73,6 +92,14 @@ def reference_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ref"))
     _run("train.py", *_train_args(workdir, *LONG))
     return workdir
+
+
+@pytest.fixture(scope="module")
+def cpu_export(reference_run, tmp_path_factory):
+    """`export.py --platforms=cpu` of the reference run (tests copy it before changing it)."""
+    export_dir = str(tmp_path_factory.mktemp("cpu_export") / "export")
+    _run("export.py", f"--workdir={reference_run}", f"--out={export_dir}", "--platforms=cpu")
+    return export_dir
 
 
 def test_train_sample_evaluate(reference_run):
@@ -128,7 +155,7 @@ def _resume_matches_reference(workdir, reference_run):
     """Reruns the interrupted run to the end: params bitwise and losses equal the reference."""
     _run("train.py", *_train_args(workdir, *LONG))
     step, params = _final_params(workdir)
-    ref_step, ref_params = _final_params(reference_run)
+    ref_step, ref_params = _reference_params(reference_run)
     assert step == ref_step == 24
     for a, b in zip(params, ref_params, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -187,9 +214,8 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(reference_run, tmp_path):
     assert open(os.path.join(reference_run, "config.json")).read() == config_before
 
 
-def test_export_then_sample_matches_checkpoint(reference_run, tmp_path):
-    export_dir = str(tmp_path / "export")
-    _run("export.py", f"--workdir={reference_run}", f"--out={export_dir}", "--platforms=cpu")
+def test_export_then_sample_matches_checkpoint(reference_run, cpu_export, tmp_path):
+    export_dir = cpu_export
     meta = json.load(open(os.path.join(export_dir, "config.json")))
     assert meta["step"] == 24 and meta["image_shape"] == [8, 8, 1] and meta["num_classes"] == 10
     assert meta["serialized_sampler"]["platforms"] == ["cpu"]
@@ -236,14 +262,13 @@ def test_export_diffusers_then_pretrained_matches_checkpoint(reference_run, tmp_
         assert np.abs(za["images"].astype(int) - zb["images"].astype(int)).max() <= 2
 
 
-def test_corrupt_or_mismatched_export_fails_clearly(reference_run, tmp_path):
+def test_corrupt_or_mismatched_export_fails_clearly(reference_run, cpu_export, tmp_path):
     import shutil
 
     from diffjax.export import ExportError
     from diffjax.generate import Generator
 
-    export_dir = str(tmp_path / "export")
-    _run("export.py", f"--workdir={reference_run}", f"--out={export_dir}", "--platforms=cpu")
+    export_dir = cpu_export
     bad = str(tmp_path / "bad")
     shutil.copytree(export_dir, bad)
     path = os.path.join(bad, "params.safetensors")
