@@ -22,7 +22,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from configs.sd_lora import get_config
@@ -152,11 +151,7 @@ def test_sd_lora_run_its_exports_and_the_untouched_base(tmp_path):
     )
     tensors = safetensors_io.read_tensors(os.path.join(lora_dir, lora_files.WEIGHT_NAME))
     assert any(k.startswith("text_encoder.") for k in tensors)
-    if moved == 0:
-        pytest.xfail(
-            "the text encoder's LoRA gets no gradient (B stays 0): "
-            "diffjax/pretrained/stage.py _encode_text stop-gradients CLIP's hidden states"
-        )
+    assert moved > 0  # gradients reach the text encoder's LoRA through CLIP
     te = "text_encoder/model.safetensors"
     exported, original = (
         next(

@@ -7,7 +7,8 @@ subject; their own .txt files are ignored: every one is captioned
 `dreambooth.prior_loss_weight > 0`, the class images the base generated once
 (`CLASS_FILE` in `dreambooth.class_dir`: `images` uint8 [N, H, W, C] and `captions`
 [N], written by `diffjax.generate.class_images`). Records alternate instance, class,
-instance, ... (the shorter set cycles), so a shuffled batch holds both about equally,
+instance, ... (the shorter set cycles), so a shuffled batch holds both about equally
+(without prior preservation the instances cycle to `num_class_images` records),
 and carry `loss_weight`: 1 for instance records, `prior_loss_weight` for class ones; the
 train step's loss is the weighted mean, DreamBooth's L_instance + w * L_prior up to a
 factor 2.
@@ -41,6 +42,7 @@ class DreamBoothSource:
         tokenizer: str = "",
         class_dir: str = "",
         prior_loss_weight: float = 0.0,
+        min_length: int = 0,
     ):
         instance_prompt = instance_prompt or ""
         if not instance_prompt.strip():
@@ -57,6 +59,7 @@ class DreamBoothSource:
         ids, mask = tokenize([instance_prompt], max_text_len, tokenizer)
         self._instance_ids, self._instance_mask = ids[0], mask[0]
         self._weight = float(prior_loss_weight)
+        self._min_length = int(min_length)
         self._class_images = None
         if self._weight > 0:
             path = os.path.join(class_dir, CLASS_FILE)
@@ -78,7 +81,9 @@ class DreamBoothSource:
 
     def __len__(self) -> int:
         n = len(self._instances)
-        return n if self._class_images is None else 2 * max(n, len(self._class_images))
+        if self._class_images is None:  # the instances, cycled to min_length
+            return max(n, self._min_length)
+        return 2 * max(n, len(self._class_images))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._class_images is None or index % 2 == 0:
@@ -129,4 +134,7 @@ def make_dreambooth_source(
         tokenizer=tokenizer,
         class_dir=db.get("class_dir", ""),
         prior_loss_weight=float(db.get("prior_loss_weight", 0.0)),
+        # Without prior images the few instances are cycled as far as the class images
+        # would have reached (DreamBooth's epoch), so any batch size fits.
+        min_length=int(db.get("num_class_images", 0)),
     )

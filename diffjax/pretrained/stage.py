@@ -203,7 +203,9 @@ class FrozenStage:
 def _encode_text(module, params, cond: dict[str, Any]) -> dict[str, Any]:
     cond = dict(cond)
     hidden = module.apply({"params": params}, cond["context"])
-    cond["context"] = jax.lax.stop_gradient(hidden["last_hidden_state"].astype(jnp.float32))
+    # No stop_gradient: a LoRA on the text encoder trains through it (the frozen weights
+    # themselves are never differentiated, so nothing else is traced backwards).
+    cond["context"] = hidden["last_hidden_state"].astype(jnp.float32)
     cond["context_mask"] = jnp.ones(cond["context"].shape[:2], bool)
     return cond
 
