@@ -127,3 +127,17 @@ def test_quick_dreambooth_run_generates_its_class_images_once(base, instances, t
         2, prompts=["a handwritten sks three"], batch_size=8
     )
     assert imgs.shape == (2, 8, 8, 1)
+
+
+def test_grid_captions_cycle_the_instance_and_class_prompts(instances, tmp_path):
+    from diffjax.data.captions import caption_condition
+
+    c = get_config("quick")
+    c.dreambooth.instance_dir = instances
+    c.dreambooth.class_dir = _class_dir(tmp_path)
+    ids, _ = tokenize(["a handwritten sks three", "a handwritten one", "a handwritten two"], 4)
+    got = caption_condition(c, np.arange(10))["context"]
+    np.testing.assert_array_equal(got, ids[np.arange(10) % 3])
+    c.dreambooth.prior_loss_weight = 0.0  # no class images: every row asks for the instance
+    got = caption_condition(c, np.arange(10))["context"]
+    np.testing.assert_array_equal(got, np.tile(ids[0], (10, 1)))

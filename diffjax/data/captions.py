@@ -151,7 +151,8 @@ def _label_captions(config: ml_collections.ConfigDict, labels: np.ndarray) -> li
         if db.prior_loss_weight > 0 and os.path.isfile(path):
             with np.load(path) as f:
                 found += [c for c in dict.fromkeys(str(c) for c in f["captions"])]
-        return found
+        count = int(labels.max()) + 1 if labels.size else 1
+        return [found[i % len(found)] for i in range(max(count, len(found)))]  # cycled
     if d.source == "folder" and not folder.class_folders(d.data_dir):
         # Unlabelled but captioned: label i asks for the folder's i-th caption.
         count = int(labels.max()) + 1 if labels.size else 1
