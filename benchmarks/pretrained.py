@@ -49,9 +49,11 @@ skips it,
   the step's frozen `base`), compiled by the loop's `_compile_step`; diffusers: the train
   case's step after `unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=
   [to_q, to_k, to_v, to_out.0]))` (peft 0.21.2; train_text_to_image_lora.py), AdamW over
-  the LoRA params only. img/s, XLA's plan (arguments / temporaries), the optimizer
-  state's bytes on both sides, the device peaks on a GPU (diffjax: a fresh worker per
-  case; diffusers: `max_memory_allocated`).
+  the LoRA params only. Both cases are set up first and their timing windows alternate
+  (4 sides on a GPU, 6 on a CPU), so the LoRA/full ratio sees the same load. img/s,
+  XLA's plan (arguments / temporaries), the optimizer state's bytes on both sides, the
+  device peaks on a GPU (diffjax: a JAX worker per case; diffusers:
+  `max_memory_allocated` less what was allocated before the case).
 
 Both frameworks read the SAME random weights: the JAX worker writes a diffusers-layout
 pipeline directory (random weights, SD 1.5's DDIM scheduler config, the CLIP BPE
@@ -94,9 +96,11 @@ TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
 KINDS = ("unet", "t2i", "vae", "encode", "train", "finetune", "lora")
 # Cases measured on diffjax's side only (variants of one diffjax config, side by side).
 JAX_ONLY_KINDS = ("finetune",)
-# Cases measured in a JAX worker of their own on a GPU (the suite gpu), so that the
-# device's peak memory is theirs (JAX cannot reset it); a CPU has no device peak.
-FRESH_WORKER_KINDS = ("lora",)
+# Kinds whose cases are measured together, after the others: all set up, then their
+# timing windows alternate (so their ratios see the same load). In the gpu suite each
+# case has a JAX worker of its own, so that the device's peak memory is its own (JAX
+# cannot reset it); a CPU has no device peak and they share the JAX worker.
+TOGETHER_KINDS = ("lora",)
 
 # The train case's AdamW on both sides (diffusers' train_text_to_image.py defaults, with
 # its --max_grad_norm 1.0 and --use_ema); no warmup, constant learning rate.
@@ -911,7 +915,7 @@ class JaxSide(_Side):
         `parts.base_sharding`, as the loop does), its state holds only the LoRA (B = 0,
         so the first step's loss equals the full step's). Memory: XLA's plan of the step
         (arguments = state + frozen + batch), the state's bytes per part, and on GPUs the
-        device's peak (the gpu suite runs this case in a fresh worker: its own peak).
+        device's peak (the gpu suite gives each lora case a JAX worker of its own).
         """
         import numpy as np
 
@@ -1069,15 +1073,19 @@ class TorchSide(_Side):
     def _nchw(self, x, dtype):
         return self.torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device, dtype)
 
-    def _peak(self, run) -> int | None:
-        """torch.cuda.max_memory_allocated over one call (None on a CPU)."""
+    def _peak(self, run, baseline: int = 0) -> int | None:
+        """torch.cuda.max_memory_allocated over one call, less `baseline` (the bytes that
+        were allocated before the case loaded anything); None on a CPU."""
         if self.device.type != "cuda":
             return None
         self._sync()
         self.torch.cuda.reset_peak_memory_stats()
         run()
         self._sync()
-        return int(self.torch.cuda.max_memory_allocated())
+        return int(self.torch.cuda.max_memory_allocated()) - baseline
+
+    def _allocated(self) -> int:
+        return int(self.torch.cuda.memory_allocated()) if self.device.type == "cuda" else 0
 
     def setup(self, spec: dict[str, Any]) -> dict[str, Any]:
         return getattr(self, f"_setup_{spec['kind']}")(spec)
@@ -1245,6 +1253,7 @@ class TorchSide(_Side):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         bf16 = spec["dtype"] == "bfloat16"
+        before = self._allocated()  # the lora cases' twin may be resident (run together)
         t0 = time.perf_counter()
         unet = UNet2DConditionModel.from_pretrained(
             spec["dir"], subfolder="unet", torch_dtype=torch.float32
@@ -1335,7 +1344,10 @@ class TorchSide(_Side):
                 "ema_params": nbytes(ema or []),
                 "opt_state": nbytes(opt_tensors),
             },
-            "memory": {"kind": "torch.cuda.max_memory_allocated", "total_bytes": self._peak(once)},
+            "memory": {
+                "kind": "torch.cuda.max_memory_allocated less what was allocated before",
+                "total_bytes": self._peak(once, before),
+            },
         }
 
 
@@ -1458,17 +1470,25 @@ class Bench:
             result["weights"] = jw.call(
                 "write_pipeline", path=pipe_dir, vae_path=vae_dir, plan=plan
             )
-            for spec in cases_of(plan, pipe_dir, vae_dir):
-                if spec["kind"] not in wanted:
-                    continue
-                if self.suite != "gpu" or spec["kind"] not in FRESH_WORKER_KINDS:
+            specs = [s for s in cases_of(plan, pipe_dir, vae_dir) if s["kind"] in wanted]
+            for spec in specs:
+                if spec["kind"] not in TOGETHER_KINDS:
                     result["cases"].append(self.run_case(spec, plan, jw, refs, tmp))
+            for kind in TOGETHER_KINDS:
+                group = [s for s in specs if s["kind"] == kind]
+                if not group:
                     continue
-                own = Worker("jax", python=sys.executable, threads=self.threads, env=env)
+                # On a GPU each case gets a JAX worker of its own (its own device peak).
+                own = [
+                    Worker("jax", python=sys.executable, threads=self.threads, env=env)
+                    for _ in group
+                ] if self.suite == "gpu" else []  # fmt: skip
                 try:
-                    result["cases"].append(self.run_case(spec, plan, own, refs, tmp))
+                    jws = own or [jw] * len(group)
+                    result["cases"] += self.run_cases(group, plan, jws, refs, tmp)
                 finally:
-                    own.close()
+                    for w in own:
+                        w.close()
         finally:
             for w in (jw, *refs.values()):
                 w.close()
@@ -1480,69 +1500,92 @@ class Bench:
         return result
 
     def run_case(self, spec, plan, jw: Worker, refs: dict[str, Worker], tmp: str):
-        name = spec["name"]
-        out: dict[str, Any] = {"name": name, "kind": spec["kind"],
-                               "spec": {k: v for k, v in spec.items() if k != "dir"}}  # fmt: skip
-        workers = {"diffjax": jw}
-        try:
-            self.log(f"{name}: diffjax setup (load + compile)")
-            out["diffjax"] = {"setup": jw.call("setup", spec=spec)}
-            out["params"] = out["diffjax"]["setup"]["params"]
-            for ref, w in refs.items() if spec["kind"] not in JAX_ONLY_KINDS else ():
-                self.log(f"{name}: {ref} setup")
-                try:
-                    setup = w.call("setup", spec=spec)
-                except common.WorkerError as e:
-                    self.errors.append(f"{name} {ref}: {e}")
-                    out[ref] = {"error": str(e)[-2000:]}
-                    continue
-                out[ref] = {"setup": setup}
-                if setup["params"] != out["params"]:
-                    raise ValueError(
-                        f"{name}: parameter counts differ: diffjax {out['params']:,}, "
-                        f"{ref} {setup['params']:,}; the configs are not the same model."
-                    )
-                workers[ref] = w
-            self.log(f"{name}: timing windows")
-            self._windows(name, workers, out, plan)
-            self._compare(name, workers, out, tmp)
-            _ratio(out)
-        except (common.WorkerError, ValueError) as e:
-            self.errors.append(f"{name}: {e}")
-            out["error"] = str(e)[-4000:]
-        finally:
-            for w in workers.values():
-                try:
-                    w.call("drop", name=name)
-                except common.WorkerError:
-                    pass
-        return out
+        return self.run_cases([spec], plan, [jw], refs, tmp)[0]
 
-    def _windows(self, name: str, workers: dict[str, Worker], out, plan) -> None:
+    def run_cases(self, specs, plan, jws: list[Worker], refs: dict[str, Worker], tmp: str):
+        """Cases measured together: each set up on its diffjax worker (`jws[i]`) and the
+        references, then the timing windows of all of them alternate (`_windows`)."""
+        outs, groups = [], []
+        for spec, jw in zip(specs, jws, strict=True):
+            name = spec["name"]
+            out: dict[str, Any] = {"name": name, "kind": spec["kind"],
+                                   "spec": {k: v for k, v in spec.items() if k != "dir"}}  # fmt: skip
+            outs.append(out)
+            workers = {"diffjax": jw}
+            groups.append((name, workers, out))
+            try:
+                self.log(f"{name}: diffjax setup (load + compile)")
+                out["diffjax"] = {"setup": jw.call("setup", spec=spec)}
+                out["params"] = out["diffjax"]["setup"]["params"]
+                for ref, w in refs.items() if spec["kind"] not in JAX_ONLY_KINDS else ():
+                    self.log(f"{name}: {ref} setup")
+                    try:
+                        setup = w.call("setup", spec=spec)
+                    except common.WorkerError as e:
+                        self.errors.append(f"{name} {ref}: {e}")
+                        out[ref] = {"error": str(e)[-2000:]}
+                        continue
+                    out[ref] = {"setup": setup}
+                    if setup["params"] != out["params"]:
+                        raise ValueError(
+                            f"{name}: parameter counts differ: diffjax {out['params']:,}, "
+                            f"{ref} {setup['params']:,}; the configs are not the same model."
+                        )
+                    workers[ref] = w
+            except (common.WorkerError, ValueError) as e:
+                self.errors.append(f"{name}: {e}")
+                out["error"] = str(e)[-4000:]
+        ready = [g for g in groups if "error" not in g[2]]
+        try:
+            self.log(f"{', '.join(g[0] for g in ready)}: timing windows")
+            self._windows(ready, plan)
+            for name, workers, out in ready:
+                self._compare(name, workers, out, tmp)
+                _ratio(out)
+        except (common.WorkerError, ValueError) as e:
+            for name, _, out in ready:
+                self.errors.append(f"{name}: {e}")
+                out["error"] = str(e)[-4000:]
+        finally:
+            for name, workers, _ in groups:
+                for w in workers.values():
+                    try:
+                        w.call("drop", name=name)
+                    except common.WorkerError:
+                        pass
+        return outs
+
+    def _windows(self, cases: list[tuple[str, dict[str, Worker], Any]], plan) -> None:
         """Alternating timing windows of ~window_s each; median time per call.
 
-        A reference variant whose calibration call is over 2x slower than the fastest
-        variant's is left out (spinning OpenMP threads on a loaded CPU; see run.py).
+        `cases`: (name, {side: worker}, out) of the cases measured together; every round
+        runs one window of each side of each case. A reference variant whose calibration
+        call is over 2x slower than the fastest variant's of its case is left out
+        (spinning OpenMP threads on a loaded CPU; see run.py).
         """
-        first = {k: w.call("window", name=name, reps=1) for k, w in workers.items()}
-        refs = [k for k in workers if k != "diffjax"]
-        if len(refs) > 1:
-            best = min(refs, key=lambda k: first[k])
-            for k in refs:
-                if first[k] > 2 * first[best]:
-                    out[k]["dropped"] = (
-                        f"calibration call {first[k]:.3f} s vs {first[best]:.3f} s for {best}"
-                    )
-                    self.notes.append(f"{name}: {k} dropped ({out[k]['dropped']})")
-            workers = {k: w for k, w in workers.items() if "dropped" not in out.get(k, {})}
-        reps = {k: max(1, min(50, round(plan["window_s"] / max(first[k], 1e-4)))) for k in workers}
-        times: dict[str, list[float]] = {k: [] for k in workers}
-        for _ in range(plan["windows"]):
+        timed = {}  # (name, side) -> (worker, out, calls per window)
+        for name, workers, out in cases:
+            first = {k: w.call("window", name=name, reps=1) for k, w in workers.items()}
+            refs = [k for k in workers if k != "diffjax"]
+            if len(refs) > 1:
+                best = min(refs, key=lambda k: first[k])
+                for k in refs:
+                    if first[k] > 2 * first[best]:
+                        out[k]["dropped"] = (
+                            f"calibration call {first[k]:.3f} s vs {first[best]:.3f} s for {best}"
+                        )
+                        self.notes.append(f"{name}: {k} dropped ({out[k]['dropped']})")
             for k, w in workers.items():
-                times[k].append(w.call("window", name=name, reps=reps[k]))
-        for k in workers:
-            per_call = common.median(times[k]) / reps[k]
-            out[k].update(calls_per_window=reps[k], window_s=times[k], ms=1e3 * per_call)
+                if "dropped" not in out.get(k, {}):
+                    reps = max(1, min(50, round(plan["window_s"] / max(first[k], 1e-4))))
+                    timed[name, k] = (w, out, reps)
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in timed}
+        for _ in range(plan["windows"]):
+            for (name, k), (w, _, reps) in timed.items():
+                times[name, k].append(w.call("window", name=name, reps=reps))
+        for (name, k), (_, out, reps) in timed.items():
+            per_call = common.median(times[name, k]) / reps
+            out[k].update(calls_per_window=reps, window_s=times[name, k], ms=1e3 * per_call)
 
     def _compare(self, name: str, workers: dict[str, Worker], out, tmp: str) -> None:
         """Max |diffjax - diffusers| of the outputs (same weights, same inputs)."""
@@ -1716,7 +1759,8 @@ def _lora_report(result: dict[str, Any]) -> list[str]:
         "LoRA step vs the full fine-tune step (latent-fed sd_unet, the train case's step; "
         "diffjax vs diffusers(+peft)). XLA plan of the diffjax step: arguments = state + "
         "frozen base + batch; optimizer state = AdamW's moments (diffjax / diffusers); "
-        "device peak: diffjax's worker (a fresh one per case) / torch.cuda.max_memory_allocated",
+        "device peak: diffjax's worker (one per case) / torch.cuda.max_memory_allocated; the "
+        "cases' timing windows alternate",
         "",
         _table(["case", "shape", "dtype", "trained params", "diffjax img/s", "diffusers img/s",
                 "diffjax/diffusers time", "XLA arguments", "XLA temporaries", "XLA total",
