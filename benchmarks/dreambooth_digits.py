@@ -3,7 +3,7 @@ prior preservation.
 
     python benchmarks/dreambooth_digits.py [--root=runs/dreambooth_digits] [--instances=8]
 
-1. Trains the text-conditioned digits base (`configs/digits_text.py`, 700 steps) unless
+1. Trains the text-conditioned digits base (`configs/digits_text.py`, 1,500 steps) unless
    ROOT/base has a checkpoint.
 2. Writes the instance images: the first `--instances` threes of the digits, mirrored
    left-right (a variant the base never saw: the digits classifier calls only 2 % of
@@ -64,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/dreambooth_digits")
     p.add_argument("--instances", type=int, default=8)
-    p.add_argument("--base_steps", type=int, default=700)
+    p.add_argument("--base_steps", type=int, default=1500)
     args = p.parse_args()
     root = os.path.abspath(args.root)
     timings = {}

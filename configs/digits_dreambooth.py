@@ -1,7 +1,7 @@
 """DreamBooth on the text-conditioned digits: bind a new variant to an identifier token.
 
     python launch/train.py --config=configs/digits_text.py --workdir=runs/digits_text \
-        --config.train.num_steps=700
+        --config.train.num_steps=1500
     python launch/train.py --config=configs/digits_dreambooth.py --workdir=runs/digits_db \
         --config.base_workdir=runs/digits_text --config.dreambooth.instance_dir=MIRRORED_THREES
     python launch/sample.py --workdir=runs/digits_db --prompt="a handwritten sks three" ...
