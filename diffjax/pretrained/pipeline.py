@@ -115,7 +115,8 @@ def read_model_index(path: str) -> dict:
     return safetensors_io.read_config(path, "model_index.json")
 
 
-def _component_dir(path: str, index: dict, name: str) -> str:
+def component_dir(path: str, index: dict, name: str) -> str:
+    """`path/name`, a component `model_index.json` (`index`) lists, checked to exist."""
     entry = index.get(name)
     if not entry or entry[0] is None:
         raise ValueError(f"{path}/model_index.json names no {name!r} component.")
@@ -204,7 +205,7 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
         raise ValueError(
             f"{path}: pipeline {name!r} is not supported; diffjax loads {list(PIPELINES)}."
         )
-    sched_dir = _component_dir(path, index, "scheduler")
+    sched_dir = component_dir(path, index, "scheduler")
     sched_cfg = safetensors_io.read_config(sched_dir, "scheduler_config.json")
     # A diffjax export says how its DDIM steps with clip_sample (diffjax.json).
     own = os.path.join(path, "diffjax.json")
@@ -221,22 +222,22 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
     parts = dict(path=path, class_name=name, scheduler=spec, scheduler_config=sched_cfg)
     if name in TEXT_PIPELINES:
         return Pipeline(
-            denoiser=load_sd_unet(_component_dir(path, index, "unet"), dtype),
-            vae=load_vae(_component_dir(path, index, "vae"), dtype),
-            text_encoder=load_text_encoder(_component_dir(path, index, "text_encoder"), dtype),
-            tokenizer=CLIPTokenizer.from_dir(_component_dir(path, index, "tokenizer")),
+            denoiser=load_sd_unet(component_dir(path, index, "unet"), dtype),
+            vae=load_vae(component_dir(path, index, "vae"), dtype),
+            text_encoder=load_text_encoder(component_dir(path, index, "text_encoder"), dtype),
+            tokenizer=CLIPTokenizer.from_dir(component_dir(path, index, "tokenizer")),
             **parts,
         )
     if name in CLASS_PIPELINES:
         den_dir, loader, model = "transformer", diffusers_dit.load_dit, "dit"
     else:
         den_dir, loader, model = "unet", diffusers_unet2d.load_unet2d, "unet"
-    den = _load_own(_component_dir(path, index, den_dir), loader, model, dtype)
+    den = _load_own(component_dir(path, index, den_dir), loader, model, dtype)
     # Pixel-space models (a diffjax export, a pixel DiT) have no VAE.
     has_vae = (index.get("vae") or [None])[0] is not None
     return Pipeline(
         denoiser=den,
-        vae=load_vae(_component_dir(path, index, "vae"), dtype) if has_vae else None,
+        vae=load_vae(component_dir(path, index, "vae"), dtype) if has_vae else None,
         num_classes=int(den.config["diffjax_kwargs"].get("num_classes", 0)),
         **parts,
     )
@@ -300,7 +301,7 @@ def text_encoder_dir(path: str) -> str:
     """The text encoder directory behind `path` (a pipeline's `text_encoder/`, or itself)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, "model_index.json")):
-        return _component_dir(path, read_model_index(path), "text_encoder")
+        return component_dir(path, read_model_index(path), "text_encoder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"text.encoder={path} is neither a pipeline directory (model_index.json) nor a "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from typing import Any
 
@@ -41,7 +40,7 @@ from diffjax.pretrained import scheduler as scheduler_lib
 from diffjax.pretrained.pipeline import (
     TEXT_PIPELINES,
     Component,
-    _component_dir,
+    component_dir,
     load_sd_unet,
     load_text_encoder,
     load_vae,
@@ -49,9 +48,6 @@ from diffjax.pretrained.pipeline import (
     text_encoder_dir,
     vae_dir,
 )
-
-log = logging.getLogger(__name__)
-
 
 # ----------------------------------------------------------------------------- fine-tuning
 
@@ -82,9 +78,9 @@ def apply_pretrained(config: ml_collections.ConfigDict) -> ml_collections.Config
             f"pretrained={path}: fine-tuning reads Stable Diffusion pipelines "
             f"{list(TEXT_PIPELINES)}, not {name!r}."
         )
-    unet_cfg = safetensors_io.read_config(_component_dir(path, index, "unet"))
+    unet_cfg = safetensors_io.read_config(component_dir(path, index, "unet"))
     sched_cfg = safetensors_io.read_config(
-        _component_dir(path, index, "scheduler"), "scheduler_config.json"
+        component_dir(path, index, "scheduler"), "scheduler_config.json"
     )
     try:
         # method='ddim': only the training schedule and prediction matter here.
@@ -128,7 +124,7 @@ def initial_params(config: ml_collections.ConfigDict, abstract_params: Any) -> A
         `model.kwargs`), naming the mismatched leaves.
     """
     path = config.pretrained
-    unet = load_sd_unet(_component_dir(path, read_model_index(path), "unet"))
+    unet = load_sd_unet(component_dir(path, read_model_index(path), "unet"))
     want = jax.tree.map(lambda a: tuple(a.shape), abstract_params)
     got = jax.tree.map(lambda a: tuple(a.shape), unet.params)
     if want != got:
