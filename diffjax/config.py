@@ -86,6 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lora.rank = 0  # LoRA rank r; 0 = train the whole model.
     c.lora.alpha = 0.0  # The delta's scale is alpha / rank; 0 = alpha = rank (scale 1).
     c.lora.targets = ""  # Regex over module names; "" = the model's attention q/k/v/out.
+    c.lora.dropout = 0.0  # Dropout on the LoRA's input in training (0: merged into the weights).
     c.lora.text_encoder = False  # Also train a LoRA on the frozen text encoder (text.encoder).
 
     # ---------------------------------------------------------------- model

@@ -270,7 +270,7 @@ def merged_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     """The config of a LoRA run's merged model: a plain model (no LoRA, no base), what
     exports of the merged params record."""
     out = ml_collections.ConfigDict(config.to_dict())
-    out.lora.rank, out.lora.alpha, out.lora.targets = 0, 0.0, ""
+    out.lora.rank, out.lora.alpha, out.lora.targets, out.lora.dropout = 0, 0.0, "", 0.0
     out.lora.text_encoder = False
     out.base_workdir = ""
     return out
@@ -451,7 +451,7 @@ def _check_lora(config: ml_collections.ConfigDict) -> None:
             "diffjax run), not both."
         )
     if not lo.rank:
-        unused = [f"lora.{k}" for k in ("alpha", "targets", "text_encoder") if lo[k]]
+        unused = [f"lora.{k}" for k in ("alpha", "targets", "text_encoder", "dropout") if lo[k]]
         if unused:
             raise ValueError(f"{', '.join(unused)} apply only with lora.rank > 0; set lora.rank.")
         return
@@ -462,6 +462,8 @@ def _check_lora(config: ml_collections.ConfigDict) -> None:
         )
     if lo.alpha < 0:
         raise ValueError(f"lora.alpha must be >= 0 (0 = alpha = rank), got {lo.alpha}.")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ValueError(f"lora.dropout must lie in [0, 1), got {lo.dropout}.")
     if lo.text_encoder and not config.text.encoder:
         raise ValueError(
             "lora.text_encoder=True trains a LoRA on the frozen text encoder, but this run has "

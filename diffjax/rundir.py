@@ -308,7 +308,7 @@ def build_components(
             null_context=null_context,
         )
     if targets is not None:
-        loss_fn = _lora_loss(loss_fn, experiment.lora_scale(config))
+        loss_fn = _lora_loss(loss_fn, experiment.lora_scale(config), config.lora.dropout)
     train_step = make_train_step(
         loss_fn,
         tx,
@@ -360,18 +360,24 @@ def _lora_init(config, base_shapes, text_params):
     return init_fn, targets
 
 
-def _lora_loss(loss_fn, scale: float):
+def _lora_loss(loss_fn, scale: float, dropout: float = 0.0):
     """The loss of a LoRA run: the trained LoRA merged into the frozen base (and text
-    encoder) inside the step, so gradients reach only A and B."""
+    encoder) inside the step, so gradients reach only A and B. With `dropout` > 0 the
+    denoiser's LoRA runs beside its layers instead (`lora.runtime`: dropout on the
+    LoRA's input, as peft's `lora_dropout`); sampling and exports merge either way."""
 
     def lora_loss(params, batch, rng, frozen, step):
         frozen = dict(frozen)
-        model_params = lora.merge(frozen.pop("base"), params["denoiser"], scale)
+        base = frozen.pop("base")
         if "text_encoder" in params:
             frozen["text_encoder"] = lora.merge(
                 frozen["text_encoder"], params["text_encoder"], scale
             )
-        return loss_fn(model_params, batch, rng, frozen, step)
+        if dropout <= 0:
+            return loss_fn(lora.merge(base, params["denoiser"], scale), batch, rng, frozen, step)
+        key = jax.random.fold_in(rng, 0x10A)  # a stream of its own
+        with nn.intercept_methods(lora.runtime(params["denoiser"], scale, dropout, key)):
+            return loss_fn(base, batch, rng, frozen, step)
 
     return lora_loss
 

@@ -95,3 +95,58 @@ def test_targets_and_shapes_are_checked_by_name():
         lora.merge(params, {"patch_embed": {"A": jnp.zeros((5, 1)), "B": jnp.zeros((1, 2))}})
     with pytest.raises(lora.LoRAError, match="rank must be >= 1"):
         lora.init_lora(jax.random.key(0), params, ["block0.attn.key"], rank=0)
+
+
+def _random_lora(params, pattern, rank=2, seed=3):
+    targets = lora.select_targets(params, pattern)
+    tree = lora.init_lora(jax.random.key(seed), params, targets, rank)
+    for i, name in enumerate(sorted(tree)):  # non-zero B: the delta shows
+        b = tree[name]["B"]
+        tree[name]["B"] = 0.1 * jax.random.normal(jax.random.key(100 + i), b.shape)
+    return tree
+
+
+def test_runtime_lora_without_dropout_equals_the_merged_model():
+    # diffjax's U-Net: convs (SAME, stride 2 downsampling), multi-head DenseGeneral, Dense;
+    # its blocks rematerialised (the interceptor sees through nn.remat).
+    m = models.build_model(
+        "unet", base_channels=32, channel_mult=(1, 2), attention_resolutions=(4,),
+        num_res_blocks=1, num_groups=8, num_classes=10, remat_policy="full",
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t, y = jnp.array([0.3, 0.7]), jnp.array([1, 2])
+    params = nn.meta.unbox(m.init(jax.random.key(1), x, t, labels=y)["params"])
+    # conv_out starts at zero: its LoRA makes the output (and every other delta) show.
+    pattern = r"(\.attn\.(query|key|value|out)|conv1|conv2|resample\.Conv_0|^conv_out)$"
+    tree = _random_lora(params, pattern)
+    assert any("resample" in n for n in tree)
+    merged = m.apply({"params": lora.merge(params, tree, 0.5)}, x, t, labels=y)
+    with nn.intercept_methods(lora.runtime(tree, 0.5)):
+        runtime = m.apply({"params": params}, x, t, labels=y)
+    np.testing.assert_allclose(runtime, merged, rtol=2e-4, atol=2e-5)
+    base = m.apply({"params": params}, x, t, labels=y)
+    assert float(jnp.abs(merged - base).max()) > 1e-3
+
+
+def test_runtime_lora_on_the_sd_unet_and_dropout():
+    from diffjax.pretrained import pipeline
+
+    u = pipeline.load_sd_unet("tests/fixtures/pipelines/tiny-sd/unet")
+    tree = _random_lora(u.params, r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|conv1|proj_in)$")
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, ctx = jnp.array([10.0, 500.0]), jax.random.normal(jax.random.key(1), (2, 5, 32))
+
+    def run(params, **icpt):
+        if not icpt:
+            return u.module.apply({"params": params}, x, t, context=ctx)
+        with nn.intercept_methods(lora.runtime(tree, 1.0, **icpt)):
+            return u.module.apply({"params": params}, x, t, context=ctx)
+
+    merged = run(lora.merge(u.params, tree, 1.0))
+    np.testing.assert_allclose(run(u.params, rate=0.0), merged, rtol=2e-4, atol=2e-5)
+    a = run(u.params, rate=0.5, key=jax.random.key(7))
+    b = run(u.params, rate=0.5, key=jax.random.key(8))
+    assert float(jnp.abs(a - b).max()) > 1e-4  # the dropout masks differ by key
+    np.testing.assert_array_equal(a, run(u.params, rate=0.5, key=jax.random.key(7)))
+    with pytest.raises(lora.LoRAError, match="dropout must lie in"):
+        lora.runtime(tree, 1.0, rate=1.0)

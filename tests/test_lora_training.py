@@ -50,6 +50,7 @@ def base(tmp_path_factory):
 def _lora_config(base, **train):
     c = get_config("quick")
     c.base_workdir = base
+    c.lora.dropout = 0.1  # the runtime path (lora.runtime) in the step; sampling merges
     c.sample.num_images = 0
     c.train.update(dict(num_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, **train))
     return c

@@ -157,6 +157,68 @@ def merge(params: Any, lora: Mapping[str, Any], scale: float | jax.Array = 1.0) 
     return traverse_util.unflatten_dict(flat)
 
 
+def runtime(lora: Mapping[str, Any], scale: float, rate: float = 0.0, key: Any = None):
+    """A Flax method interceptor that adds `scale * dropout(x) A B` beside every LoRA
+    module's output (peft's LoRA with `lora_dropout`); use it around `model.apply` on the
+    *base* params: `with nn.intercept_methods(runtime(lora, scale, rate, key)): ...`.
+
+    With `rate = 0` this equals `apply` on `merge(params, lora, scale)` up to float
+    rounding (the delta is linear in x, and for a conv a conv with A then a 1x1 conv with
+    B, tested); `merge` is what sampling and exports use. Dropout keeps each input entry
+    with probability 1 - rate and scales it by 1 / (1 - rate), independently per module
+    (keys `fold_in(key, i)` in sorted module order).
+
+    Raises:
+      LoRAError: (when the model runs) a LoRA module that is not a plain Dense,
+        trailing-axis DenseGeneral or 2-D Conv.
+    """
+    import flax.linen as nn
+    from flax.linen.linear import canonicalize_padding
+
+    if not 0.0 <= rate < 1.0:
+        raise LoRAError(f"lora.dropout must lie in [0, 1), got {rate}.")
+    index = {name: i for i, name in enumerate(sorted(lora))}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(
+            mod, (nn.Dense, nn.DenseGeneral, nn.Conv)
+        ):
+            return next_fun(*args, **kwargs)
+        name = ".".join(mod.path)
+        entry = lora.get(name)
+        if entry is None:
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        if rate > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, index[name]), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        a, b = entry["A"].astype(y.dtype), entry["B"].astype(y.dtype)
+        x = x.astype(y.dtype)
+        if isinstance(mod, nn.Conv):
+            if x.ndim != 4 or mod.feature_group_count != 1:
+                raise LoRAError(f"LoRA module {name}: only 2-D ungrouped convs are supported.")
+            strides = mod.strides or 1
+            strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+            dilation = mod.kernel_dilation or 1
+            dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+            padding = mod.padding
+            if not isinstance(padding, str) or padding not in ("SAME", "VALID"):
+                padding = canonicalize_padding(padding, 2)
+            h = jax.lax.conv_general_dilated(
+                x, a, strides, padding, rhs_dilation=dilation,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )  # fmt: skip
+        else:
+            if isinstance(mod, nn.DenseGeneral) and mod.batch_dims:
+                raise LoRAError(f"LoRA module {name}: DenseGeneral with batch_dims.")
+            h = jnp.tensordot(x, a, axes=a.ndim - 1)
+        return y + scale * jnp.tensordot(h, b, axes=1)
+
+    return interceptor
+
+
 def to_torch(
     lora: Mapping[str, Any], scale: float = 1.0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
