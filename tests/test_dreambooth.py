@@ -18,7 +18,7 @@ from diffjax.data import make_source
 from diffjax.data.dreambooth import CLASS_FILE, DreamBoothSource
 from diffjax.data.sources import load_digits_arrays
 from diffjax.data.tokens import tokenize
-from diffjax.generate import Generator, class_images
+from diffjax.generate import class_images
 from diffjax.train import train_and_evaluate
 from diffjax.train.step import make_loss_fn
 
@@ -94,6 +94,8 @@ def base(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("db") / "base")
     c = text_config("quick")
     c.sample.num_images = 0
+    # One level, its cross-attention at 8x8: text conditioning at a third of the compile.
+    c.model.kwargs.update(channel_mult=(1,), attention_resolutions=(8,), mid_attention=False)
     train_and_evaluate(c, workdir)
     return workdir
 
@@ -120,13 +122,9 @@ def test_quick_dreambooth_run_generates_its_class_images_once(base, instances, t
     config.dreambooth.num_class_images = 8
     with pytest.raises(ValueError, match="num_class_images"):
         class_images(config)
-    # The run's source reads them; the run samples its instance prompt.
+    # The run's source reads them (the run's sampling of prompts: test_train_loop).
     data = dict(resolved["data"], dreambooth=resolved["dreambooth"])
     assert len(make_source(**data)) == 2 * 16
-    imgs, _ = Generator.from_workdir(workdir).generate(
-        2, prompts=["a handwritten sks three"], batch_size=8
-    )
-    assert imgs.shape == (2, 8, 8, 1)
 
 
 def test_grid_captions_cycle_the_instance_and_class_prompts(instances, tmp_path):

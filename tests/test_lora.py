@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,8 +112,9 @@ def test_runtime_lora_without_dropout_equals_the_merged_model():
     # diffjax's U-Net: convs (SAME, stride 2 downsampling), multi-head DenseGeneral, Dense;
     # its blocks rematerialised (the interceptor sees through nn.remat).
     m = models.build_model(
-        "unet", base_channels=32, channel_mult=(1, 2), attention_resolutions=(4,),
+        "unet", base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,),
         num_res_blocks=1, num_groups=8, num_classes=10, remat_policy="full",
+        mid_attention=False,
     )  # fmt: skip
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     t, y = jnp.array([0.3, 0.7]), jnp.array([1, 2])
@@ -120,11 +123,16 @@ def test_runtime_lora_without_dropout_equals_the_merged_model():
     pattern = r"(\.attn\.(query|key|value|out)|conv1|conv2|resample\.Conv_0|^conv_out)$"
     tree = _random_lora(params, pattern)
     assert any("resample" in n for n in tree)
-    merged = m.apply({"params": lora.merge(params, tree, 0.5)}, x, t, labels=y)
-    with nn.intercept_methods(lora.runtime(tree, 0.5)):
-        runtime = m.apply({"params": params}, x, t, labels=y)
-    np.testing.assert_allclose(runtime, merged, rtol=2e-4, atol=2e-5)
-    base = m.apply({"params": params}, x, t, labels=y)
+    apply = jax.jit(lambda p: m.apply({"params": p}, x, t, labels=y))
+
+    @jax.jit
+    def with_runtime(p, tree):
+        with nn.intercept_methods(lora.runtime(tree, 0.5)):
+            return m.apply({"params": p}, x, t, labels=y)
+
+    merged = apply(lora.merge(params, tree, 0.5))
+    np.testing.assert_allclose(with_runtime(params, tree), merged, rtol=2e-4, atol=2e-5)
+    base = apply(params)
     assert float(jnp.abs(merged - base).max()) > 1e-3
 
 
@@ -136,17 +144,18 @@ def test_runtime_lora_on_the_sd_unet_and_dropout():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     t, ctx = jnp.array([10.0, 500.0]), jax.random.normal(jax.random.key(1), (2, 5, 32))
 
-    def run(params, **icpt):
-        if not icpt:
-            return u.module.apply({"params": params}, x, t, context=ctx)
-        with nn.intercept_methods(lora.runtime(tree, 1.0, **icpt)):
+    apply = jax.jit(lambda p: u.module.apply({"params": p}, x, t, context=ctx))
+
+    @functools.partial(jax.jit, static_argnames="rate")
+    def run(params, key, rate):
+        with nn.intercept_methods(lora.runtime(tree, 1.0, rate, key)):
             return u.module.apply({"params": params}, x, t, context=ctx)
 
-    merged = run(lora.merge(u.params, tree, 1.0))
-    np.testing.assert_allclose(run(u.params, rate=0.0), merged, rtol=2e-4, atol=2e-5)
-    a = run(u.params, rate=0.5, key=jax.random.key(7))
-    b = run(u.params, rate=0.5, key=jax.random.key(8))
+    merged = apply(lora.merge(u.params, tree, 1.0))
+    np.testing.assert_allclose(run(u.params, None, 0.0), merged, rtol=2e-4, atol=2e-5)
+    a = run(u.params, jax.random.key(7), 0.5)
+    b = run(u.params, jax.random.key(8), 0.5)
     assert float(jnp.abs(a - b).max()) > 1e-4  # the dropout masks differ by key
-    np.testing.assert_array_equal(a, run(u.params, rate=0.5, key=jax.random.key(7)))
+    np.testing.assert_array_equal(a, run(u.params, jax.random.key(7), 0.5))
     with pytest.raises(lora.LoRAError, match="dropout must lie in"):
         lora.runtime(tree, 1.0, rate=1.0)
