@@ -853,7 +853,6 @@ class JaxSide(_Side):
         from diffjax.data.tokens import tokenize
         from diffjax.models.summary import count_params
         from diffjax.pretrained import stage as stage_lib
-        from diffjax.train import loop
 
         t0 = time.perf_counter()
         config = load_config_file(str(common.ROOT / "configs" / "sd_finetune.py"))
@@ -873,13 +872,31 @@ class JaxSide(_Side):
         image = np.clip(normal(spec["seed"], (b, h, w, c)), -1, 1).astype(np.float32)
         batch = parallel.global_batch({"image": image, "context": ids, "context_mask": mask}, mesh)
         build_s = time.perf_counter() - t0
+        out = self._loop_step(spec["name"], parts, state, batch, stage.params, mesh)
+        return {
+            "params": out.pop("trained_params"),
+            "frozen_params": count_params(stage.params),
+            "image_shape": list(stage.image_shape),
+            "load_s": build_s,
+            **out,
+        }
+
+    def _loop_step(self, name, parts, state, batch, frozen, mesh) -> dict[str, Any]:
+        """Compiles the step as the loop does (`_compile_step`), runs it once (finite),
+        and registers it for the timing windows; returns its compile/first-run numbers."""
+        import numpy as np
+
+        jax = self.jax
+        from diffjax.models.summary import count_params
+        from diffjax.train import loop
+
         t0 = time.perf_counter()
-        compiled = loop._compile_step(parts, state, batch, stage.params, mesh)
+        compiled = loop._compile_step(parts, state, batch, frozen, mesh)
         compile_s = time.perf_counter() - t0
         holder = {"state": state}
 
         def once():
-            holder["state"], metrics = compiled(holder["state"], batch, stage.params)
+            holder["state"], metrics = compiled(holder["state"], batch, frozen)
             jax.block_until_ready((holder["state"], metrics))
             return metrics
 
@@ -887,18 +904,16 @@ class JaxSide(_Side):
         m = once()
         first_s = time.perf_counter() - t0
         if not bool(m["finite"]):
-            raise ValueError(f"finetune: the first step is not finite (loss {float(m['loss'])}).")
-        self.runs[spec["name"]] = once
-        self.outs[spec["name"]] = lambda: np.asarray(once()["loss"])
+            raise ValueError(f"{name}: the first step is not finite (loss {float(m['loss'])}).")
+        self.runs[name] = once
+        self.outs[name] = lambda: np.asarray(once()["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         return {
-            "params": count_params(holder["state"].params),
-            "frozen_params": count_params(stage.params),
-            "image_shape": list(stage.image_shape),
-            "load_s": build_s,
+            "trained_params": count_params(holder["state"].params),
             "compile_s": compile_s,
             "first_run_s": first_s,
             "first_loss": float(m["loss"]),
+            "param_dtype": str(jax.tree.leaves(holder["state"].params)[0].dtype),
             "memory": _xla_memory(compiled),
             # Cumulative over this worker process (cases run one after another).
             "device_peak_bytes": stats.get("peak_bytes_in_use"),
@@ -917,7 +932,6 @@ class JaxSide(_Side):
         (arguments = state + frozen + batch), the state's bytes per part, and on GPUs the
         device's peak (the gpu suite gives each lora case a JAX worker of its own).
         """
-        import numpy as np
 
         jax = self.jax
         from diffjax import rundir
@@ -942,10 +956,6 @@ class JaxSide(_Side):
         else:
             state, frozen = loop._start_from(config, parts, state, base), {}
         build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        compiled = loop._compile_step(parts, state, batch, frozen, mesh)
-        compile_s = time.perf_counter() - t0
-        holder = {"state": state}
 
         def nbytes(tree):
             return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
@@ -956,33 +966,15 @@ class JaxSide(_Side):
             "opt_state": nbytes(state.opt_state),
             "frozen": nbytes(frozen),
         }
-
-        def once():
-            holder["state"], metrics = compiled(holder["state"], batch, frozen)
-            jax.block_until_ready((holder["state"], metrics))
-            return metrics
-
-        t0 = time.perf_counter()
-        m = once()
-        first_s = time.perf_counter() - t0
-        if not bool(m["finite"]):
-            raise ValueError(f"{spec['name']}: the first step is not finite ({float(m['loss'])}).")
-        self.runs[spec["name"]] = once
-        self.outs[spec["name"]] = lambda: np.asarray(once()["loss"])
-        stats = jax.devices()[0].memory_stats() or {}
+        out = self._loop_step(spec["name"], parts, state, batch, frozen, mesh)
         targets = parts.lora_targets or {}
         return {
-            "params": count_params(holder["state"].params),  # trained (what AdamW holds)
+            "params": out.pop("trained_params"),  # trained (what AdamW holds)
             "model_params": count_params(base),
             "lora_modules": len(targets.get("denoiser", [])),
             "load_s": build_s,
-            "compile_s": compile_s,
-            "first_run_s": first_s,
-            "first_loss": float(m["loss"]),
-            "param_dtype": str(jax.tree.leaves(holder["state"].params)[0].dtype),
             "state_bytes": state_bytes,
-            "memory": _xla_memory(compiled),
-            "device_peak_bytes": stats.get("peak_bytes_in_use"),
+            **out,
         }
 
 

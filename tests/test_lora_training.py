@@ -43,6 +43,8 @@ def base(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("lora") / "base")
     c = digits_config("quick")
     c.sample.num_images = 0
+    # One level with attention at 8x8: convs, attention and a third of the compile.
+    c.model.kwargs.update(channel_mult=(1,), attention_resolutions=(8,), mid_attention=False)
     train_and_evaluate(c, workdir)
     return workdir
 
