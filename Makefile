@@ -40,7 +40,7 @@ demo-latent: $(VENV)/.installed
 	@cat $$(ls -1 $(LATENT_WORKDIR)/ldm/eval/step_*.json | tail -n 1)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
