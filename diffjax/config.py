@@ -89,6 +89,27 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0  # Dropout on the LoRA's input in training (0: merged into the weights).
     c.lora.text_encoder = False  # Also train a LoRA on the frozen text encoder (text.encoder).
 
+    # ---------------------------------------------------------------- ControlNet
+    # controlnet.control != "" trains a ControlNet (a trainable copy of the encoder half,
+    # joined to the frozen base through zero-initialised convs) on control images computed
+    # per record from the training images (or read from ROOT/control/ for "given"); the base
+    # is config.pretrained or config.base_workdir, frozen. Only the ControlNet is in the
+    # optimizer, EMA and checkpoints (`diffjax.models.controlnet`).
+    c.controlnet = n = ml_collections.ConfigDict()
+    n.control = ""  # "" = no ControlNet; edges (Canny) | sobel | tile | mask | given.
+    n.conditioning_channels = 0  # Channels of the control image; 0 = data.channels.
+    n.canny_low = 100  # edges: cv2.Canny's lower threshold (on uint8 luminance).
+    n.canny_high = 200  # edges: cv2.Canny's upper threshold.
+    n.tile_factor = 8  # tile: area-downsample by this, then cubic-upsample back.
+    n.mask_threshold = 0.5  # mask: luminance in [0, 1] above this -> 1.
+    n.embedding_channels = ()  # Condition-embedding widths; () = the model family's default.
+    n.depth = 0  # dit: control blocks (copies of the first N blocks); 0 = depth // 2.
+    n.conditioning_scale = 1.0  # Sampling: the residuals' scale.
+    n.guess_mode = False  # Sampling: residuals scaled 0.1 -> 1 from shallow to deep; no
+    # control on the unconditional branch of classifier-free guidance.
+    n.guidance_start = 0.0  # Sampling: fraction of the steps where control starts applying.
+    n.guidance_end = 1.0  # Sampling: ... and where it stops.
+
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
     m.name = "unet"  # Registry name: unet | dit.
