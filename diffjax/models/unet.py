@@ -318,6 +318,88 @@ class UNet(nn.Module):
             )
         L.check_remat_policy(self.remat_policy)
 
+    def _inputs(self, x, t, labels, context, context_mask):
+        """Checks the inputs; the embedding vector [B, 4C] and the (encoded) context."""
+        L.check_inputs(x, t)
+        self._check(x)
+        batch = x.shape[0]
+        labels = L.check_labels(labels, self.num_classes, batch)
+        if self.text_vocab_size > 0:
+            context, context_mask = T.encode_context(self, context, context_mask, batch)
+        context, context_mask = L.check_context(context, context_mask, self.context_dim, batch)
+        ch = self.base_channels
+        emb = L.TimestepEmbedding(
+            4 * ch,
+            ch,
+            kind=self.time_embedding,
+            time_scale=self.time_scale,
+            dtype=L.get_dtype(self.dtype),
+            kernel_init=_INIT,
+            name="time_embed",
+        )(t)
+        if labels is not None:
+            emb = emb + L.class_embedding(
+                self.num_classes, 4 * ch, init=nn.initializers.normal(1.0)
+            )(labels).astype(emb.dtype)
+        return emb, context, context_mask
+
+    def _encoder(self, h, emb, context, context_mask, train):
+        """conv_in output `h` -> the bottleneck input and the skips (down path)."""
+        dt = L.get_dtype(self.dtype)
+        res = h.shape[1]
+        skips = [h]
+        last = len(self.channel_mult) - 1
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(self.num_res_blocks):
+                h = self._res(mult * self.base_channels, "", f"down{level}_res{i}")(h, emb, train)
+                if res in self.attention_resolutions:
+                    h = self._attn(f"down{level}_attn{i}")(h, context, context_mask)
+                skips.append(h)
+            if level != last:
+                if self.resblock_updown:
+                    h = self._res(mult * self.base_channels, "down", f"down{level}_resample")(
+                        h, emb, train
+                    )
+                else:
+                    h = Downsample(self.conv_resample, dt, name=f"down{level}_resample")(h)
+                skips.append(h)
+                res //= 2
+        return h, skips
+
+    def _middle(self, h, emb, context, context_mask, train):
+        mid = self.channel_mult[-1] * self.base_channels
+        h = self._res(mid, "", "mid_res0")(h, emb, train)
+        if self.mid_attention:
+            h = self._attn("mid_attn")(h, context, context_mask)
+        return self._res(mid, "", "mid_res1")(h, emb, train)
+
+    @staticmethod
+    def _control(control_residuals, skips, h):
+        """Adds a ControlNet's residuals `(down, mid)` to the skips; returns the mid one."""
+        if control_residuals is None:
+            return skips, None
+        if not isinstance(control_residuals, (tuple, list)) or len(control_residuals) != 2:
+            raise ValueError(
+                "UNet: control_residuals must be (down_residuals, mid_residual), as a "
+                "ControlNet returns them."
+            )
+        down, mid = control_residuals
+        if len(down) != len(skips):
+            raise ValueError(
+                f"UNet: control_residuals needs {len(skips)} down residuals (one per skip "
+                f"connection), got {len(down)}."
+            )
+        for i, (s, r) in enumerate(zip(skips, down, strict=True)):
+            if r.shape != s.shape:
+                raise ValueError(
+                    f"UNet: control down residual {i} has shape {r.shape}, expected {s.shape}."
+                )
+        if mid.shape != h.shape:
+            raise ValueError(
+                f"UNet: control mid residual has shape {mid.shape}, expected {h.shape}."
+            )
+        return [s + r.astype(s.dtype) for s, r in zip(skips, down, strict=True)], mid
+
     @nn.compact
     def __call__(
         self,
@@ -327,6 +409,7 @@ class UNet(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
         train: bool = False,
+        control_residuals: tuple[list[Array], Array] | None = None,
     ) -> Array:
         """Predicts the configured target.
 
@@ -339,58 +422,27 @@ class UNet(nn.Module):
             when text_vocab_size > 0 (None = null caption).
           context_mask: [B, L] bool, True = real token.
           train: enables dropout (needs rngs={'dropout': key}).
+          control_residuals: a ControlNet's `(down_residuals, mid_residual)`
+            (`diffjax.models.controlnet`): one down residual per skip connection, in the
+            order they are made (conv_in output, each level's blocks, its downsampler),
+            added to the skips; the mid one to the bottleneck's output. None = none.
 
         Returns:
           [B, H, W, C_out] float32, C_out = (out_channels or C) * (2 if learn_sigma else 1).
         """
-        L.check_inputs(x, t)
-        self._check(x)
         dt = L.get_dtype(self.dtype)
-        batch, res = x.shape[0], x.shape[1]
-        labels = L.check_labels(labels, self.num_classes, batch)
-        if self.text_vocab_size > 0:
-            context, context_mask = T.encode_context(self, context, context_mask, batch)
-        context, context_mask = L.check_context(context, context_mask, self.context_dim, batch)
+        emb, context, context_mask = self._inputs(x, t, labels, context, context_mask)
         out_ch = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
         ch = self.base_channels
 
-        emb = L.TimestepEmbedding(
-            4 * ch,
-            ch,
-            kind=self.time_embedding,
-            time_scale=self.time_scale,
-            dtype=dt,
-            kernel_init=_INIT,
-            name="time_embed",
-        )(t)
-        if labels is not None:
-            emb = emb + L.class_embedding(
-                self.num_classes, 4 * ch, init=nn.initializers.normal(1.0)
-            )(labels).astype(emb.dtype)
-
         h = L.conv(ch, 3, dtype=dt, kernel_init=_INIT, name="conv_in")(x.astype(dt))
-        skips = [h]
-        last = len(self.channel_mult) - 1
-        for level, mult in enumerate(self.channel_mult):
-            for i in range(self.num_res_blocks):
-                h = self._res(mult * ch, "", f"down{level}_res{i}")(h, emb, train)
-                if res in self.attention_resolutions:
-                    h = self._attn(f"down{level}_attn{i}")(h, context, context_mask)
-                skips.append(h)
-            if level != last:
-                if self.resblock_updown:
-                    h = self._res(mult * ch, "down", f"down{level}_resample")(h, emb, train)
-                else:
-                    h = Downsample(self.conv_resample, dt, name=f"down{level}_resample")(h)
-                skips.append(h)
-                res //= 2
+        h, skips = self._encoder(h, emb, context, context_mask, train)
+        skips, mid_residual = self._control(control_residuals, skips, h)
+        h = self._middle(h, emb, context, context_mask, train)
+        if mid_residual is not None:
+            h = h + mid_residual.astype(h.dtype)
 
-        mid = self.channel_mult[-1] * ch
-        h = self._res(mid, "", "mid_res0")(h, emb, train)
-        if self.mid_attention:
-            h = self._attn("mid_attn")(h, context, context_mask)
-        h = self._res(mid, "", "mid_res1")(h, emb, train)
-
+        res = x.shape[1] // 2 ** (len(self.channel_mult) - 1)
         for level in reversed(range(len(self.channel_mult))):
             mult = self.channel_mult[level]
             for i in range(self.num_res_blocks + 1):
