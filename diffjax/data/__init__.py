@@ -7,14 +7,17 @@ Modules, lowest first (each imports only modules above it in this list, plus
   * `sources` (arrays, digits), `latents`, `tfds_source`, `folder`: the sources.
   * `captions`: caption conditioning over those sources (`digits_text`, captions of
     classes at sampling time); `dreambooth`: instance + class images.
+  * `control`: ControlNet control images (edges, sobel, tile, mask) computed per record.
   * `pipeline`: shuffle, per-process slice, augment, batch, checkpointable state.
   * this package: `make_source`, the one entry that picks a source by name.
 
 Records are dicts of numpy arrays: `image`, and where the source has them `labels`,
-`context`, `context_mask` (docs/architecture.md).
+`context`, `context_mask`, and for a ControlNet run `control` float32 [H, W, Cc] in [0, 1]
+(docs/architecture.md).
 """
 
 from diffjax.data.captions import make_digits_text_source
+from diffjax.data.control import CONTROLS, ControlSource, make_control
 from diffjax.data.dreambooth import make_dreambooth_source
 from diffjax.data.folder import make_folder_source
 from diffjax.data.latents import make_latent_source
@@ -34,7 +37,16 @@ _MAKERS = {
 }
 
 
-def make_source(source: str, *, split: str = "train", image_size: int, channels: int, **kwargs):
+def make_source(
+    source: str,
+    *,
+    split: str = "train",
+    image_size: int,
+    channels: int,
+    control: str = "",
+    control_options: dict | None = None,
+    **kwargs,
+):
     """Builds the source named by `config.data.source`, checking its shape.
 
     Args:
@@ -42,8 +54,32 @@ def make_source(source: str, *, split: str = "train", image_size: int, channels:
       split: the split to read.
       image_size, channels: the shape the model expects; a source whose records have
         another shape fails here, naming both shapes.
+      control: `config.controlnet.control`: "" (no control images), a transform in
+        `diffjax.data.control.TRANSFORMS` (the source is wrapped in a `ControlSource`),
+        or "given" (the folder source's `ROOT/control` images).
+      control_options: `channels` (of the control image; 0 or missing = `channels`),
+        `canny_low`, `canny_high`, `tile_factor`, `mask_threshold`.
       **kwargs: source-specific options (`name`, `data_dir`, ...).
     """
+    options = dict(control_options or {})
+    control_channels = int(options.pop("channels", 0) or 0) or channels
+    if control and control not in CONTROLS:
+        raise ValueError(f"Unknown controlnet.control {control!r}; choose one of {CONTROLS}.")
+    if control == "given":
+        if source != "folder":
+            raise ValueError(
+                f"controlnet.control='given' reads control images from an image folder "
+                f"(data.source='folder', ROOT/images/NAME.png + ROOT/control/NAME.png), not "
+                f"data.source={source!r}; use a control transform of the images "
+                "('edges', 'sobel', 'tile', 'mask') instead."
+            )
+        kwargs["control_channels"] = control_channels
+    elif control and source == "latents":
+        raise ValueError(
+            f"controlnet.control={control!r} computes control images from the pixels of each "
+            "record, but data.source='latents' holds latents; train from the images "
+            "(data.source='folder' or 'tfds' with the VAE in the train step)."
+        )
     if source == "digits":
         src = digits_source(split)
     elif source in _MAKERS:
@@ -56,12 +92,17 @@ def make_source(source: str, *, split: str = "train", image_size: int, channels:
             f"data.source={source!r} gives images of shape {shape}, but the config expects "
             f"({image_size}, {image_size}, {channels}); set data.image_size/data.channels to match."
         )
+    if control and control != "given":
+        src = ControlSource(src, control, channels=control_channels, **options)
     return src
 
 
 __all__ = [
+    "CONTROLS",
     "SOURCES",
     "ArraySource",
+    "ControlSource",
+    "make_control",
     "digits_source",
     "load_digits_arrays",
     "make_iterator",

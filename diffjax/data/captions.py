@@ -143,6 +143,12 @@ def class_caption_list(d: ml_collections.ConfigDict) -> list[str]:
 def _label_captions(config: ml_collections.ConfigDict, labels: np.ndarray) -> list[str]:
     """Caption of each class (index = label) for `config`'s data."""
     d = config.data
+    if d.source == "folder" and config.get("controlnet", {}).get("control", "") == "given":
+        # ControlNet's given control images: the images (classes, captions) live in
+        # ROOT/images, beside ROOT/control.
+        d = ml_collections.ConfigDict(
+            {**d.to_dict(), "data_dir": folder.image_dir(d.data_dir, True)}
+        )
     if d.source == "dreambooth":
         # The instance prompt, then the class images' prompts (the sample grid's rows).
         db = config.dreambooth

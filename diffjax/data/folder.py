@@ -14,6 +14,23 @@ caption gets the null caption (an all-False mask). Images are converted to `chan
 composited onto white), resized so the shorter side is `image_size` (Pillow bicubic,
 antialiased when shrinking) and center-cropped to `image_size` x `image_size`.
 
+ControlNet's "given" control images (`control_channels` > 0, `controlnet.control='given'`):
+
+    ROOT/images/NAME.png   ROOT/images/NAME.txt   ROOT/control/NAME.png
+
+The images, captions and class sub-folders live under `ROOT/images` (with the rules
+above) and each image's control image under `ROOT/control` at the same relative path
+and file stem (any image extension: `images/cat/001.jpg` pairs with
+`control/cat/001.png`). A missing control file fails at start-up, naming it. The
+control image goes through the same geometry as its image (resized to the image's
+size if it differs with the same aspect ratio, then the shorter side to `image_size`,
+the centre crop), with the same filter, Pillow bicubic: the image and its control
+then sample the same positions with the same footprint, so edges stay aligned to the
+sub-pixel, as in diffusers' ControlNet training script (which also resizes both with
+one filter); a control already at `image_size` is only cropped, so binary maps stay
+binary. Records carry `control` float32 [image_size, image_size, control_channels]
+in [0, 1] (1 = L, 3 = RGB, converted as the image is).
+
 The file index is built once, sorted, so every process and every restart sees the
 same records in the same order. Every file is checked while indexing (in a thread
 pool), so a bad file fails at start-up, naming it, rather than hours into a run:
@@ -44,6 +61,8 @@ from diffjax.images import (
     PIL_MODES,
     is_image_file,
     prepare_image,
+    resize_center_crop,
+    to_mode,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +115,48 @@ def _check_file(path: str, decode_mode: str | None, size: int) -> str | None:
     return None
 
 
+def image_dir(root: str, given_control: bool = False) -> str:
+    """Where a folder source's images (and class sub-folders, captions) live: `ROOT`,
+    or `ROOT/images` in the layout with given control images (`ROOT/control`)."""
+    return os.path.join(root, "images") if given_control else root
+
+
+def _index_controls(control_root: str, image_root: str, paths: list[str]) -> list[str]:
+    """The control file of every image path: same path relative to the roots, same stem.
+
+    Raises naming the first missing file (and how many are missing).
+    """
+    by_stem: dict[str, list[str]] = {}
+    for p in _list_images(control_root, recursive=True):
+        by_stem.setdefault(os.path.splitext(os.path.relpath(p, control_root))[0], []).append(p)
+    found, missing = [], []
+    for path in paths:
+        rel = os.path.relpath(path, image_root)
+        same = os.path.join(control_root, rel)
+        candidates = by_stem.get(os.path.splitext(rel)[0], [])
+        if same in candidates:
+            found.append(same)
+        elif len(candidates) == 1:
+            found.append(candidates[0])
+        elif candidates:
+            raise ValueError(
+                f"Image {path} has several control files {candidates}; keep one per image "
+                "(the same relative path and stem under ROOT/control)."
+            )
+        else:
+            found.append("")
+            missing.append(os.path.join(control_root, os.path.splitext(rel)[0] + ".png"))
+    if missing:
+        raise FileNotFoundError(
+            f"No control image {missing[0]} for {paths[found.index('')]} ({len(missing)} of "
+            f"{len(paths)} images have none). controlnet.control='given' reads "
+            "ROOT/control/NAME.png (any image extension) beside each ROOT/images/NAME.png, "
+            "class sub-folders mirrored; add the missing files, or train on a control "
+            "transform of the images (controlnet.control='edges', 'tile', ...)."
+        )
+    return found
+
+
 def _caption_path(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + ".txt"
 
@@ -120,6 +181,9 @@ class FolderSource:
       max_text_len: caption token length L (used only when captions exist).
       tokenizer: "" (the word tokenizer) or a pretrained tokenizer directory
         (`diffjax.data.tokens.tokenize`).
+      control_channels: 0 (no control images), or 1 / 3: read the given control images
+        of `ROOT/control` (the images then live in `ROOT/images`; see the module
+        docstring) as `control` with that many channels.
     """
 
     def __init__(
@@ -131,12 +195,29 @@ class FolderSource:
         skip_corrupt: bool = False,
         max_text_len: int = 16,
         tokenizer: str = "",
+        control_channels: int = 0,
     ):
         if channels not in PIL_MODES:
             raise ValueError(
                 f"data.source='folder' makes 1- or 3-channel images, got data.channels={channels}."
             )
-        self._root = os.path.abspath(os.path.expanduser(root))
+        if control_channels and control_channels not in PIL_MODES:
+            raise ValueError(
+                f"Given control images have 1 or 3 channels, got {control_channels}; set "
+                "controlnet.conditioning_channels to 1, 3 or 0 (= data.channels)."
+            )
+        self._control_channels = int(control_channels)
+        self._top = os.path.abspath(os.path.expanduser(root))
+        self._root = image_dir(self._top, bool(self._control_channels))
+        control_root = os.path.join(self._top, "control")
+        if self._control_channels:
+            for d in (self._root, control_root):
+                if not os.path.isdir(d):
+                    raise FileNotFoundError(
+                        f"{d} does not exist. controlnet.control='given' reads ROOT/images/NAME.png "
+                        "and its control image ROOT/control/NAME.png, with data.data_dir=ROOT "
+                        f"(here {self._top})."
+                    )
         self._image_size = int(image_size)
         self._channels = int(channels)
         self._max_text_len = int(max_text_len)
@@ -171,13 +252,24 @@ class FolderSource:
                 "data.data_dir to a folder of images or of class sub-folders."
             )
 
+        controls = _index_controls(control_root, self._root, paths) if control_channels else []
+
         # Pillow releases the GIL while it reads and decodes, so threads overlap I/O.
         decode_mode = PIL_MODES[self._channels] if self._skip_corrupt else None
+        named = list(paths)  # the file a record's failure names
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
             reasons = list(pool.map(lambda p: _check_file(p, decode_mode, self._image_size), paths))
+            if controls:
+                # A record is kept only when its control file passes too.
+                control_mode = PIL_MODES[self._control_channels] if self._skip_corrupt else None
+                for i, reason in enumerate(
+                    pool.map(lambda p: _check_file(p, control_mode, self._image_size), controls)
+                ):
+                    if reason is not None and reasons[i] is None:
+                        named[i], reasons[i] = controls[i], reason
         keep = []
         self._skipped: list[str] = []
-        for i, (path, reason) in enumerate(zip(paths, reasons, strict=True)):
+        for i, (path, reason) in enumerate(zip(named, reasons, strict=True)):
             if reason is None:
                 keep.append(i)
             elif self._skip_corrupt:
@@ -197,6 +289,7 @@ class FolderSource:
         if not keep:
             raise ValueError(f"Every image in {self._root} is unreadable.")
         self._paths = [paths[i] for i in keep]
+        self._controls = [controls[i] for i in keep] if controls else []
         self._labels = np.asarray([labels[i] for i in keep], np.int32) if classes else None
         self._classes = classes
         self._captioned = any(os.path.isfile(_caption_path(p)) for p in self._paths)
@@ -210,7 +303,11 @@ class FolderSource:
             with Image.open(path) as img:
                 img.draft(PIL_MODES[self._channels], (self._image_size, self._image_size))
                 img.load()
+                size = img.size  # after draft: the frame the control is resized to
                 image = prepare_image(img, image_size=self._image_size, channels=self._channels)
+            if self._control_channels:
+                path = self._controls[index]
+                control = self._read_control(path, size, self._paths[index])
         except DECODE_ERRORS as e:
             # Passed verify() at start-up but its pixel data is damaged (a truncated
             # JPEG, say); the index is fixed by now, so name the file and stop.
@@ -220,6 +317,8 @@ class FolderSource:
                 "skip the bad ones."
             ) from e
         record: dict[str, Any] = {"image": image}
+        if self._control_channels:
+            record["control"] = control
         if self._labels is not None:
             record["labels"] = self._labels[index]
         if self._captioned:
@@ -227,11 +326,32 @@ class FolderSource:
             record["context"], record["context_mask"] = ids[0], mask[0]
         return record
 
+    def _read_control(self, path: str, size: tuple[int, int], image_path: str) -> np.ndarray:
+        """The control image at `path`, aligned with its image of (drafted) `size` (w, h):
+        float32 [image_size, image_size, control_channels] in [0, 1]."""
+        with Image.open(path) as img:
+            img.load()
+            ctrl = to_mode(img, self._control_channels)
+        if ctrl.size != size:
+            (cw, ch), (w, h) = ctrl.size, size
+            # The same aspect ratio up to the rounding of one side to whole pixels.
+            if abs(cw * h - ch * w) > max(cw, w) + max(ch, h):
+                raise ValueError(
+                    f"Control image {path} is {cw}x{ch} but its image {image_path} is {w}x{h} "
+                    "(another aspect ratio), so they cannot be aligned; make the control "
+                    "image the same size as its image."
+                )
+            ctrl = ctrl.resize(size, resample=Image.Resampling.BICUBIC)
+        ctrl = resize_center_crop(ctrl, self._image_size)
+        arr = np.asarray(ctrl, dtype=np.float32) / np.float32(255.0)
+        return arr[..., None] if arr.ndim == 2 else arr
+
     def __repr__(self) -> str:
+        control = f", control_channels={self._control_channels}" if self._control_channels else ""
         return (
             f"FolderSource(root={self._root!r}, n={len(self)}, classes={len(self._classes)}, "
             f"image_size={self._image_size}, channels={self._channels}, "
-            f"captions={self._captioned}, max_text_len={self._max_text_len})"
+            f"captions={self._captioned}, max_text_len={self._max_text_len}{control})"
         )
 
     def caption(self, index: int) -> str:
@@ -242,6 +362,11 @@ class FolderSource:
     def paths(self) -> list[str]:
         """The indexed image files, in record order."""
         return list(self._paths)
+
+    @property
+    def control_paths(self) -> list[str]:
+        """The given control image of each record, in record order ([] without them)."""
+        return list(self._controls)
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -292,6 +417,7 @@ def make_folder_source(
     max_text_len: int = 16,
     num_classes: int = 0,
     tokenizer: str = "",
+    control_channels: int = 0,
     **unused: Any,
 ) -> FolderSource:
     """`data.source='folder'`: builds a `FolderSource` from `config.data` fields.
@@ -299,6 +425,7 @@ def make_folder_source(
     Raises if the folder's class count differs from `num_classes` (more would collide
     with the null class; fewer leave classes the model never sees), or it has none while
     `num_classes > 0` (a class-conditional model would silently see only the null class).
+    `control_channels` > 0 reads the given control images (`ROOT/images` + `ROOT/control`).
     """
     del unused
     if not data_dir:
@@ -310,6 +437,7 @@ def make_folder_source(
         skip_corrupt=skip_corrupt,
         max_text_len=max_text_len,
         tokenizer=tokenizer,
+        control_channels=control_channels,
     )
     k = len(src.class_names)
     if num_classes > 0 and k == 0:

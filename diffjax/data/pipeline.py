@@ -21,12 +21,17 @@ import numpy as np
 
 
 class RandomFlip(grain.transforms.RandomMap):
-    """Horizontal flip of `image` with probability 1/2 (seeded per example by grain)."""
+    """Horizontal flip of `image` with probability 1/2 (seeded per example by grain).
+
+    A ControlNet record's `control` is flipped with it (one coin), so they stay aligned.
+    """
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if rng.random() < 0.5:
             element = dict(element)
-            element["image"] = np.ascontiguousarray(element["image"][:, ::-1])
+            for key in ("image", "control"):
+                if key in element:
+                    element[key] = np.ascontiguousarray(element[key][:, ::-1])
         return element
 
 
