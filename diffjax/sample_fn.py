@@ -19,9 +19,15 @@ from diffjax.diffusion import guidance as guidance_lib
 from diffjax.diffusion import samplers
 
 
-def null_condition(cond: dict[str, jax.Array], num_classes: int) -> dict[str, jax.Array]:
-    """The unconditional counterpart of `cond` (model keyword arguments)."""
+def null_condition(
+    cond: dict[str, jax.Array], num_classes: int, *, guess_mode: bool = False
+) -> dict[str, jax.Array]:
+    """The unconditional counterpart of `cond` (model keyword arguments): the null class,
+    an all-False caption mask; a ControlNet's control stays (diffusers), except in guess
+    mode, where the unconditional branch runs without it (`control_scale` 0)."""
     null = dict(cond)
+    if guess_mode and "control_scale" in null:
+        null["control_scale"] = jnp.zeros_like(null["control_scale"])
     if "labels" in null:
         null["labels"] = jnp.full_like(null["labels"], num_classes)
     if "context_mask" in null:
@@ -39,6 +45,8 @@ def make_sample_fn(
     guidance: float = 1.0,
     guidance_rescale: float = 0.0,
     num_classes: int = 0,
+    control_window: tuple[float, float] | None = None,
+    guess_mode: bool = False,
     jit: bool = True,
     **sampler_kwargs: Any,
 ) -> Callable[..., jax.Array]:
@@ -52,6 +60,11 @@ def make_sample_fn(
         alone (one network call per evaluation), an array is always applied.
       guidance_rescale: guidance rescale factor.
       num_classes: value of the null label.
+      control_window: `(t_lo, t_hi)` in the schedule's time (`samplers.step_window`):
+        a ControlNet's `control_scale` (in `cond`) applies only to evaluations at
+        `t_lo <= t <= t_hi`, zero elsewhere (diffusers' control_guidance_start/end).
+      guess_mode: a ControlNet's guess mode: the derived null condition has
+        `control_scale` 0 (a given `null_cond` must carry it itself).
       jit: return the function jitted (False for embedding in a larger traced fn).
       **sampler_kwargs: passed to `samplers.sample` (eta, clip_x0, ...).
 
@@ -73,12 +86,18 @@ def make_sample_fn(
             return out[..., :channels].astype(jnp.float32)
 
         cond_model_fn = schedule.precondition(net_fn)
+        if control_window is not None:
+            cond_model_fn = _windowed(cond_model_fn, control_window)
 
         if cond and not (isinstance(guidance, (int, float)) and guidance == 1.0):
             model_fn = guidance_lib.classifier_free(
                 cond_model_fn,
                 cond,
-                null_condition(cond, num_classes) if null_cond is None else null_cond,
+                (
+                    null_condition(cond, num_classes, guess_mode=guess_mode)
+                    if null_cond is None
+                    else null_cond
+                ),
                 guidance,
                 rescale=guidance_rescale,
                 schedule=schedule,
@@ -102,6 +121,19 @@ def make_sample_fn(
         if jit
         else sample_fn
     )
+
+
+def _windowed(cond_model_fn: Callable, window: tuple[float, float]) -> Callable:
+    """`cond_model_fn` with `cond["control_scale"]` zeroed outside `window` (by t)."""
+    lo, hi = window
+
+    def fn(x, t, c):
+        if "control_scale" in c:
+            keep = ((t >= lo) & (t <= hi)).astype(jnp.float32)
+            c = {**c, "control_scale": c["control_scale"] * keep[:, None]}
+        return cond_model_fn(x, t, c)
+
+    return fn
 
 
 def cycle_labels(n: int, num_classes: int) -> jnp.ndarray:

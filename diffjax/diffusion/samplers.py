@@ -62,6 +62,7 @@ __all__ = [
     "nfe",
     "sample",
     "step_times",
+    "step_window",
 ]
 
 Array = jax.Array
@@ -406,6 +407,39 @@ class _Solver:
         if end is None:
             return x0
         return jnp.asarray(end[0], self.dtype) * x0 + jnp.asarray(end[1], self.dtype) * eps
+
+
+def step_window(
+    schedule: Schedule,
+    method: str,
+    num_steps: int,
+    start: float,
+    end: float,
+    *,
+    placement: str | Sequence[float] | None = None,
+    rho: float = 7.0,
+) -> tuple[float, float]:
+    """The schedule-time interval `(t_lo, t_hi)` holding the evaluation times of the
+    steps `i` (of N) with `start <= i / N` and `(i + 1) / N <= end`: where diffusers'
+    `control_guidance_start/end` apply a ControlNet. The bounds lie halfway to the
+    neighbouring grid times (open-ended at the first and last step), so evaluations at
+    the grid's own times fall clearly inside or outside; no step -> `t_lo > t_hi`.
+    """
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(
+            f"control guidance start/end must satisfy 0 <= start < end <= 1, got {start}, {end}."
+        )
+    if placement is None:
+        placement = get_method(method).placement(schedule)
+    ts = np.asarray(step_times(schedule, num_steps, placement, rho=rho), np.float64)
+    n = ts.size
+    first = math.ceil(start * n - 1e-9)
+    last = math.floor(end * n + 1e-9) - 1
+    if first > last:
+        return math.inf, -math.inf
+    hi = math.inf if first == 0 else float(ts[first] + ts[first - 1]) / 2
+    lo = -math.inf if last == n - 1 else float(ts[last] + ts[last + 1]) / 2
+    return lo, hi
 
 
 def sample(
