@@ -97,7 +97,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # optimizer, EMA and checkpoints (`diffjax.models.controlnet`).
     c.controlnet = n = ml_collections.ConfigDict()
     n.control = ""  # "" = no ControlNet; edges (Canny) | sobel | tile | mask | given.
-    n.conditioning_channels = 0  # Channels of the control image; 0 = data.channels.
+    n.conditioning_channels = 0  # Control image channels; 0 = the output image's (set at start).
+    n.control_downsample = 0  # Output image size / model input size; 0 = set at start
+    # (1 for pixel models, latent.vae's factor for latent ones).
     n.canny_low = 100  # edges: cv2.Canny's lower threshold (on uint8 luminance).
     n.canny_high = 200  # edges: cv2.Canny's upper threshold.
     n.tile_factor = 8  # tile: area-downsample by this, then cubic-upsample back.

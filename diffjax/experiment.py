@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from diffjax import models
 from diffjax.config import REMOVED_FIELDS, get_base_config
@@ -58,9 +59,37 @@ def conditioning_kind(config: ml_collections.ConfigDict) -> str:
 
 def condition_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The batch keys that condition this model (others, e.g. a captioned set's labels, are not fed)."""
-    return {"label": ("labels",), "text": ("context", "context_mask"), "": ()}[
+    keys = {"label": ("labels",), "text": ("context", "context_mask"), "": ()}[
         conditioning_kind(config)
     ]
+    return keys + (("control",) if is_controlnet(config) else ())
+
+
+def is_controlnet(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains a ControlNet on a frozen base (`controlnet.control`)."""
+    return bool(config.get("controlnet", {}).get("control", ""))
+
+
+def control_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """[H, W, C] of a ControlNet run's control images (the output image's size)."""
+    n, f = config.controlnet, config.controlnet.control_downsample or 1
+    size = config.data.image_size * f
+    return (size, size, n.conditioning_channels or config.data.channels)
+
+
+def build_controlnet(config: ml_collections.ConfigDict):
+    """The ControlNet module of a run (`controlnet.*`) for its base model (`model.*`)."""
+    n = config.controlnet
+    return models.build_controlnet(
+        config.model.name,
+        config.model.kwargs.to_dict(),
+        conditioning_channels=control_shape(config)[-1],
+        control_downsample=n.control_downsample or 1,
+        embedding_channels=tuple(n.embedding_channels),
+        depth=n.depth,
+        dtype=config.model.dtype,
+        remat_policy=config.model.remat_policy,
+    )
 
 
 def is_autoencoder(config: ml_collections.ConfigDict) -> bool:
@@ -216,8 +245,11 @@ def dummy_condition(config: ml_collections.ConfigDict, batch: int) -> dict[str, 
     return {}
 
 
-def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:
-    """`init_fn(key) -> params` (logically boxed) for `init_train_state`."""
+def make_init_fn(
+    model, config: ml_collections.ConfigDict, *, control: bool = False
+) -> Callable[[jax.Array], Any]:
+    """`init_fn(key) -> params` (logically boxed) for `init_train_state`; with `control`,
+    `model` is a ControlNet and takes a control image."""
     shape = image_shape(config)
     if is_autoencoder(config):
         x = jnp.zeros((1, *shape), jnp.float32)
@@ -237,7 +269,10 @@ def make_init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Arra
     def init_fn(key):
         x = jnp.zeros((1, *shape), jnp.float32)
         t = jnp.zeros((1,), jnp.float32)
-        return model.init({"params": key}, x, t, **dummy_condition(config, 1))["params"]
+        cond = dummy_condition(config, 1)
+        if control:
+            cond["control"] = jnp.zeros((1, *control_shape(config)), jnp.float32)
+        return model.init({"params": key}, x, t, **cond)["params"]
 
     return init_fn
 
@@ -288,6 +323,14 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "targets": config.lora.targets,
             "text_encoder": bool(config.lora.text_encoder),
         }
+    if is_controlnet(config):  # the checkpoints hold only the ControlNet
+        n = config.controlnet
+        fingerprint["controlnet"] = {
+            "control": n.control,
+            "control_shape": list(control_shape(config)),
+            "embedding_channels": list(n.embedding_channels),
+            "depth": n.depth,
+        }
     return json.loads(
         json.dumps(
             {
@@ -330,21 +373,48 @@ def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
     if s.eta is not None:
         kwargs["eta"] = s.eta
+    if is_controlnet(config):
+        n = config.controlnet
+        kwargs["guess_mode"] = bool(n.guess_mode)
+        if (n.guidance_start, n.guidance_end) != (0.0, 1.0):
+            kwargs["control_window"] = samplers.step_window(
+                build_schedule(config), s.method, s.num_steps, n.guidance_start, n.guidance_end
+            )
     return kwargs
 
 
 def sampling_condition(
-    config: ml_collections.ConfigDict, labels: jax.Array
+    config: ml_collections.ConfigDict, labels: jax.Array, control: Any = None
 ) -> dict[str, jax.Array]:
-    """Model keyword arguments asking for `labels` [N] (an empty dict if unconditional)."""
+    """Model keyword arguments asking for `labels` [N] (an empty dict if unconditional),
+    and for a ControlNet run the `control` images [N, H, W, C] (float in [0, 1]) with
+    `control_scale` [N, 1] = `controlnet.conditioning_scale`."""
     kind = conditioning_kind(config)
+    cond = {}
     if kind == "label":
-        return {"labels": jnp.asarray(labels, jnp.int32)}
-    if kind == "text":
+        cond = {"labels": jnp.asarray(labels, jnp.int32)}
+    elif kind == "text":
         from diffjax.data.captions import caption_condition
 
-        return caption_condition(config, labels)
-    return {}
+        cond = caption_condition(config, labels)
+    if is_controlnet(config):
+        if control is None:
+            raise ValueError("A ControlNet run samples with control images; pass control=.")
+        cond.update(control_condition(config, control))
+    return cond
+
+
+def control_condition(config: ml_collections.ConfigDict, control: Any) -> dict[str, Any]:
+    """`control` (float [N, H, W, C] in [0, 1]) and its `control_scale` [N, 1], checked."""
+    control = np.asarray(control)
+    want = control_shape(config)
+    if control.ndim != 4 or tuple(control.shape[1:]) != want:
+        raise ValueError(
+            f"control images must be [N, H, W, C] with [H, W, C] = {list(want)} (the output "
+            f"image size and the run's control channels), got {list(control.shape)}."
+        )
+    scale = np.full((len(control), 1), config.controlnet.conditioning_scale, np.float32)
+    return {"control": control.astype(np.float32), "control_scale": scale}
 
 
 def upgrade_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -420,6 +490,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.sample.num_steps < 1:
         raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
     _check_lora(config)
+    _check_controlnet(config)
     if config.data.source == "dreambooth" and not (config.pretrained or config.base_workdir):
         raise ValueError(
             "data.source='dreambooth' fine-tunes a trained model: set "
@@ -470,6 +541,36 @@ def _check_lora(config: ml_collections.ConfigDict) -> None:
             "none (text.encoder); clear lora.text_encoder."
         )
     lora_targets(config)
+
+
+def _check_controlnet(config: ml_collections.ConfigDict) -> None:
+    """ControlNet fields: a known control, a frozen base, sampling options in range."""
+    from diffjax.data.control import CONTROLS
+
+    n = config.controlnet
+    if not n.control:
+        return
+    if n.control not in CONTROLS:
+        raise ValueError(f"controlnet.control={n.control!r} is not one of {CONTROLS}.")
+    if not (config.pretrained or config.base_workdir):
+        raise ValueError(
+            "controlnet.control trains a ControlNet beside a frozen base: set "
+            "--config.pretrained=SD_DIR or --config.base_workdir=RUN."
+        )
+    if lora_rank(config):
+        raise ValueError("A run trains a ControlNet or a LoRA, not both; clear lora.rank.")
+    if config.model.name not in models.CONTROLNETS:
+        raise ValueError(
+            f"model {config.model.name!r} has no ControlNet; ones exist for "
+            f"{sorted(models.CONTROLNETS)}."
+        )
+    if not 0.0 <= n.guidance_start < n.guidance_end <= 1.0:
+        raise ValueError(
+            "controlnet.guidance_start/end must satisfy 0 <= start < end <= 1, got "
+            f"{n.guidance_start}, {n.guidance_end}."
+        )
+    if n.conditioning_scale < 0:
+        raise ValueError(f"controlnet.conditioning_scale must be >= 0, got {n.conditioning_scale}.")
 
 
 def _check_train_counts(config: ml_collections.ConfigDict) -> None:
@@ -594,7 +695,8 @@ def _check_sampler(config: ml_collections.ConfigDict, schedule) -> None:
     allocation), so every option check of `samplers.sample` runs before training."""
     kwargs = sampler_kwargs(config)
     guidance, rescale = kwargs.pop("guidance"), kwargs.pop("guidance_rescale")
-    kwargs.pop("num_classes")
+    for key in ("num_classes", "guess_mode", "control_window"):  # make_sample_fn's own
+        kwargs.pop(key, None)
     if guidance < 0:
         raise ValueError(f"sample.guidance must be >= 0 (1 = no guidance), got {guidance}.")
     if not 0.0 <= rescale <= 1.0:

@@ -72,7 +72,7 @@ class Generator:
         text = None if stage is None else stage.params.get("text_encoder")
         state, step, parts = rundir.load_state(config, workdir, mesh, step, text_params=text)
         params = state.ema_params
-        if parts.lora_targets is not None:  # a LoRA run samples with its merged base
+        if parts.base_sharding is not None:  # a LoRA's merged base, a ControlNet's base
             frozen = {"base": base_params(config, mesh), "text_encoder": text}
             params, stage = sampling_view(parts, stage, frozen, params)
         sample_fn = make_sample_fn(
@@ -148,6 +148,7 @@ class Generator:
         progress: bool = False,
         noise: np.ndarray | None = None,
         prompts: Sequence[str] | None = None,
+        control: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, C], labels int32 [n]) batch by batch, in order.
 
@@ -157,8 +158,14 @@ class Generator:
         do not depend on the device count. `noise` (float [N, H, W, C], standard normal)
         replaces the draw from `seed`, e.g. to reproduce a run of another framework.
         `prompts` (text-conditioned runs) are cycled to length N instead of class
-        captions; the labels yielded are then the prompt indices.
+        captions; the labels yielded are then the prompt indices. `labels="none"` samples
+        a class-conditional model unconditionally (the null class).
+
+        A ControlNet run samples with `control` (float [M, H, W, C] in [0, 1] or uint8,
+        at the output image size), image i with control i % M; without it, with the
+        control images of the run's first training records (`data_controls`).
         """
+        controls = self._controls(control, num_samples)
         if prompts:
             table = prompt_condition(self.config, list(prompts))
             label_at = lambda idx: (idx % len(prompts)).astype(np.int32)  # noqa: E731
@@ -169,11 +176,16 @@ class Generator:
         for start, n, z, key in noise_batches(
             num_samples, batch_size, self.mesh, shape, seed=seed, noise=noise, progress=progress
         ):
-            lab = label_at(np.arange(start, start + z.shape[0]))
+            idx = np.arange(start, start + z.shape[0])
+            lab = label_at(idx)
             if prompts:
                 cond = {k: v[lab] for k, v in table.items()}
             else:
                 cond = experiment.sampling_condition(self.config, lab)
+            if controls is not None:
+                cond.update(
+                    experiment.control_condition(self.config, controls[idx % len(controls)])
+                )
             z, cond = jax.device_put((z, cond), sharding)
             if self.stage is None:
                 x = self.sample_fn(self.params, z, cond, key)
@@ -189,9 +201,32 @@ class Generator:
         parts = list(self.batches(num_samples, **kwargs))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _label_rule(self, labels: Sequence[int] | None):
+    def _controls(self, control: np.ndarray | None, num_samples: int) -> np.ndarray | None:
+        """A ControlNet run's control images as float [M, H, W, C] in [0, 1]."""
+        if not experiment.is_controlnet(self.config):
+            if control is not None:
+                raise ValueError(
+                    "--control_image/--control_source apply to ControlNet runs "
+                    "(controlnet.control); this run has no ControlNet."
+                )
+            return None
+        if control is None:
+            return data_controls(self.config, self.image_shape, min(num_samples, 4096))[0]
+        control = np.asarray(control)
+        return images.uint8_to_unit(control) if control.dtype == np.uint8 else control
+
+    def _label_rule(self, labels: Sequence[int] | str | None):
         """`label_at(indices) -> int32 labels` (computed per batch, never all at once)."""
         k = self.num_classes
+        if isinstance(labels, str):
+            if labels != "none":
+                raise ValueError(f"labels must be ints or 'none', got {labels!r}.")
+            if not k:
+                raise ValueError(
+                    "labels='none' samples a class-conditional model without its "
+                    "class; this model has no classes."
+                )
+            return lambda idx: np.full(len(idx), k, np.int32)  # the null class
         if labels is not None and len(labels):
             given = np.asarray(labels, np.int32)
             if k and (given.min() < 0 or given.max() >= k):
@@ -201,6 +236,23 @@ class Generator:
             return lambda idx: given[idx % len(given)]
         # The sampling contract (`cycle_labels`): 0..K-1 repeated; all 0 when unconditional.
         return lambda idx: (idx % max(k, 1)).astype(np.int32)
+
+
+def data_controls(
+    config: ml_collections.ConfigDict, image_shape: Sequence[int], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The control images (float [n, H, W, C] in [0, 1]) and labels of a ControlNet run's
+    first `n` training records, in order (what sample grids and evaluation use when no
+    control is given). `image_shape` is the output images' [H, W, C]."""
+    from diffjax import data as data_lib
+    from diffjax.pretrained import stage as stage_lib
+
+    fields = stage_lib.data_fields(config, None)
+    fields["image_size"], _, fields["channels"] = image_shape
+    source = data_lib.make_source(**fields)
+    records = [source[i % len(source)] for i in range(n)]
+    labels = np.asarray([r.get("label", 0) for r in records], np.int32)
+    return np.stack([r["control"] for r in records]).astype(np.float32), labels
 
 
 def latent_decoder(config: ml_collections.ConfigDict, mesh, recorded: dict | None = None):
@@ -226,11 +278,11 @@ def latent_decoder(config: ml_collections.ConfigDict, mesh, recorded: dict | Non
 
 def base_params(config: ml_collections.ConfigDict, mesh) -> Any:
     """The base weights a run adapts or starts from: `base_workdir`'s EMA params, or a
-    LoRA's pipeline U-Net (`pretrained`); None when the run has no such base (a full
-    fine-tune of a pipeline reads its U-Net when it starts)."""
+    LoRA's or ControlNet's pipeline U-Net (`pretrained`); None when the run has no such
+    base (a full fine-tune of a pipeline reads its U-Net when it starts)."""
     if config.base_workdir:
         return rundir.base_params(config, mesh)
-    if config.pretrained and experiment.lora_rank(config):
+    if config.pretrained and (experiment.lora_rank(config) or experiment.is_controlnet(config)):
         from diffjax.pretrained import stage
 
         model = experiment.build_model(config)

@@ -101,6 +101,11 @@ def uint8_to_float(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, C] -> float32 in [0, 1] (v / 255): a ControlNet's control image."""
+    return np.asarray(arr).astype(np.float32) / np.float32(255.0)
+
+
 def prepare_image(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
     """Pillow image -> float32 [image_size, image_size, channels] in [-1, 1]."""
     img = resize_center_crop(to_mode(img, channels), image_size)

@@ -24,6 +24,7 @@ import ml_collections
 from diffjax import experiment, models
 from diffjax.checkpoint import Checkpointer, abstract_with_shardings
 from diffjax.finetune import lora
+from diffjax.models.controlnet import Controlled
 from diffjax.train.autoencoder import make_autoencoder_loss_fn
 from diffjax.train.state import TrainState, make_optimizer
 from diffjax.train.step import init_train_state, make_loss_fn, make_train_step
@@ -216,10 +217,16 @@ class Components:
     lora_targets: Any = None
     lora_scale: float = 1.0  # alpha / rank
     model_shapes: Any = None  # the denoiser's params as shapes (a LoRA run's: the base's)
+    # A ControlNet run (controlnet.control): `model` is `Controlled(base, (controlnet,))`,
+    # the state's params are the ControlNet's, the base is frozen["base"].
+    controlnet: bool = False
 
     def model_params(self, params: Any, frozen: Any) -> Any:
-        """The denoiser's params of a state's (EMA) params: merged with the frozen base
-        for a LoRA run, the params themselves otherwise."""
+        """The params `model.apply` samples with, from a state's (EMA) params: merged
+        with the frozen base for a LoRA run, beside it for a ControlNet run, the params
+        themselves otherwise."""
+        if self.controlnet:
+            return {"base": frozen["base"], "controlnets_0": params}
         if self.lora_targets is None:
             return params
         return lora.merge(frozen["base"], params["denoiser"], self.lora_scale)
@@ -250,6 +257,8 @@ def build_components(
     A LoRA run (`lora.rank > 0`) trains `{"denoiser": lora, ["text_encoder": lora]}`
     (`diffjax.finetune.lora`); the step merges them into `frozen["base"]` (and the
     text encoder's `frozen["text_encoder"]`, whose params or shapes `text_params` gives).
+    A ControlNet run trains the ControlNet's params; the step runs it beside the frozen
+    `frozen["base"]` (`diffjax.models.controlnet.Controlled`).
     """
     tc = config.train
     model = experiment.build_model(config)
@@ -270,9 +279,15 @@ def build_components(
     init_fn = experiment.make_init_fn(model, config)
     base_sharding = targets = None
     boxed_model = jax.eval_shape(init_fn, key)
-    if experiment.lora_rank(config):
+    controlnet = experiment.is_controlnet(config)
+    if experiment.lora_rank(config) or controlnet:
         base_sharding = models.param_shardings(boxed_model, mesh)
+    if experiment.lora_rank(config):
         init_fn, targets = _lora_init(config, nn.meta.unbox(boxed_model), text_params)
+    if controlnet:
+        net = experiment.build_controlnet(config)
+        init_fn = experiment.make_init_fn(net, config, control=True)
+        model = Controlled(model, (net,), guess_mode=bool(config.controlnet.guess_mode))
     init = functools.partial(init_train_state, init_fn=init_fn, tx=tx)
     boxed = jax.eval_shape(functools.partial(init, unbox=False), key)
     if autoencoder:
@@ -309,6 +324,8 @@ def build_components(
         )
     if targets is not None:
         loss_fn = _lora_loss(loss_fn, experiment.lora_scale(config), config.lora.dropout)
+    if controlnet:
+        loss_fn = _controlnet_loss(loss_fn)
     train_step = make_train_step(
         loss_fn,
         tx,
@@ -332,6 +349,7 @@ def build_components(
         lora_targets=targets,
         lora_scale=experiment.lora_scale(config),
         model_shapes=nn.meta.unbox(boxed_model),
+        controlnet=controlnet,
     )
 
 
@@ -382,9 +400,22 @@ def _lora_loss(loss_fn, scale: float, dropout: float = 0.0):
     return lora_loss
 
 
+def _controlnet_loss(loss_fn):
+    """The loss of a ControlNet run: the trained ControlNet beside the frozen base, so
+    gradients reach only the ControlNet."""
+
+    def controlnet_loss(params, batch, rng, frozen, step):
+        frozen = dict(frozen)
+        both = {"base": frozen.pop("base"), "controlnets_0": params}
+        return loss_fn(both, batch, rng, frozen, step)
+
+    return controlnet_loss
+
+
 def apply_base_workdir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with the model of `config.base_workdir` (a diffjax run to fine-tune or
-    adapt with a LoRA): its `model.name`/`kwargs`, `diffusion`, the model-facing `data`
+    adapt with a LoRA or a ControlNet): its `model.name`/`kwargs`, `diffusion` (but this
+    run's own `cond_dropout`), the model-facing `data`
     fields (image size, channels, classes, text length, tokenizer), `latent` and `text`.
     Idempotent; unchanged when `base_workdir` is "".
 
@@ -405,7 +436,9 @@ def apply_base_workdir(config: ml_collections.ConfigDict) -> ml_collections.Conf
     out.base_workdir = base_dir
     out.model.name = base.model.name
     out.model.kwargs = base.model.kwargs
+    dropout = out.diffusion.cond_dropout  # a training choice of this run, not the model's
     out.diffusion = base.diffusion
+    out.diffusion.cond_dropout = dropout
     for key in ("image_size", "channels", "num_classes", "max_text_len", "tokenizer"):
         out.data[key] = base.data[key]
     out.latent = base.latent

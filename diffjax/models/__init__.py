@@ -25,8 +25,10 @@ from diffjax.models.dit import DiT
 from diffjax.models.layers import LOGICAL_AXIS_RULES, REMAT_POLICIES
 from diffjax.models.partitioning import param_partition_specs, param_shardings
 from diffjax.models.registry import (
+    CONTROLNETS,
     MODELS,
     PRESETS,
+    build_controlnet,
     build_model,
     build_preset,
     model_fields,
@@ -38,6 +40,7 @@ from diffjax.models.sd_unet import SDUNet
 from diffjax.models.unet import UNet
 
 __all__ = [
+    "CONTROLNETS",
     "DiT",
     "LOGICAL_AXIS_RULES",
     "MODELS",
@@ -45,6 +48,7 @@ __all__ = [
     "REMAT_POLICIES",
     "SDUNet",
     "UNet",
+    "build_controlnet",
     "build_model",
     "build_preset",
     "param_partition_specs",

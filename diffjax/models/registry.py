@@ -66,6 +66,70 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return cls(**{k: _plain(v) for k, v in kwargs.items()})
 
 
+# ----------------------------------------------------------------------------- ControlNets
+
+CONTROLNETS = ("dit", "sd_unet", "unet")  # the model families a ControlNet exists for
+
+
+def build_controlnet(
+    name: str,
+    base_kwargs: Mapping[str, Any],
+    *,
+    conditioning_channels: int,
+    control_downsample: int = 1,
+    embedding_channels: tuple[int, ...] = (),
+    depth: int = 0,
+    dtype: str = "float32",
+    remat_policy: str = "none",
+) -> nn.Module:
+    """The ControlNet of the base model `name` built with `base_kwargs` (its copy of the
+    encoder half has the base's fields, so `controlnet.init_from_base` fits).
+
+    Args:
+      conditioning_channels: channels of the control image.
+      control_downsample: output image size over the model's input size (the VAE's
+        factor for latent models).
+      embedding_channels: the condition embedding's widths; () = the family default.
+      depth: DiT only: how many of the first blocks are copied (0 = depth // 2).
+    """
+    from diffjax.models import controlnet
+
+    if name not in CONTROLNETS:
+        raise ValueError(f"model {name!r} has no ControlNet; ones exist for {list(CONTROLNETS)}.")
+    base = build_model(name, **base_kwargs, dtype=dtype, remat_policy=remat_policy)
+    fields = {k: getattr(base, k) for k in model_fields(name)}
+    widths = controlnet.embedding_widths(embedding_channels, control_downsample)
+    if name == "unet":
+        return controlnet.UNetControlNet(
+            **fields,
+            conditioning_channels=conditioning_channels,
+            control_downsample=control_downsample,
+            embedding_channels=widths,
+        )
+    if name == "dit":
+        from diffjax.models.dit_controlnet import DiTControlNet
+
+        return DiTControlNet(
+            **fields,
+            control_depth=depth,
+            conditioning_channels=conditioning_channels,
+            control_downsample=control_downsample,
+            embedding_channels=widths,
+        )
+    from diffjax.models.sd_controlnet import SDControlNet
+
+    if 2 ** (len(widths) - 1) != control_downsample:
+        raise ValueError(
+            f"An SD ControlNet's embedding downsamples by 2**(len(embedding_channels) - 1); "
+            f"{widths} gives {2 ** (len(widths) - 1)}, the VAE needs {control_downsample}."
+        )
+    return SDControlNet(
+        **{k: v for k, v in fields.items() if k in SDControlNet.__dataclass_fields__},
+        conditioning_channels=conditioning_channels,
+        conditioning_embedding_out_channels=widths,
+    )
+
+
 # ----------------------------------------------------------------------------- presets
 
 _DIT_SIZES = {

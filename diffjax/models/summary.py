@@ -75,7 +75,7 @@ def count_params(params: Any) -> int:
 
 
 def _forward(model: nn.Module, train: bool = False):
-    def f(params, x, t, labels, context, context_mask, rng):
+    def f(params, x, t, labels, context, context_mask, rng, **extra):
         return model.apply(
             {"params": params},
             x,
@@ -85,6 +85,7 @@ def _forward(model: nn.Module, train: bool = False):
             context_mask,
             train=train,
             rngs={"dropout": rng} if train else None,
+            **extra,
         )
 
     return f
@@ -105,8 +106,9 @@ def _unscanned(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
     )
 
 
-def forward_flops(model: nn.Module, params: Any, inputs: dict[str, Any]) -> float:
-    """XLA's flop count of one forward pass over `inputs` (a whole batch).
+def forward_flops(model: nn.Module, params: Any, inputs: dict[str, Any], **extra: Any) -> float:
+    """XLA's flop count of one forward pass over `inputs` (a whole batch); `extra` are
+    more abstract model keywords (a ControlNet's `control`).
 
     XLA counts a multiply-add as 2 flops, plus elementwise work. The count comes
     from the lowered, unoptimised program (no compile), so it is the same on every
@@ -116,7 +118,10 @@ def forward_flops(model: nn.Module, params: Any, inputs: dict[str, Any]) -> floa
     model, params = _unscanned(model, params)
     f = _forward(model)
     lowered = jax.jit(f).lower(
-        nn.meta.unbox(params), **inputs, rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        nn.meta.unbox(params),
+        **inputs,
+        rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+        **extra,
     )
     cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per device.

@@ -289,4 +289,33 @@ def data_fields(config: ml_collections.ConfigDict, stage: FrozenStage | None) ->
         fields["dreambooth"] = config.dreambooth.to_dict()
     if stage is not None and stage.vae is not None:
         fields["image_size"], _, fields["channels"] = stage.image_shape
+    n = config.controlnet
+    if n.control:  # each record gets its control image (`diffjax.data.control`)
+        fields["control"] = n.control
+        fields["control_options"] = {
+            "channels": n.conditioning_channels,
+            "canny_low": n.canny_low,
+            "canny_high": n.canny_high,
+            "tile_factor": n.tile_factor,
+            "mask_threshold": n.mask_threshold,
+        }
     return fields
+
+
+def resolve_controlnet(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with a ControlNet run's derived fields set (kept in config.json):
+    `controlnet.control_downsample` (1 for pixel models, the VAE's factor when the images
+    are encoded by `latent.vae`) and `controlnet.conditioning_channels` (0 -> the output
+    image's channels). Idempotent; unchanged for other runs."""
+    n = config.controlnet
+    if not n.control or (n.control_downsample and n.conditioning_channels):
+        return config
+    factor, channels = 1, config.data.channels
+    if config.latent.vae:
+        vae_cfg = safetensors_io.read_config(vae_dir(config.latent.vae))
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        channels = int(vae_cfg.get("in_channels", 3))
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.controlnet.control_downsample = n.control_downsample or factor
+    config.controlnet.conditioning_channels = n.conditioning_channels or channels
+    return config

@@ -23,7 +23,7 @@ import numpy as np
 from diffjax import experiment, export, images, parallel
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import evaluate_generator, write_eval
-from diffjax.generate import Generator, latent_decoder
+from diffjax.generate import Generator, data_controls, latent_decoder
 from diffjax.rundir import Components
 from diffjax.sample_fn import cycle_labels, make_sample_fn
 from diffjax.train.writers import MetricWriter
@@ -292,14 +292,18 @@ def train_flops(config: ml_collections.ConfigDict, parts: Components) -> float:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return 3.0 * float(cost["flops"])
 
+    params, extra = parts.model_shapes, {}
+    if parts.controlnet:  # the frozen base and the ControlNet beside it
+        params = {"base": params, "controlnets_0": parts.abstract_state.params}
+        extra["control"] = jax.ShapeDtypeStruct((1, *experiment.control_shape(config)), jnp.float32)
     inputs = summary.abstract_inputs(
-        parts.model,
+        parts.model.base if parts.controlnet else parts.model,
         batch_size=1,
         image_size=config.data.image_size,
         channels=config.data.channels,
         text_len=config.data.max_text_len,
     )
-    return 3.0 * summary.forward_flops(parts.model, parts.model_shapes, inputs)
+    return 3.0 * summary.forward_flops(parts.model, params, inputs, **extra)
 
 
 def progress_bar(start: int, total: int, enabled: bool):
@@ -360,11 +364,15 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
         lambda k: jax.random.normal(k, (n, *experiment.image_shape(config)), jnp.float32),
         out_shardings=rep,
     )(key)
-    # Captions are tokenized on the host; every process holds the same values.
-    labels = np.asarray(cycle_labels(n, config.data.num_classes))
-    ids = jax.device_put(experiment.sampling_condition(config, labels), rep)
-
     decoder = latent_decoder(config, mesh)
+    # Captions are tokenized on the host; every process holds the same values. A
+    # ControlNet run draws with the controls (and classes) of its first training records.
+    labels, control = np.asarray(cycle_labels(n, config.data.num_classes)), None
+    if experiment.is_controlnet(config):
+        shape = experiment.image_shape(config)
+        pixels = shape if decoder is None else decoder.image_shape(shape)
+        control, labels = data_controls(config, pixels, n)
+    ids = jax.device_put(experiment.sampling_condition(config, labels, control), rep)
 
     def grid(params, stage, step: int) -> str | None:
         cond, null = ids, None

@@ -22,6 +22,7 @@ from diffjax import data as data_lib
 from diffjax import experiment, generate, parallel, rundir
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import check_eval_inputs
+from diffjax.models import controlnet
 from diffjax.models.partitioning import sharding_context
 from diffjax.pretrained import stage as stage_lib
 from diffjax.pretrained.frozen import check_frozen, tree_sha256, write_frozen
@@ -45,6 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # -- setup: checks before any work, one trainer per workdir, Ctrl-C/SIGTERM handling
     # --config.pretrained=PIPELINE_DIR / --config.base_workdir=RUN fill the model fields.
     config = rundir.apply_base_workdir(stage_lib.apply_pretrained(config))
+    config = stage_lib.resolve_controlnet(config)
     experiment.check_config(config)
     if config.eval.every_steps:
         check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
@@ -102,8 +104,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             null_context=None if stage is None else stage.null_context,
             text_params=None if stage is None else stage.params.get("text_encoder"),
         )
-        if parts.lora_targets is not None:
+        if parts.base_sharding is not None:  # a LoRA's or a ControlNet's frozen base
             frozen_params = {**frozen_params, "base": jax.device_put(base, parts.base_sharding)}
+        if parts.lora_targets is not None:
             log.info(
                 "LoRA rank %d on %s.",
                 experiment.lora_rank(config),
@@ -128,7 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             init = functools.partial(parts.init, unbox=True)
             state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(config.seed))
             start_step = 0
-            if parts.lora_targets is None and (config.pretrained or config.base_workdir):
+            if parts.controlnet:
+                state = _controlnet_start(parts, state, frozen_params["base"])
+            elif parts.lora_targets is None and (config.pretrained or config.base_workdir):
                 state = _start_from(config, parts, state, base)
             else:
                 log.info("Starting from scratch in %s.", workdir)
@@ -203,6 +208,18 @@ def _start_from(config, parts: rundir.Components, state: TrainState, base) -> Tr
     )
     ema = copy(params)
     log.info("Starting from the weights of %s.", config.pretrained or config.base_workdir)
+    return state.replace(params=params, ema_params=ema)
+
+
+def _controlnet_start(parts: rundir.Components, state: TrainState, base) -> TrainState:
+    """The fresh ControlNet with its copy of the base's encoder half (params and EMA);
+    its zero convs keep the base's output unchanged at the first step."""
+    copy = jax.jit(controlnet.init_from_base, out_shardings=parts.state_sharding.params)
+    params = copy(base, state.params)
+    ema = jax.jit(
+        lambda t: jax.tree.map(jnp.copy, t), out_shardings=parts.state_sharding.ema_params
+    )(params)
+    log.info("ControlNet initialised from the frozen base's encoder half.")
     return state.replace(params=params, ema_params=ema)
 
 
