@@ -10,7 +10,7 @@ The base run's model, diffusion and data shape are taken (`base_workdir`) and fr
 (recorded by hash in WORKDIR/frozen.json); only the ControlNet (a copy of the base's
 encoder half, joined to it through zero convs) is trained, checkpointed and in the
 optimizer. Each training digit's control is its Canny edge map (`controlnet.control`,
-computed per record); half the labels are dropped to the null class so the ControlNet
+computed per record) on the digits of `half0` (`half1` is held out); half the labels are dropped to the null class so the ControlNet
 learns to draw from the control alone (`--labels=none`). `arg` may be `quick`.
 """
 
@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     n.canny_low = 100
     n.canny_high = 200
     n.embedding_channels = (16, 32)
+    c.data.split = "half0"  # half1 stays held out: its edges are the demo's controls
     c.diffusion.cond_dropout = 0.5  # the ControlNet's own run: half the digits unlabelled
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 50

@@ -178,14 +178,13 @@ class Generator:
         ):
             idx = np.arange(start, start + z.shape[0])
             lab = label_at(idx)
+            ctrl = None if controls is None else controls[idx % len(controls)]
             if prompts:
                 cond = {k: v[lab] for k, v in table.items()}
+                if ctrl is not None:
+                    cond.update(experiment.control_condition(self.config, ctrl))
             else:
-                cond = experiment.sampling_condition(self.config, lab)
-            if controls is not None:
-                cond.update(
-                    experiment.control_condition(self.config, controls[idx % len(controls)])
-                )
+                cond = experiment.sampling_condition(self.config, lab, ctrl)
             z, cond = jax.device_put((z, cond), sharding)
             if self.stage is None:
                 x = self.sample_fn(self.params, z, cond, key)
@@ -251,7 +250,7 @@ def data_controls(
     fields["image_size"], _, fields["channels"] = image_shape
     source = data_lib.make_source(**fields)
     records = [source[i % len(source)] for i in range(n)]
-    labels = np.asarray([r.get("label", 0) for r in records], np.int32)
+    labels = np.asarray([r.get("labels", 0) for r in records], np.int32)
     return np.stack([r["control"] for r in records]).astype(np.float32), labels
 
 

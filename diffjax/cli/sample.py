@@ -16,6 +16,22 @@ conditional models cycle 0..K-1 unless --labels is given) and a PNG grid beside 
 latent models, before any init_noise_sigma scaling) replaces the draw from --seed, so
 a run of another framework can be reproduced.
 
+ControlNets (spatial control: edges, masks, tiles ...):
+
+    python launch/sample.py --workdir=CN_RUN --control_image=CTRL.npz [--controlnet_scale=1.0] \
+        [--labels=none] --num_samples=16 --out=/tmp/cn.npz
+    python launch/sample.py --workdir=CN_RUN --control_source=IMGS.npz ...   # the run's transform
+    python launch/sample.py --pretrained=SD_DIR --controlnet=CN_DIR --control_image=CTRL.npz \
+        --prompt="..." [--controlnet=CN2 --control_image=CTRL2.png] [--controlnet_scale=0.8] \
+        [--guess_mode] [--control_guidance_start=0.0 --control_guidance_end=1.0] ...
+
+`CTRL.npz` holds `images` uint8 [N, H, W, C] at the output resolution (or a PNG: one
+image); image i draws with control i % N. `--control_source=IMGS.npz` applies the run's own
+control transform (`controlnet.control`: edges, sobel, tile, mask) to ordinary images
+first. `CN_DIR` is a diffusers `ControlNetModel` directory; several `--controlnet`s take one
+`--control_image` each and add their residuals. `--labels=none` samples a class-conditional
+model unconditionally (the null class).
+
 `--lora` (with --pretrained, a Stable Diffusion pipeline) merges LoRA files into the
 U-Net and text encoder before sampling: diffusers/peft (`pytorch_lora_weights.safetensors`
 or its directory) and kohya-ss files; repeated files add. `--lora_scale` is one scale for
@@ -54,6 +70,33 @@ _LORA = flags.DEFINE_multi_string(
 _LORA_SCALE = flags.DEFINE_multi_float(
     "lora_scale", None, "Scale of the --lora files: one for all, or one per file (default 1.0)."
 )
+_CONTROL_IMAGE = flags.DEFINE_multi_string(
+    "control_image",
+    None,
+    "ControlNet control images: a .npz with uint8 `images` [N, H, W, C] or one PNG; one "
+    "per --controlnet.",
+)
+_CONTROL_SOURCE = flags.DEFINE_string(
+    "control_source",
+    None,
+    "A .npz of ordinary uint8 `images`: the ControlNet run's control transform makes the "
+    "control images from them.",
+)
+_CONTROLNET = flags.DEFINE_multi_string(
+    "controlnet", None, "With --pretrained: a diffusers ControlNetModel directory; repeatable."
+)
+_CONTROLNET_SCALE = flags.DEFINE_multi_float(
+    "controlnet_scale", None, "ControlNet conditioning scale: one for all, or one per ControlNet."
+)
+_GUESS_MODE = flags.DEFINE_bool(
+    "guess_mode", None, "ControlNet guess mode (no control on guidance's unconditional branch)."
+)
+_CONTROL_START = flags.DEFINE_float(
+    "control_guidance_start", None, "Fraction of the steps where the ControlNet starts to apply."
+)
+_CONTROL_END = flags.DEFINE_float(
+    "control_guidance_end", None, "Fraction of the steps where the ControlNet stops applying."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
 _NUM = flags.DEFINE_integer("num_samples", 64, "Number of images.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz path.", required=True)
@@ -61,7 +104,11 @@ _METHOD = flags.DEFINE_string("method", None, "Sampler (default: the run's sampl
 _STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the run's sample.num_steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "CFG scale (default: the run's sample.guidance).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
-_LABELS = flags.DEFINE_list("labels", None, "Class labels to draw (cycled to --num_samples).")
+_LABELS = flags.DEFINE_list(
+    "labels",
+    None,
+    "Class labels to draw (cycled to --num_samples); `none` = the null class (unconditional).",
+)
 _BATCH = flags.DEFINE_integer(
     "batch_size", None, "Images per device call (default 256; 16 with --pretrained)."
 )
@@ -92,6 +139,11 @@ def main(argv):
             "into that pipeline, which is then sampled directly. They do not combine with "
             "--workdir or --export_dir; pass the base pipeline as --pretrained instead."
         )
+    if _CONTROLNET.value and not _PRETRAINED.value:
+        raise ValueError(
+            "--controlnet (a diffusers ControlNetModel directory) goes with --pretrained=SD_DIR; "
+            "a ControlNet run (--workdir) has its own."
+        )
     if _PRETRAINED.value:
         return _sample_pretrained(labels, noise)
     if _HEIGHT.value or _WIDTH.value or _NEGATIVE.value:
@@ -107,9 +159,18 @@ def main(argv):
         experiment.require_diffusion(config, _WORKDIR.value, "sample.py")
     else:
         _refuse_vae_export(_EXPORT_DIR.value)
+        if _control_options_given():
+            raise ValueError(
+                "ControlNet flags apply to a ControlNet run (--workdir) or to --pretrained "
+                "with --controlnet; an export samples its own model."
+            )
     overrides = dict(method=_METHOD.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value)
+    control = None
     if _WORKDIR.value:
-        generator = generate.Generator.from_workdir(_WORKDIR.value, step=_STEP.value, **overrides)
+        config, control = _run_control(config)
+        generator = generate.Generator.from_workdir(
+            _WORKDIR.value, step=_STEP.value, config=config, **overrides
+        )
     else:
         generator = generate.Generator.from_export(
             _EXPORT_DIR.value, serialized=_SERIALIZED.value, **overrides
@@ -130,6 +191,7 @@ def main(argv):
             progress=True,
             noise=noise,
             prompts=_PROMPT.value,
+            control=control,
         ),
         _NUM.value,
         generator.image_shape,
@@ -150,12 +212,14 @@ def _sample_pretrained(labels, noise) -> None:
         pipe = lora_files.apply_lora_files(pipe, loras)
         print(f"Merged LoRA {lora_files.describe_files(loras)} (the files are only read).")
     default_guidance = {"text": 7.5, "label": 4.0}.get(pipe.kind, 1.0)
+    nets, control, cn_kwargs = _pretrained_controlnets(pipe)
     gen = pipeline.PretrainedGenerator(
         pipe,
         num_steps=_STEPS.value or 50,
         guidance=default_guidance if _GUIDANCE.value is None else _GUIDANCE.value,
         height=_HEIGHT.value,
         width=_WIDTH.value,
+        **cn_kwargs,
     )
     sc = gen.config.sample
     print(
@@ -175,11 +239,140 @@ def _sample_pretrained(labels, noise) -> None:
             noise=noise,
             batch_size=_BATCH.value or 16,
             progress=True,
+            **({"control": control} if nets else {}),
         ),
         _NUM.value,
         gen.image_shape,
     )
     print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
+
+
+def _control_options_given() -> bool:
+    return bool(
+        _CONTROL_IMAGE.value
+        or _CONTROL_SOURCE.value
+        or _CONTROLNET_SCALE.value
+        or _GUESS_MODE.value is not None
+        or _CONTROL_START.value is not None
+        or _CONTROL_END.value is not None
+    )
+
+
+def _run_control(config):
+    """A ControlNet run's sampling options from the flags: (config, control images)."""
+    from diffjax import experiment
+
+    if not experiment.is_controlnet(config):
+        if _control_options_given():
+            raise ValueError(
+                "--control_image/--control_source/--controlnet_scale/--guess_mode/"
+                "--control_guidance_* apply to ControlNet runs (or --pretrained with "
+                "--controlnet); this run has no ControlNet."
+            )
+        return config, None
+    n = config.controlnet
+    if _CONTROLNET_SCALE.value:
+        if len(_CONTROLNET_SCALE.value) != 1:
+            raise ValueError("A ControlNet run has one ControlNet: pass one --controlnet_scale.")
+        n.conditioning_scale = _CONTROLNET_SCALE.value[0]
+    if _GUESS_MODE.value is not None:
+        n.guess_mode = _GUESS_MODE.value
+    if _CONTROL_START.value is not None:
+        n.guidance_start = _CONTROL_START.value
+    if _CONTROL_END.value is not None:
+        n.guidance_end = _CONTROL_END.value
+    if _CONTROL_IMAGE.value and _CONTROL_SOURCE.value:
+        raise ValueError("Pass --control_image or --control_source, not both.")
+    if _CONTROL_SOURCE.value:
+        from diffjax.data.control import make_control
+
+        images = read_control_images(_CONTROL_SOURCE.value, "--control_source")
+        opts = {k: n[k] for k in ("canny_low", "canny_high", "tile_factor", "mask_threshold")}
+        if n.control == "given":
+            raise ValueError(
+                "This run's controls were given by its dataset (controlnet.control='given'); "
+                "pass them with --control_image."
+            )
+        return config, make_control(images, n.control, channels=n.conditioning_channels, **opts)
+    if _CONTROL_IMAGE.value:
+        if len(_CONTROL_IMAGE.value) != 1:
+            raise ValueError("A ControlNet run has one ControlNet: pass one --control_image.")
+        return config, read_control_images(_CONTROL_IMAGE.value[0], "--control_image")
+    return config, None  # the controls of the run's first training records
+
+
+def _pretrained_controlnets(pipe):
+    """--controlnet directories, their control images and the generator's options."""
+    if not _CONTROLNET.value:
+        if _control_options_given():
+            raise ValueError(
+                "--control_image/--controlnet_scale/--guess_mode/--control_guidance_* need "
+                "--controlnet=CN_DIR (a diffusers ControlNetModel) with --pretrained."
+            )
+        return [], None, {}
+    from diffjax.pretrained import controlnet as cn_io
+
+    if _CONTROL_SOURCE.value:
+        raise ValueError(
+            "--control_source applies a ControlNet run's own transform; a diffusers "
+            "ControlNetModel does not record one. Make the control images and pass "
+            "--control_image."
+        )
+    nets = [cn_io.load_controlnet(d) for d in _CONTROLNET.value]
+    paths = _CONTROL_IMAGE.value or []
+    if len(paths) != len(nets):
+        raise ValueError(
+            f"{len(nets)} --controlnet(s) need as many --control_image(s), got {len(paths)}."
+        )
+    scales = _CONTROLNET_SCALE.value or [1.0]
+    if len(scales) not in (1, len(nets)):
+        raise ValueError(
+            f"--controlnet_scale takes one value or one per --controlnet ({len(nets)}), got "
+            f"{len(scales)}."
+        )
+    kwargs = dict(
+        controlnets=nets,
+        controlnet_scale=list(scales) * (len(nets) if len(scales) == 1 else 1),
+        guess_mode=bool(_GUESS_MODE.value),
+        control_guidance=(
+            0.0 if _CONTROL_START.value is None else _CONTROL_START.value,
+            1.0 if _CONTROL_END.value is None else _CONTROL_END.value,
+        ),
+    )
+    control = [read_control_images(p, "--control_image") for p in paths]
+    return nets, control, kwargs
+
+
+def read_control_images(path: str, flag: str) -> np.ndarray:
+    """uint8 [N, H, W, C] from a .npz (`images`) or one image file (PNG, JPEG ...)."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}={path} does not exist.")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            if "images" not in f:
+                raise ValueError(
+                    f"{flag}={path} has no `images` array (uint8 [N, H, W, C]); it holds "
+                    f"{sorted(f.files)}."
+                )
+            images = f["images"]
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                images = np.asarray(img.convert("L" if img.mode in ("L", "1") else "RGB"))[None]
+        except OSError as e:
+            raise ValueError(f"{flag}={path} is neither a .npz nor an image: {e}") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{flag}={path} must hold uint8 images [N, H, W, C], got {images.dtype} "
+            f"{list(images.shape)}."
+        )
+    return images
 
 
 def _refuse_vae_export(path: str) -> None:
@@ -211,9 +404,11 @@ def _read_noise(path: str | None):
     return np.load(path)
 
 
-def _parse_labels(values: list[str] | None) -> list[int] | None:
+def _parse_labels(values: list[str] | None) -> list[int] | str | None:
     if not values:
         return None
+    if [v.strip().lower() for v in values] == ["none"]:
+        return "none"
     bad = [v for v in values if not v.strip().lstrip("-").isdigit()]
     if bad:
         raise ValueError(f"--labels takes class indices such as --labels=3,3,7; got {bad}.")
