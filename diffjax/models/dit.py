@@ -25,6 +25,7 @@ there is no command for that yet.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -87,6 +88,9 @@ def unpatchify(x: Array, p: int, grid_h: int, grid_w: int) -> Array:
 # ----------------------------------------------------------------------------- block layouts
 
 STACKED_KEY = "blocks"  # params key of the scanned (stacked) blocks
+# params key of a DiT ControlNet's control patch embedding (dit_controlnet): marks its
+# params, whose blocks are never stacked, so the layout converters leave them alone.
+CONTROL_PATCH_EMBED_KEY = "control_patch_embed"
 
 
 def _block_name(i: int) -> str:
@@ -94,8 +98,14 @@ def _block_name(i: int) -> str:
 
 
 def _is_dit_params(node: Any, key: str) -> bool:
-    # A DiT's own params mapping (not the "block{i}"s of its text encoder).
-    return hasattr(node, "keys") and "patch_embed" in node and key in node
+    # A DiT's own params mapping (not the "block{i}"s of its text encoder, nor a DiT
+    # ControlNet's, whose blocks stay unstacked).
+    return (
+        hasattr(node, "keys")
+        and "patch_embed" in node
+        and key in node
+        and CONTROL_PATCH_EMBED_KEY not in node
+    )
 
 
 def _stack_one(node: Any, depth: int) -> dict[str, Any]:
@@ -250,8 +260,38 @@ class DiTBlock(nn.Module):
         return L.constrain(x + gate2[:, None, :] * h, L.TOKEN_AXES)
 
 
-def _scan_blocks(block: nn.Module, depth: int, x: Array, c: Array, context, context_mask) -> Array:
-    """Applies `block` `depth` times as one `nn.scan`, params stacked on axis 0 ('layers')."""
+def _scan_blocks(
+    block: nn.Module,
+    depth: int,
+    x: Array,
+    c: Array,
+    context,
+    context_mask,
+    control_residuals: tuple[Array, ...] | None = None,
+) -> Array:
+    """Applies `block` `depth` times as one `nn.scan`, params stacked on axis 0 ('layers').
+
+    With `control_residuals` (N <= depth arrays [B, T, D]) they are zero-padded to
+    `depth`, stacked and scanned with the blocks: step i returns `block(x) + r_i`.
+    """
+    if control_residuals:
+
+        def body_res(mdl, x, r, c, context, context_mask):
+            return mdl(x, c, context, context_mask) + r, None
+
+        res = jnp.stack([r.astype(x.dtype) for r in control_residuals])
+        if res.shape[0] < depth:
+            pad = jnp.zeros((depth - res.shape[0], *res.shape[1:]), res.dtype)
+            res = jnp.concatenate([res, pad])
+        scan = nn.scan(
+            body_res,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scan(block, x, res, c, context, context_mask)[0]
 
     def body(mdl, x, c, context, context_mask):
         return mdl(x, c, context, context_mask), None
@@ -290,8 +330,8 @@ class FinalLayer(nn.Module):
         )(x)
 
 
-class DiT(nn.Module):
-    """Diffusion Transformer.
+class DiTFields(nn.Module):
+    """The fields of a DiT, shared by `DiT` and its ControlNet (`dit_controlnet.DiTControlNet`).
 
     Attributes:
       patch_size: p; H and W must be multiples of p.
@@ -343,6 +383,139 @@ class DiT(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = False
 
+
+# The embedding step of a DiT as functions of the calling module: each must be called
+# from inside the compact `__call__` of a `DiTFields` module (a `DiT` or its ControlNet),
+# whose scope the submodules bind to, so both get the same param names.
+
+
+def prepare_inputs(
+    model: DiTFields,
+    x: Array,
+    t: Array,
+    labels: Array | None,
+    context: Array | None,
+    context_mask: Array | None,
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Checks a DiT's inputs and runs its text encoder (when `text_vocab_size > 0`).
+
+    Returns:
+      (labels [B] int32 or None, context [B, L, context_dim] or None, mask [B, L] or None).
+    """
+    L.check_inputs(x, t)
+    L.check_remat_policy(model.remat_policy)
+    b, hh, ww, _ = x.shape
+    p = model.patch_size
+    if hh % p or ww % p:
+        raise ValueError(f"DiT with patch_size={p} needs H, W divisible by {p}, got {hh}x{ww}.")
+    labels = L.check_labels(labels, model.num_classes, b)
+    if model.text_vocab_size > 0:
+        context, context_mask = T.encode_context(model, context, context_mask, b)
+    context, context_mask = L.check_context(context, context_mask, model.context_dim, b)
+    return labels, context, context_mask
+
+
+def embed_patches(model: DiTFields, x: Array) -> Array:
+    """The 'patch_embed' projection: [B, H, W, C] -> tokens [B, (H/p)(W/p), D], no positions."""
+    b, hh, ww, _ = x.shape
+    p, d = model.patch_size, model.hidden_size
+    dt = L.get_dtype(model.dtype)
+    x = nn.Conv(
+        d,
+        (p, p),
+        strides=(p, p),
+        padding="VALID",
+        dtype=dt,
+        param_dtype=jnp.float32,
+        # Glorot over the flattened (p*p*C -> D) patch projection, as in DiT.
+        kernel_init=L.partitioned(
+            nn.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+            ),
+            (None, None, "conv_in", "conv_out"),
+        ),
+        bias_init=L.partitioned(_ZERO, ("conv_out",)),
+        name="patch_embed",
+    )(x.astype(dt))
+    return x.reshape(b, (hh // p) * (ww // p), d)
+
+
+def add_positions(tokens: Array, grid_h: int, grid_w: int) -> Array:
+    """Adds the fixed 2D sin-cos positions to tokens [B, grid_h * grid_w, D]."""
+    d = tokens.shape[-1]
+    tokens = tokens + jnp.asarray(sincos_pos_embed_2d(d, grid_h, grid_w), tokens.dtype)
+    return L.constrain(tokens, L.TOKEN_AXES)
+
+
+def embed_condition(model: DiTFields, t: Array, labels: Array | None) -> Array:
+    """The block conditioning c [B, D]: 'time_embed'(t) + 'label_emb'(labels) if conditional."""
+    d = model.hidden_size
+    dt = L.get_dtype(model.dtype)
+    c = L.TimestepEmbedding(
+        d,
+        model.frequency_dim,
+        kind=model.time_embedding,
+        time_scale=model.time_scale,
+        freq_shift=model.time_freq_shift,
+        dtype=dt,
+        kernel_init=nn.initializers.normal(0.02),
+        name="time_embed",
+    )(t)
+    if labels is not None:
+        c = c + L.class_embedding(model.num_classes, d, init=nn.initializers.normal(0.02))(
+            labels
+        ).astype(c.dtype)
+    return c
+
+
+def block_factory(model: DiTFields, *, scanned: bool = False) -> Callable[..., nn.Module]:
+    """`DiTBlock` with the model's settings (and remat policy); call it with `name=`."""
+    return functools.partial(
+        L.maybe_remat(DiTBlock, model.remat_policy, prevent_cse=not scanned),
+        model.num_heads,
+        model.mlp_ratio,
+        model.context_dim > 0,
+        model.attention_impl,
+        L.get_dtype(model.dtype),
+    )
+
+
+def check_control_residuals(
+    residuals: Sequence[Array], depth: int, batch: int, tokens: int, width: int
+) -> tuple[Array, ...]:
+    """Validates a DiT's `control_residuals`: N <= depth arrays [B, T, D].
+
+    Returns:
+      The residuals as a tuple.
+    """
+    if not isinstance(residuals, (tuple, list)):
+        raise ValueError(
+            "DiT: control_residuals must be a tuple/list of arrays [B, T, D] (one per "
+            f"controlled block, as DiTControlNet returns), got {type(residuals).__name__}."
+        )
+    if len(residuals) > depth:
+        raise ValueError(
+            f"DiT: got {len(residuals)} control residuals but the model has depth={depth} "
+            f"blocks; a DiT ControlNet for it needs control_depth <= {depth}."
+        )
+    want = (batch, tokens, width)
+    for i, r in enumerate(residuals):
+        if tuple(getattr(r, "shape", ())) != want:
+            raise ValueError(
+                f"DiT: control residual {i} has shape {getattr(r, 'shape', None)}, expected "
+                f"[B, T, D] = {want} (T = (H/p)(W/p) tokens, D = hidden_size); build the "
+                "ControlNet with the base's patch_size and hidden_size and the same input size."
+            )
+    return tuple(residuals)
+
+
+class DiT(DiTFields):
+    """Diffusion Transformer (fields: `DiTFields`).
+
+    `control_residuals` (from `diffjax.models.dit_controlnet.DiTControlNet`) adds
+    residual i to the output of block i, for the first N blocks.
+    """
+
     @nn.compact
     def __call__(
         self,
@@ -352,6 +525,7 @@ class DiT(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
         train: bool = False,
+        control_residuals: Sequence[Array] | None = None,
     ) -> Array:
         """Predicts the configured target.
 
@@ -364,74 +538,39 @@ class DiT(nn.Module):
             when text_vocab_size > 0 (None = null caption).
           context_mask: [B, L] bool, True = real token.
           train: unused (DiT has no dropout); kept for the common signature.
+          control_residuals: None (no control: the plain DiT) or N <= depth arrays
+            [B, T, D] (T = (H/p)(W/p) tokens, D = hidden_size): block i's output
+            becomes `block_i(x) + r_i` for i < N. Cast to the compute dtype. With
+            `scan_layers` they are zero-padded to `depth` and scanned with the blocks.
 
         Returns:
           [B, H, W, C_out] float32, C_out = (out_channels or C) * (2 if learn_sigma else 1).
         """
         del train
-        L.check_inputs(x, t)
-        L.check_remat_policy(self.remat_policy)
+        labels, context, context_mask = prepare_inputs(self, x, t, labels, context, context_mask)
         b, hh, ww, cin = x.shape
         p = self.patch_size
-        if hh % p or ww % p:
-            raise ValueError(f"DiT with patch_size={p} needs H, W divisible by {p}, got {hh}x{ww}.")
-        dt = L.get_dtype(self.dtype)
-        d = self.hidden_size
-        labels = L.check_labels(labels, self.num_classes, b)
-        if self.text_vocab_size > 0:
-            context, context_mask = T.encode_context(self, context, context_mask, b)
-        context, context_mask = L.check_context(context, context_mask, self.context_dim, b)
-        out_ch = (self.out_channels or cin) * (2 if self.learn_sigma else 1)
-
-        x = nn.Conv(
-            d,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=dt,
-            param_dtype=jnp.float32,
-            # Glorot over the flattened (p*p*C -> D) patch projection, as in DiT.
-            kernel_init=L.partitioned(
-                nn.initializers.variance_scaling(
-                    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
-                ),
-                (None, None, "conv_in", "conv_out"),
-            ),
-            bias_init=L.partitioned(_ZERO, ("conv_out",)),
-            name="patch_embed",
-        )(x.astype(dt))
         gh, gw = hh // p, ww // p
-        x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_pos_embed_2d(d, gh, gw), dt)
-        x = L.constrain(x, L.TOKEN_AXES)
+        dt = L.get_dtype(self.dtype)
+        out_ch = (self.out_channels or cin) * (2 if self.learn_sigma else 1)
+        if control_residuals is not None:
+            control_residuals = check_control_residuals(
+                control_residuals, self.depth, b, gh * gw, self.hidden_size
+            )
 
-        c = L.TimestepEmbedding(
-            d,
-            self.frequency_dim,
-            kind=self.time_embedding,
-            time_scale=self.time_scale,
-            freq_shift=self.time_freq_shift,
-            dtype=dt,
-            kernel_init=nn.initializers.normal(0.02),
-            name="time_embed",
-        )(t)
-        if labels is not None:
-            c = c + L.class_embedding(self.num_classes, d, init=nn.initializers.normal(0.02))(
-                labels
-            ).astype(c.dtype)
+        x = add_positions(embed_patches(self, x), gh, gw)
+        c = embed_condition(self, t, labels)
 
-        block = functools.partial(
-            L.maybe_remat(DiTBlock, self.remat_policy, prevent_cse=not self.scan_layers),
-            self.num_heads,
-            self.mlp_ratio,
-            self.context_dim > 0,
-            self.attention_impl,
-            dt,
-        )
+        block = block_factory(self, scanned=self.scan_layers)
         if self.scan_layers:
-            x = _scan_blocks(block(name=STACKED_KEY), self.depth, x, c, context, context_mask)
+            x = _scan_blocks(
+                block(name=STACKED_KEY), self.depth, x, c, context, context_mask, control_residuals
+            )
         else:
             for i in range(self.depth):
                 x = block(name=_block_name(i))(x, c, context, context_mask)
+                if control_residuals is not None and i < len(control_residuals):
+                    x = x + control_residuals[i].astype(x.dtype)
 
         x = FinalLayer(p * p * out_ch, dt, name="final")(x, c)
         return unpatchify(x, p, gh, gw).astype(jnp.float32)
