@@ -16,6 +16,13 @@ The scheduler's config picks the schedule, the prediction, the sampler and its e
 step grid (`diffjax.pretrained.scheduler`); `method` overrides the sampler. Guidance is
 diffusers' `uncond + w * (cond - uncond)`, where the unconditional branch of a text
 model is the encoding of the negative prompt (`""` by default), as in diffusers.
+
+ControlNets (`controlnet.load_controlnet`) drive the denoiser as diffusers'
+`StableDiffusionControlNetPipeline` does:
+
+    gen = PretrainedGenerator(pipe, controlnets=[cn], controlnet_scale=1.0,
+                              guess_mode=False, control_guidance=(0.0, 1.0))
+    images, _ = gen.generate(2, prompts=[...], control=[edges_uint8])   # [N, H, W, 3]
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import numpy as np
 
 from diffjax import images, parallel
 from diffjax.config import get_base_config
-from diffjax.diffusion import schedules
+from diffjax.diffusion import samplers, schedules
 from diffjax.models import autoencoder_kl, clip_text, registry, sd_unet
+from diffjax.models.controlnet import Controlled
 from diffjax.pretrained import convert, diffusers_dit, diffusers_unet2d, safetensors_io
 from diffjax.pretrained import scheduler as scheduler_lib
 from diffjax.sample_fn import make_sample_fn, noise_batches
@@ -386,7 +394,30 @@ class PretrainedGenerator:
         height: int | None = None,
         width: int | None = None,
         mesh: Any = None,
+        controlnets: Sequence[Component] = (),
+        controlnet_scale: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
+        control_guidance: tuple[float, float] = (0.0, 1.0),
+        compiler_options: dict | None = None,
     ) -> None:
+        """
+        Args:
+          pipe: the loaded pipeline.
+          num_steps, guidance: sampler steps and classifier-free guidance scale.
+          height, width: output size in pixels (default: the denoiser's training size).
+          mesh: device mesh (default: all devices on the batch axis).
+          controlnets: ControlNet components (`controlnet.load_controlnet`) driving the
+            denoiser as diffusers' StableDiffusionControlNetPipeline does; their
+            residuals are scaled and summed. `batches`/`generate` then need `control`.
+          controlnet_scale: diffusers' `controlnet_conditioning_scale`: one float, or
+            one per ControlNet.
+          guess_mode: diffusers' guess mode: residuals scaled by logspace(-1, 0) over the
+            skip connections, and (with guidance) the unconditional branch without them.
+          control_guidance: diffusers' `(control_guidance_start, control_guidance_end)`:
+            the fraction of the steps where the ControlNets apply.
+          compiler_options: XLA options of the compiled sampler (e.g. cheaper
+            compilation in tests); None: XLA's defaults.
+        """
         self.pipe = pipe
         self.step = 0
         self.config = sampler_config(pipe, num_steps=num_steps, guidance=guidance)
@@ -403,30 +434,129 @@ class PretrainedGenerator:
         self.mesh = mesh if mesh is not None else parallel.make_mesh(-1, 1)
         spec = pipe.scheduler
         schedule = schedules.make_schedule("discrete_vp", **spec.schedule_kwargs)
+        kwargs = spec.sampler_kwargs(num_steps, guidance)
+        self.controlnets = tuple(controlnets)
+        self.guess_mode = bool(guess_mode)
+        self.controlnet_scale = self._check_controlnets(controlnet_scale)
+        apply_fn, den_params = pipe.denoiser.module.apply, pipe.denoiser.params
+        window = None
+        if self.controlnets:
+            model = Controlled(
+                pipe.denoiser.module, tuple(c.module for c in self.controlnets), self.guess_mode
+            )
+            apply_fn = model.apply
+            den_params = {"base": den_params}
+            den_params.update({f"controlnets_{i}": c.params for i, c in enumerate(controlnets)})
+            start, end = (float(v) for v in control_guidance)
+            if (start, end) != (0.0, 1.0):
+                window = samplers.step_window(
+                    schedule, kwargs["method"], num_steps, start, end, placement=kwargs["placement"]
+                )
         self._sample = make_sample_fn(
-            pipe.denoiser.module.apply,
+            apply_fn,
             schedule,
             num_classes=pipe.num_classes,
             jit=False,
-            **spec.sampler_kwargs(num_steps, guidance),
+            control_window=window,
+            guess_mode=self.guess_mode,
+            **kwargs,
         )
         # diffusers starts from `noise * init_noise_sigma`; diffjax's samplers from
         # `sigma(t_0) * noise`: this factor makes a given noise start where diffusers does.
         scale = spec.noise_scale(num_steps)
         vae_params = None if pipe.vae is None else pipe.vae.params
         rep = parallel.replicated(self.mesh)
-        self.params = jax.device_put((pipe.denoiser.params, vae_params), rep)
+        self.params = jax.device_put((den_params, vae_params), rep)
 
         def run(params, noise, cond, null_cond, key):
             den, vae = params
             x = self._sample(den, noise * scale, cond, key, null_cond=null_cond)
             return decode_latents(self.pipe, vae, x)
 
-        self._run = jax.jit(run)
+        self._run = jax.jit(run, compiler_options=compiler_options)
 
     @property
     def num_classes(self) -> int:
         return self.pipe.num_classes
+
+    def _check_controlnets(self, scale: float | Sequence[float]) -> np.ndarray:
+        """The per-ControlNet scales [K] (float32), after checking the ControlNets fit."""
+        k = len(self.controlnets)
+        scales = np.atleast_1d(np.asarray(scale, np.float32))
+        if not k:
+            return scales[:0]
+        if scales.ndim != 1 or scales.size not in (1, k):
+            raise ValueError(
+                f"controlnet_scale needs one value or one per ControlNet ({k}), got "
+                f"{np.asarray(scale).tolist()}."
+            )
+        for i, c in enumerate(self.controlnets):
+            if getattr(c.module, "global_pool_conditions", False):
+                raise ValueError(
+                    f"ControlNet {i} has global_pool_conditions=True (residuals [B, 1, 1, C]); "
+                    "the U-Net adds residuals of its skip connections' shape only."
+                )
+            factor = getattr(c.module, "downsampling", None)
+            if factor is not None and factor != self.pipe.vae_scale:
+                raise ValueError(
+                    f"ControlNet {i}'s condition embedding downsamples by {factor} but this "
+                    f"pipeline's VAE by {self.pipe.vae_scale}: it was made for another base "
+                    "model (controlnet.check_compatible names every difference)."
+                )
+        return np.broadcast_to(scales, (k,)).copy()
+
+    def _controls(self, control, idx: np.ndarray) -> tuple[jax.Array, ...]:
+        """The control images of samples `idx` (cycled), one float32 [n, H, W, C] in [0, 1]
+        per ControlNet."""
+        k = len(self.controlnets)
+        if control is None:
+            raise ValueError(
+                f"This generator runs {k} ControlNet(s): pass control= (one image array "
+                "[N, H, W, C] per ControlNet; --control_image on the command line)."
+            )
+        if not isinstance(control, (list, tuple)):
+            control = [control]
+        if len(control) != k:
+            raise ValueError(f"{k} ControlNet(s) need {k} control arrays, got {len(control)}.")
+        h, w = self.image_shape[:2]
+        out = []
+        for i, (c, net) in enumerate(zip(control, self.controlnets, strict=True)):
+            c = np.asarray(c)
+            if c.ndim == 3:
+                c = c[None]
+            want = getattr(net.module, "conditioning_channels", c.shape[-1])
+            if c.ndim != 4 or c.shape[1:] != (h, w, want):
+                raise ValueError(
+                    f"control {i} must be [N, {h}, {w}, {want}] (the output image size, the "
+                    f"ControlNet's conditioning_channels), got {list(c.shape)}."
+                )
+            if c.dtype == np.uint8:
+                c = c.astype(np.float32) / 255.0
+            elif not np.issubdtype(c.dtype, np.floating):
+                raise ValueError(f"control {i} must be uint8 or float in [0, 1], got {c.dtype}.")
+            elif c.size and (c.min() < 0.0 or c.max() > 1.0):
+                raise ValueError(
+                    f"float control {i} must lie in [0, 1] (diffusers' convention, not "
+                    f"[-1, 1]), got values in [{c.min():.3g}, {c.max():.3g}]."
+                )
+            out.append(jnp.asarray(c[idx % len(c)], jnp.float32))
+        return tuple(out)
+
+    def _with_control(self, cond: dict, null: dict | None, idx: np.ndarray, control):
+        """`cond`/`null` with the ControlNets' control images and per-sample scales."""
+        if not self.controlnets:
+            if control is not None:
+                raise ValueError("control images were given, but no ControlNet (--controlnet).")
+            return cond, null
+        controls = self._controls(control, idx)
+        scale = jnp.broadcast_to(jnp.asarray(self.controlnet_scale), (len(idx), len(controls)))
+        cond = {**cond, "control": controls, "control_scale": scale}
+        if null is not None:
+            # diffusers: both halves get the control; in guess mode the unconditional
+            # one runs without it (zero residuals).
+            null_scale = jnp.zeros_like(scale) if self.guess_mode else scale
+            null = {**null, "control": controls, "control_scale": null_scale}
+        return cond, null
 
     def _conditions(
         self, idx: np.ndarray, labels, prompts, negative_prompt: str
@@ -468,11 +598,14 @@ class PretrainedGenerator:
         noise: np.ndarray | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        control: Sequence[np.ndarray] | np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, 3], labels int32 [n]) batch by batch.
 
         `noise` [N, h, w, c] (standard normal, latent shape) replaces the draw from
-        `seed`; prompts and labels are cycled to `num_samples`.
+        `seed`; prompts and labels are cycled to `num_samples`. With ControlNets,
+        `control` holds one array per ControlNet, [N, H, W, C] at the output size, uint8
+        or float in [0, 1] (RGB), cycled to `num_samples` like the prompts.
         """
         sharding = parallel.batch_sharding(self.mesh)
         for start, n, z, key in noise_batches(
@@ -486,6 +619,7 @@ class PretrainedGenerator:
         ):
             idx = np.arange(start, start + z.shape[0])
             cond, null, lab = self._conditions(idx, labels, prompts, negative_prompt)
+            cond, null = self._with_control(cond, null, idx, control)
             z, cond, null = jax.device_put((z, cond, null), sharding)
             x = self._run(self.params, z, cond, null, key)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
