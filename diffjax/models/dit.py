@@ -20,6 +20,12 @@ it with the setting it was trained with). To carry a run over, restore its state
 (`diffjax.rundir.load_state` with its own config), convert it with these
 functions and save it into a new workdir whose config has the other setting;
 there is no command for that yet.
+
+ControlNet (`diffjax.models.dit_controlnet`): `DiT(..., control_residuals=rs)` adds
+`rs[i]` ([B, T, D]) to the output of block i for the first N = len(rs) blocks; the
+ControlNet builds its copies of the embeddings and blocks with this module's
+`DiTFields`, `prepare_inputs`, `embed_patches`, `add_positions`, `embed_condition` and
+`block_factory`, so its params carry the DiT's names.
 """
 
 from __future__ import annotations
