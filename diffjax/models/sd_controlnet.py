@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from diffjax.models import layers as L
 from diffjax.models import sd_unet
+from diffjax.models.controlnet import ConditionEmbedding, check_control, zero_conv
 from diffjax.models.sd_unet import DownBlock, MidBlock, SDUNet, _conv, _dense
 
 Array = jax.Array
@@ -72,31 +73,6 @@ SHARED_PREFIXES = ("down_blocks.",)
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 _UP_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
-
-
-def _zero_conv(features: int, kernel: int, *, dtype: Any, name: str) -> nn.Conv:
-    # Stride 1, odd kernel: 'SAME' is torch's padding (k-1)//2.
-    return L.conv(
-        features, kernel, dtype=dtype, kernel_init=nn.initializers.zeros_init(), name=name
-    )
-
-
-class ConditioningEmbedding(nn.Module):
-    """diffusers `ControlNetConditioningEmbedding`: conv_in, (conv, stride-2 conv) per level,
-    SiLU after each, then a zero-initialised conv_out to the U-Net's first width."""
-
-    out_channels: int
-    block_out_channels: tuple[int, ...]
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, control: Array) -> Array:
-        chans, dt = self.block_out_channels, self.dtype
-        h = nn.silu(_conv(chans[0], 3, dtype=dt, name="conv_in")(control.astype(dt)))
-        for i in range(len(chans) - 1):
-            h = nn.silu(_conv(chans[i], 3, dtype=dt, name=f"blocks.{2 * i}")(h))
-            h = nn.silu(_conv(chans[i + 1], 3, strides=2, dtype=dt, name=f"blocks.{2 * i + 1}")(h))
-        return _zero_conv(self.out_channels, 3, dtype=dt, name="conv_out")(h)
 
 
 class SDControlNet(nn.Module):
@@ -188,19 +164,6 @@ class SDControlNet(nn.Module):
                 f"{self.conditioning_channels}."
             )
 
-    def _check_control(self, control: Array | None, x: Array) -> None:
-        b, h, w, _ = x.shape
-        f, cc = self.downsampling, self.conditioning_channels
-        want = (b, h * f, w * f, cc)
-        if control is None or tuple(control.shape) != want:
-            got = None if control is None else tuple(control.shape)
-            raise ValueError(
-                f"SDControlNet: control must be [B, H*{f}, W*{f}, conditioning_channels] = "
-                f"{list(want)} for x of shape {list(x.shape)} (the control image at the output "
-                f"image resolution, float in [0, 1]: the condition embedding downsamples by "
-                f"{f}), got {got}."
-            )
-
     # ------------------------------------------------------------------ forward
 
     @nn.compact
@@ -246,7 +209,7 @@ class SDControlNet(nn.Module):
                 f"SDControlNet: x has {x.shape[-1]} channels, the model takes in_channels="
                 f"{self.in_channels}."
             )
-        self._check_control(control, x)
+        check_control(control, x, self.downsampling, self.conditioning_channels, "SDControlNet")
         if self.controlnet_conditioning_channel_order == "bgr":
             control = control[..., ::-1]
         dt = L.get_dtype(self.dtype)
@@ -272,12 +235,10 @@ class SDControlNet(nn.Module):
         )
 
         h = _conv(c0, 3, dtype=dt, name="conv_in")(x.astype(dt))
-        h = h + ConditioningEmbedding(
-            c0,
-            tuple(self.conditioning_embedding_out_channels),
-            dt,
-            name="controlnet_cond_embedding",
-        )(control)
+        emb_channels = tuple(self.conditioning_embedding_out_channels)
+        h = h + ConditionEmbedding(
+            c0, emb_channels, len(emb_channels) - 1, dt, name="controlnet_cond_embedding"
+        )(control).astype(h.dtype)
 
         skips = [h]
         for i, kind in enumerate(self.down_block_types):
@@ -306,10 +267,9 @@ class SDControlNet(nn.Module):
         )(h, emb, context, context_mask, train)
 
         down = [
-            _zero_conv(s.shape[-1], 1, dtype=dt, name=f"controlnet_down_blocks.{i}")(s)
-            for i, s in enumerate(skips)
+            zero_conv(s, dtype=dt, name=f"controlnet_down_blocks.{i}") for i, s in enumerate(skips)
         ]
-        mid = _zero_conv(channels[-1], 1, dtype=dt, name="controlnet_mid_block")(h)
+        mid = zero_conv(h, dtype=dt, name="controlnet_mid_block")
         if self.global_pool_conditions:
             down = [jnp.mean(r, axis=(1, 2), keepdims=True) for r in down]
             mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
@@ -589,7 +549,6 @@ def count_residuals(module: SDControlNet) -> int:
 
 __all__ = [
     "SHARED_FIELDS",
-    "ConditioningEmbedding",
     "SDControlNet",
     "abstract_params",
     "count_residuals",
