@@ -259,6 +259,12 @@ class Controlled(nn.Module):
     controlnets: tuple[nn.Module, ...]
     guess_mode: bool = False
 
+    def __post_init__(self) -> None:
+        # One instance given twice would be ONE submodule (shared params); each ControlNet
+        # gets its own copy, hence its own `controlnets_i` tree.
+        object.__setattr__(self, "controlnets", tuple(n.clone() for n in self.controlnets))
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
