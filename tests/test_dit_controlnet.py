@@ -98,8 +98,10 @@ def test_shared_weights_are_copied_and_the_rest_kept_as_initialised(setup):
     for k in zero:
         assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(cp[k])), k
     emb = cp["controlnet_cond_embedding"]
-    assert sorted(emb) == ["conv_in"]  # control_downsample=1: no stride-2 stages
+    # control_downsample=1: widths (16, 32) with no stride-2 stage.
+    assert sorted(emb) == ["blocks.0", "blocks.1", "conv_in"]
     assert emb["conv_in"]["kernel"].shape == (3, 3, 3, 16)
+    assert emb["blocks.1"]["kernel"].shape == (3, 3, 16, 32)
     assert float(jnp.abs(emb["conv_in"]["kernel"]).max()) > 0
 
     # A scanned base (blocks stacked under 'blocks') gives the same copy.
@@ -200,7 +202,7 @@ def test_scanned_base_with_residuals_equals_the_unscanned_one(setup):
 def test_downsampling_condition_embedding_and_control_size_errors(setup):
     base, bp = setup["base"], setup["bp"]
     cn = DiTControlNet(
-        **BASE, control_depth=1, control_downsample=2, embedding_channels=(8, 12, 99)
+        **BASE, control_depth=1, control_downsample=2, embedding_channels=(8, 12)
     )  # conditioning_channels=0: x's 4 channels
     ctrl = jax.random.uniform(jax.random.key(4), (2, 16, 16, 4))
     # Random ControlNet params (the zero init is tested above; XLA:CPU compiles a DiT's
@@ -209,8 +211,8 @@ def test_downsampling_condition_embedding_and_control_size_errors(setup):
     plain, res, out = _forward(base, cn)(bp, cp, X, T, ctrl, {"labels": LABELS})
     emb = cp["controlnet_cond_embedding"]
     shapes = {k: v["kernel"].shape for k, v in emb.items()}
-    # One stage: conv 8 -> 8, stride-2 conv 8 -> 12; the third width is unused.
-    assert shapes == {"conv_in": (3, 3, 4, 8), "blocks_0": (3, 3, 8, 8), "blocks_1": (3, 3, 8, 12)}
+    # One stage: conv 8 -> 8, stride-2 conv 8 -> 12.
+    assert shapes == {"conv_in": (3, 3, 4, 8), "blocks.0": (3, 3, 8, 8), "blocks.1": (3, 3, 8, 12)}
     assert cp["control_patch_embed"]["kernel"].shape == (2, 2, 12, 32)
     assert len(res) == 1 and res[0].shape == (2, 16, 32)
     assert float(jnp.abs(out - plain).max()) > 1e-3
@@ -221,7 +223,7 @@ def test_downsampling_condition_embedding_and_control_size_errors(setup):
     params = jax.eval_shape(lambda c: sd_like.init(jax.random.key(0), X, T, control=c), big)
     params = params["params"]
     emb = nn.meta.unbox(params)["controlnet_cond_embedding"]
-    assert [emb[f"blocks_{i}"]["kernel"].shape[-1] for i in range(6)] == [16, 32, 32, 96, 96, 256]
+    assert [emb[f"blocks.{i}"]["kernel"].shape[-1] for i in range(6)] == [16, 32, 32, 96, 96, 256]
 
     for bad in ((2, 8, 8, 4), (2, 16, 16, 3), (2, 16, 15, 4)):
         with pytest.raises(ValueError, match=r"control must be \[B, H\*2, W\*2, Cc\]"):

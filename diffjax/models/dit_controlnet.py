@@ -15,7 +15,7 @@ initialisation (zero projections) the base's output is unchanged bit for bit.
 Params (names shared with the DiT are identical, so `init_from_base` copies them):
   patch_embed, time_embed, label_emb (num_classes > 0), text_encoder (text_vocab_size > 0),
   block0 .. block{N-1}                                   <- copied from the base
-  controlnet_cond_embedding/{conv_in, blocks_0 ..}       random (diffusers' init scheme)
+  controlnet_cond_embedding/{conv_in, blocks.0 ..}       random (diffusers' init scheme)
   control_patch_embed, control_proj0 .. control_proj{N-1}  zero
 
 The ControlNet's blocks are never scanned: its `scan_layers` field only mirrors the
@@ -24,7 +24,6 @@ base's fields (the base may be scanned; `init_from_base` unstacks its blocks).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models import layers as L
+from diffjax.models.controlnet import ConditionEmbedding, control_stages, embedding_widths
 from diffjax.models.dit import (
     CONTROL_PATCH_EMBED_KEY,
     STACKED_KEY,
@@ -55,65 +55,6 @@ def _proj_name(i: int) -> str:
     return f"control_proj{i}"
 
 
-def _downsample_stages(factor: int) -> int:
-    if factor < 1 or factor & (factor - 1):
-        raise ValueError(
-            f"control_downsample must be a power of two >= 1 (pixels per model pixel: 8 for "
-            f"SD-VAE latents, 1 for a pixel model), got {factor}."
-        )
-    return factor.bit_length() - 1
-
-
-def _torch_conv_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-    """PyTorch's default conv kernel init (diffusers' here): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-    Drawn flat and reshaped: the same distribution as `variance_scaling(1/3, 'fan_in',
-    'uniform')`, but XLA:CPU compiles threefry bits for a 4-D kernel shape such as
-    (3, 3, 8, 12) in ~15 s against < 1 s for the flat vector.
-    """
-    fan_in = math.prod(shape[:-1])
-    bound = 1.0 / math.sqrt(fan_in)
-    flat = jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound)
-    return flat.reshape(shape)
-
-
-class ControlConditioningEmbedding(nn.Module):
-    """diffusers' ControlNetConditioningEmbedding without its output conv.
-
-    conv_in (3x3) -> SiLU -> per stage s < log2(downsample): conv 3x3 (w_s -> w_s) ->
-    SiLU -> conv 3x3 stride 2 (w_s -> w_{s+1}) -> SiLU, with w_s = channels[min(s, K-1)]
-    (K = len(channels)); widths past the last stage are unused. Conv i of the stages is
-    'blocks_{i}' (diffusers' `blocks.{i}`).
-
-    Attributes:
-      channels: the widths w_0, w_1, ...
-      downsample: a power of two: the output is downsample x smaller than the input.
-      dtype: compute dtype.
-    """
-
-    channels: tuple[int, ...] = (16, 32)
-    downsample: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, cond: Array) -> Array:
-        """cond [B, H, W, Cc] -> [B, H / downsample, W / downsample, w_last]."""
-        if not self.channels:
-            raise ValueError("embedding_channels must name at least one width, e.g. (16, 32).")
-        stages = _downsample_stages(self.downsample)
-        widths = [self.channels[min(s, len(self.channels) - 1)] for s in range(stages + 1)]
-        init = _torch_conv_init
-
-        def conv(width: int, name: str, strides: int = 1) -> nn.Conv:
-            return L.conv(width, 3, dtype=self.dtype, strides=strides, kernel_init=init, name=name)
-
-        h = nn.silu(conv(widths[0], "conv_in")(cond.astype(self.dtype)))
-        for s in range(stages):
-            h = nn.silu(conv(widths[s], f"blocks_{2 * s}")(h))
-            h = nn.silu(conv(widths[s + 1], f"blocks_{2 * s + 1}", strides=2)(h))
-        return h
-
-
 class DiTControlNet(DiTFields):
     """A DiT ControlNet: returns the residuals for the first N blocks of a `DiT`.
 
@@ -126,7 +67,7 @@ class DiTControlNet(DiTFields):
       control_downsample: control pixels per x pixel (a power of two): 8 for a latent
         DiT with an 8x VAE, 1 for a pixel DiT.
       embedding_channels: the condition embedding's widths (see
-        `ControlConditioningEmbedding`).
+        `diffjax.models.controlnet.ConditionEmbedding`).
     """
 
     control_depth: int = 0
@@ -148,7 +89,7 @@ class DiTControlNet(DiTFields):
     def _check_control(self, control: Array, x: Array) -> None:
         b, hh, ww, cin = x.shape
         k = self.control_downsample
-        _downsample_stages(k)
+        control_stages(k)
         want_c = self.conditioning_channels or cin
         want = (b, hh * k, ww * k, want_c)
         if getattr(control, "ndim", 0) != 4 or tuple(control.shape) != want:
@@ -190,8 +131,12 @@ class DiTControlNet(DiTFields):
         p, d = self.patch_size, self.hidden_size
         dt = L.get_dtype(self.dtype)
 
-        feat = ControlConditioningEmbedding(
-            tuple(self.embedding_channels), self.control_downsample, dt, name=COND_EMBEDDING_KEY
+        feat = ConditionEmbedding(
+            0,
+            embedding_widths(self.embedding_channels, self.control_downsample),
+            control_stages(self.control_downsample),
+            dt,
+            name=COND_EMBEDDING_KEY,
         )(control)
         cond_tokens = nn.Conv(
             d,

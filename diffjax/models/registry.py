@@ -12,7 +12,10 @@ from typing import Any
 
 import flax.linen as nn
 
+from diffjax.models import controlnet
 from diffjax.models.dit import DiT
+from diffjax.models.dit_controlnet import DiTControlNet
+from diffjax.models.sd_controlnet import SDControlNet
 from diffjax.models.sd_unet import SDUNet
 from diffjax.models.unet import UNet
 
@@ -92,8 +95,6 @@ def build_controlnet(
       embedding_channels: the condition embedding's widths; () = the family default.
       depth: DiT only: how many of the first blocks are copied (0 = depth // 2).
     """
-    from diffjax.models import controlnet
-
     if name not in CONTROLNETS:
         raise ValueError(f"model {name!r} has no ControlNet; ones exist for {list(CONTROLNETS)}.")
     base = build_model(name, **base_kwargs, dtype=dtype, remat_policy=remat_policy)
@@ -107,8 +108,6 @@ def build_controlnet(
             embedding_channels=widths,
         )
     if name == "dit":
-        from diffjax.models.dit_controlnet import DiTControlNet
-
         return DiTControlNet(
             **fields,
             control_depth=depth,
@@ -116,8 +115,6 @@ def build_controlnet(
             control_downsample=control_downsample,
             embedding_channels=widths,
         )
-    from diffjax.models.sd_controlnet import SDControlNet
-
     if 2 ** (len(widths) - 1) != control_downsample:
         raise ValueError(
             f"An SD ControlNet's embedding downsamples by 2**(len(embedding_channels) - 1); "
