@@ -147,6 +147,28 @@ def test_registry_builds_the_controlnet_of_the_base_fields(setup):
     assert isinstance(net, C.UNetControlNet) and net.embedding_channels == (16, 32)
     with pytest.raises(ValueError, match=r"control must be \[B, H, W, C\] = \[2, 16, 16, 1\]"):
         net.init(jax.random.key(0), x, t, labels, control=ctrl[:, :8, :8])
+    dit = build_controlnet(
+        "dit",
+        dict(patch_size=2, hidden_size=32, depth=4, num_heads=4, num_classes=10),
+        conditioning_channels=3,
+        control_downsample=8,
+        depth=3,
+    )
+    assert (dit.control_depth, dit.num_control_blocks, dit.embedding_channels) == (
+        3,
+        3,
+        (16, 32, 96, 256),
+    )
+    res = jax.eval_shape(
+        lambda: dit.init_with_output(
+            jax.random.key(0),
+            jnp.zeros((2, 4, 4, 4)),
+            jnp.zeros((2,)),
+            jnp.zeros((2,), jnp.int32),
+            control=jnp.zeros((2, 32, 32, 3)),
+        )[0]
+    )
+    assert [r.shape for r in res] == [(2, 4, 32)] * 3
     with pytest.raises(ValueError, match="power of two"):
         C.embedding_widths((), 3)
     with pytest.raises(ValueError, match="has no ControlNet"):
@@ -175,16 +197,13 @@ def test_sample_fn_window_and_guess_mode(setup):
     cond = {"labels": labels, "control": ctrl, "control_scale": jnp.ones((2, 1))}
     key = jax.random.key(0)
 
-    def draw(c, **more):
-        return np.asarray(
-            sample_fn_lib.make_sample_fn(model.apply, sched, **kw, **more)(params, x, c, key)
-        )
-
-    off = {**cond, "control_scale": jnp.zeros((2, 1))}
+    plain = sample_fn_lib.make_sample_fn(model.apply, sched, **kw)
     empty = samplers.step_window(sched, "ddim", 4, 0.0, 0.2)  # no step qualifies
     assert empty[0] > empty[1]
-    np.testing.assert_allclose(draw(cond, control_window=empty), draw(off), atol=1e-6)
-    assert np.abs(draw(cond) - draw(off)).max() > 1e-3
+    windowed = sample_fn_lib.make_sample_fn(model.apply, sched, **kw, control_window=empty)
+    off = np.asarray(plain(params, x, {**cond, "control_scale": jnp.zeros((2, 1))}, key))
+    np.testing.assert_allclose(np.asarray(windowed(params, x, cond, key)), off, atol=1e-6)
+    assert np.abs(np.asarray(plain(params, x, cond, key)) - off).max() > 1e-3
     # Guess mode: the derived null condition runs without control.
     null = sample_fn_lib.null_condition(cond, 3, guess_mode=True)
     assert not np.any(np.asarray(null["control_scale"])) and np.all(np.asarray(null["labels"]) == 3)
