@@ -78,6 +78,9 @@ def test_dit_matches_diffusers(refs, case):
     got, labels = gen.generate(len(noise), labels=c["labels"], noise=noise, batch_size=len(noise))
     np.testing.assert_array_equal(labels, c["labels"])
     assert _max_diff(got, arrays[f"dit_{case}_images"]) <= TOL
+    # --labels=none: the null class (an unconditional sample).
+    cond, _, lab = gen._conditions(np.arange(3), "none", None, "")
+    np.testing.assert_array_equal(lab, [1000] * 3)
 
 
 def test_sample_cli_pretrained(refs, tmp_path):

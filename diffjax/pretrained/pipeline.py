@@ -574,6 +574,8 @@ class PretrainedGenerator:
             raise ValueError(f"{self.pipe.class_name} is not text-conditioned; drop --prompt.")
         if kind == "label":
             k = self.num_classes
+            if isinstance(labels, str) and labels == "none":
+                labels = [k]  # --labels=none: the null class
             if labels is not None and len(labels):
                 given = np.asarray(labels, np.int32)
                 if given.min() < 0 or given.max() > k:
