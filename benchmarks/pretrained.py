@@ -1,11 +1,13 @@
 """Pretrained components side by side with diffusers: SD U-Net, text-to-image, VAE tiling,
-VAE encode throughput, the latent train step and a LoRA step against the full one.
+VAE encode throughput, the latent train step, a LoRA step against the full one, and a
+ControlNet step against its base's full step.
 
     python benchmarks/pretrained.py --suite cpu            # shrunken shapes, here (minutes)
     python benchmarks/pretrained.py --suite gpu            # SD 1.5 shapes on one GPU
     python benchmarks/pretrained.py --suite gpu --quick    # the script's logic, tiny, any device
 
-Seven measurements, each for diffjax and, in the same run, for diffusers 0.42.1
+Eight measurements, each for diffjax and (but `finetune` and `controlnet`), in the same
+run, for diffusers 0.42.1
 (`pip install torch==2.13.0 diffusers==0.42.1 transformers peft==0.21.2`; `--no-torch`
 skips it,
 `--torch-python PATH` runs the diffusers side with another interpreter):
@@ -54,6 +56,16 @@ skips it,
   XLA's plan (arguments / temporaries), the optimizer state's bytes on both sides, the
   device peaks on a GPU (diffjax: a JAX worker per case; diffusers:
   `max_memory_allocated` less what was allocated before the case).
+* `controlnet` (diffjax only): a ControlNet step against its base's full train step on
+  the same shapes and batch, measured together (timing windows alternate), for two
+  models. `cn_sd_*`: the lora case's latent-fed SD U-Net and batch with a 3-channel
+  control 8x the latents' size (SD's condition embedding); full (AdamW + EMA),
+  `lora_r4` (the lora case's LoRA step) and `controlnet` (the ControlNet's params in
+  AdamW + EMA, the U-Net in `frozen["base"]`, the ControlNet initialised from it as the
+  loop's `_controlnet_start`). `cn_digits_*`: configs/digits.py's U-Net at its batch
+  (128x8x8x1 + labels), full vs configs/digits_controlnet.py's edges ControlNet (a
+  1-channel control at 1x), on a random-init base. img/s, XLA's plan, the optimizer
+  state's bytes, the trained and base param counts; a table of ratios to the full step.
 
 Both frameworks read the SAME random weights: the JAX worker writes a diffusers-layout
 pipeline directory (random weights, SD 1.5's DDIM scheduler config, the CLIP BPE
@@ -93,14 +105,14 @@ from benchmarks import common  # noqa: E402
 from benchmarks.run import RESULTS, _fmt_bytes, _table, host_info, result_path  # noqa: E402
 
 TOKENIZER = common.ROOT / "tests" / "fixtures" / "clip_tokenizer"
-KINDS = ("unet", "t2i", "vae", "encode", "train", "finetune", "lora")
+KINDS = ("unet", "t2i", "vae", "encode", "train", "finetune", "lora", "controlnet")
 # Cases measured on diffjax's side only (variants of one diffjax config, side by side).
-JAX_ONLY_KINDS = ("finetune",)
+JAX_ONLY_KINDS = ("finetune", "controlnet")
 # Kinds whose cases are measured together, after the others: all set up, then their
 # timing windows alternate (so their ratios see the same load). In the gpu suite each
 # case has a JAX worker of its own, so that the device's peak memory is its own (JAX
 # cannot reset it); a CPU has no device peak and they share the JAX worker.
-TOGETHER_KINDS = ("lora",)
+TOGETHER_KINDS = ("lora", "controlnet")
 
 # The train case's AdamW on both sides (diffusers' train_text_to_image.py defaults, with
 # its --max_grad_norm 1.0 and --use_ema); no warmup, constant learning rate.
@@ -260,6 +272,21 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
                 "remat": "none",
                 "rank": 4,
             },  # fmt: skip
+            # The SD rows on the quick train U-Net (8x8 latents, 64x64x3 controls); digits:
+            # configs/digits.py:quick's model.
+            "controlnet_case": {
+                "sd": {
+                    "batch": 2,
+                    "latent": 8,
+                    "context_len": 77,
+                    "dtype": "float32",
+                    "remat": "none",
+                    "rank": 4,
+                    "downsample": 8,
+                    "embedding": [4, 8, 8, 8],  # tiny, as the quick U-Net
+                },
+                "digits": {"arg": "quick", "batch": 8, "dtype": "float32"},
+            },  # fmt: skip
             # One level (no cross-attention block but the middle one): the train step's
             # compile is ~4x shorter than with `unet`'s two levels.
             "train_unet": dict(
@@ -299,6 +326,21 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
                 "remat": "none",
                 "rank": 4,
             },  # fmt: skip
+            # ControlNet vs the full step: SD 1.5's U-Net on the lora case's latents with
+            # 512x512x3 controls; the digits U-Net at configs/digits.py's batch.
+            "controlnet_case": {
+                "sd": {
+                    "batch": 4,
+                    "latent": 64,
+                    "context_len": 77,
+                    "dtype": "bfloat16",
+                    "remat": "none",
+                    "rank": 4,
+                    "downsample": 8,
+                    "embedding": [],  # SD's (16, 32, 96, 256)
+                },
+                "digits": {"arg": "", "batch": 128, "dtype": "float32"},
+            },  # fmt: skip
             "windows": 3,
             "window_s": 2.0,
         }
@@ -323,6 +365,21 @@ def suite_plan(suite: str, quick: bool) -> dict[str, Any]:
                 "dtype": "float32",
                 "remat": "none",
                 "rank": 4,
+            },  # fmt: skip
+            # The lora case's shapes (2x16x16x4 latents, 77x64 context) with 128x128x3
+            # controls (SD's 8x condition embedding); the digits U-Net at its config's batch.
+            "controlnet_case": {
+                "sd": {
+                    "batch": 2,
+                    "latent": 16,
+                    "context_len": 77,
+                    "dtype": "float32",
+                    "remat": "none",
+                    "rank": 4,
+                    "downsample": 8,
+                    "embedding": [],  # SD's (16, 32, 96, 256)
+                },
+                "digits": {"arg": "", "batch": 128, "dtype": "float32"},
             },  # fmt: skip
             "windows": 3,
             "window_s": 2.0,
@@ -372,6 +429,27 @@ def cases_of(plan: dict[str, Any], pipe_dir: str, vae_dir: str) -> list[dict[str
                       "latent": lo["latent"], "context_len": lo["context_len"],
                       "dtype": lo["dtype"], "remat": lo["remat"], "lora": lora, "seed": 7,
                       "schedule": SD15_DDIM, "optimizer": opt})  # fmt: skip
+    cn = plan["controlnet_case"]
+    sd, dg = cn["sd"], cn["digits"]
+    rank = {"rank": sd["rank"], "alpha": float(sd["rank"])}
+    control = {"control": "given", "channels": 3, "downsample": sd["downsample"],
+               "embedding_channels": sd["embedding"]}  # fmt: skip
+    for variant, opt in (("full", TRAIN_OPTIMIZER), (f"lora_r{sd['rank']}", LORA_OPTIMIZER),
+                         ("controlnet", TRAIN_OPTIMIZER)):  # fmt: skip
+        cases.append({"name": f"cn_sd_{variant}", "kind": "controlnet", "model": "sd",
+                      "variant": variant, "dir": train_dir, "batch": sd["batch"],
+                      "latent": sd["latent"], "context_len": sd["context_len"],
+                      "dtype": sd["dtype"], "remat": sd["remat"], "seed": 8,
+                      "lora": rank if variant.startswith("lora") else None,
+                      "control": control if variant == "controlnet" else None,
+                      "schedule": SD15_DDIM, "optimizer": opt})  # fmt: skip
+    # configs/digits_controlnet.py's ControlNet (edges, 1 channel, pixel space: 1x).
+    control = {"control": "edges", "channels": 1, "downsample": 1, "embedding_channels": None}
+    for variant in ("full", "controlnet"):
+        cases.append({"name": f"cn_digits_{variant}", "kind": "controlnet", "model": "digits",
+                      "variant": variant, "arg": dg["arg"], "batch": dg["batch"],
+                      "dtype": dg["dtype"], "seed": 9,
+                      "control": control if variant == "controlnet" else None})  # fmt: skip
     return cases
 
 
@@ -714,13 +792,15 @@ class JaxSide(_Side):
             "path": "diffjax.pretrained.encode.Encoder (launch/encode_latents.py's step)",
         }
 
-    def _latent_step(self, spec: dict[str, Any]):
-        """The latent train step's config, U-Net config and global batch (train, lora).
+    def _latent_step(self, spec: dict[str, Any], extra: dict[str, Any] | None = None):
+        """The latent train step's config, U-Net config and global batch (train, lora,
+        controlnet).
 
         A config with `model.name='sd_unet'` (the directory's U-Net as kwargs),
         `data.source='latents'`, discrete_vp scaled_linear, epsilon, `eps_mse`, no caption
         dropout, AdamW + clipping + EMA from `spec['optimizer']`; the batch is the latents
-        and the context the diffusers side reads (`normal` draws, an all-True mask).
+        and the context the diffusers side reads (`normal` draws, an all-True mask), plus
+        the host arrays of `extra` (a ControlNet's `control`).
         Returns (config, unet config, mesh, batch).
         """
         import dataclasses
@@ -768,6 +848,7 @@ class JaxSide(_Side):
                 "context": normal(spec["seed"] + 1, (b, ctx_len, dim)),
                 # SD attends to every token; the latents source gives an all-True mask.
                 "context_mask": np.ones((b, ctx_len), bool),
+                **(extra or {}),
             },
             mesh,
         )
@@ -915,6 +996,8 @@ class JaxSide(_Side):
             "first_loss": float(m["loss"]),
             "param_dtype": str(jax.tree.leaves(holder["state"].params)[0].dtype),
             "memory": _xla_memory(compiled),
+            # XLA's count for the whole compiled step (forward, backward, optimizer).
+            "flops": _xla_flops(compiled),
             # Cumulative over this worker process (cases run one after another).
             "device_peak_bytes": stats.get("peak_bytes_in_use"),
         }
@@ -977,6 +1060,121 @@ class JaxSide(_Side):
             **out,
         }
 
+    def _setup_controlnet(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A ControlNet step, or its base's full step (or a LoRA step), on the same shapes.
+
+        `spec['model']`: "sd" is `_latent_step`'s config (the lora case's latent-fed SD
+        U-Net, the directory's weights as the base; a control image 8x the latents' size,
+        3 channels, SD's condition embedding), "digits" is configs/digits.py's (full) and
+        configs/digits_controlnet.py's (controlnet) config on a random batch of 8x8x1
+        images and labels, a random-init base (edges: a 1-channel control, 1x). A
+        controlnet variant sets `controlnet.control`, `conditioning_channels` and
+        `control_downsample` (what `stage.resolve_controlnet` would), is built by
+        `rundir.build_components`, starts as the loop's `_controlnet_start` (the encoder
+        half copied from `frozen["base"]`, placed with `parts.base_sharding`) and trains the
+        ControlNet only; full: the loop's `_start_from` (every weight trains); lora: as
+        the lora case. Each is compiled by the loop's `_compile_step`. Memory: XLA's plan
+        (arguments = state + frozen + batch), the state's bytes per part.
+        """
+        import numpy as np
+
+        jax = self.jax
+        from diffjax import experiment, parallel, rundir
+        from diffjax.config import load_config_file
+        from diffjax.models.summary import count_params
+        from diffjax.pretrained import pipeline
+        from diffjax.train import loop
+
+        t0 = time.perf_counter()
+        ctl, b = spec["control"], spec["batch"]
+        rng = np.random.default_rng(spec["seed"] + 2)
+        if spec["model"] == "sd":
+            f = ctl["downsample"] if ctl else 1
+            px = spec["latent"] * f
+            extra = (
+                {"control": rng.random((b, px, px, ctl["channels"]), dtype=np.float32)}
+                if ctl
+                else None
+            )
+            config, _, mesh, batch = self._latent_step(spec, extra)
+            base = pipeline.load_sd_unet(os.path.join(spec["dir"], "unet")).params
+        else:
+            name = "digits_controlnet.py" if ctl else "digits.py"
+            config = load_config_file(str(common.ROOT / "configs" / name), spec["arg"] or None)
+            config.base_workdir = ""  # the base is given below, not read from a run
+            config.model.dtype = spec["dtype"]
+            config.train.batch_size = b
+            d, mesh = config.data, parallel.make_mesh(-1, 1)
+            n = d.image_size
+            host = {
+                "image": np.clip(normal(spec["seed"], (b, n, n, d.channels)), -1, 1),
+                "labels": rng.integers(0, d.num_classes, b).astype(np.int32),
+            }
+            if ctl:  # edges: a binary map (as the Canny transform gives), 1x the image
+                host["control"] = (rng.random((b, n, n, ctl["channels"])) < 0.2).astype(np.float32)
+            batch = parallel.global_batch(host, mesh)
+            base = None
+        if spec.get("lora"):
+            config.lora.rank, config.lora.alpha = spec["lora"]["rank"], spec["lora"]["alpha"]
+        if ctl:
+            c = config.controlnet
+            c.control, c.conditioning_channels = ctl["control"], ctl["channels"]
+            c.control_downsample = ctl["downsample"]
+            if ctl["embedding_channels"] is not None:  # None: the config's own
+                c.embedding_channels = tuple(ctl["embedding_channels"])
+        parts = rundir.build_components(config, mesh)
+        if base is None:  # a random base of the config's model (the cost is the same)
+            init_base = experiment.make_init_fn(experiment.build_model(config), config)
+            base = jax.jit(functools.partial(_unboxed, init_base))(jax.random.key(1))
+        shapes = jax.tree.map(lambda a: tuple(a.shape), parts.model_shapes)
+        if jax.tree.map(lambda a: tuple(a.shape), base) != shapes:
+            raise ValueError(f"{spec['name']}: the base's params are not the config's model.")
+        init = functools.partial(parts.init, unbox=True)
+        state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(0))
+        if spec["variant"] == "full":
+            state, frozen = loop._start_from(config, parts, state, base), {}
+        else:
+            frozen = {"base": jax.device_put(base, parts.base_sharding)}
+            if parts.controlnet:
+                state = loop._controlnet_start(parts, state, frozen["base"])
+        build_s = time.perf_counter() - t0
+
+        def nbytes(tree):
+            return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+        state_bytes = {
+            "params": nbytes(state.params),
+            "ema_params": nbytes(state.ema_params),
+            "opt_state": nbytes(state.opt_state),
+            "frozen": nbytes(frozen),
+        }
+        out = self._loop_step(spec["name"], parts, state, batch, frozen, mesh)
+        return {
+            "params": out.pop("trained_params"),  # trained (what AdamW holds)
+            "model_params": count_params(base),
+            "controlnet": bool(parts.controlnet),
+            # The ControlNet's condition embedding (control image -> the model's width).
+            "embedding_params": count_params(state.params.get("controlnet_cond_embedding", {}))
+            if parts.controlnet
+            else 0,
+            # Its copy of the base's encoder half (the entries named as the base's).
+            "copied_params": count_params({k: v for k, v in state.params.items() if k in base})
+            if parts.controlnet
+            else 0,
+            "batch_shapes": {k: list(v.shape) for k, v in batch.items()},
+            "ema_decay": float(config.train.ema_decay),
+            "load_s": build_s,
+            "state_bytes": state_bytes,
+            **out,
+        }
+
+
+def _unboxed(init_fn, key):
+    """`init_fn(key)`'s params without their partitioning boxes."""
+    import flax.linen as nn
+
+    return nn.meta.unbox(init_fn(key))
+
 
 def _random_torch_tensors(abstract_params: Any, seed: int) -> dict[str, Any]:
     """Random params of a Flax tree's shapes, as torch-layout numpy tensors."""
@@ -1000,6 +1198,17 @@ def _random_torch_tensors(abstract_params: Any, seed: int) -> dict[str, Any]:
             x = 0.02 * rng.standard_normal(shape, dtype=np.float32)
         params[path] = x
     return convert.flax_to_torch(traverse_util.unflatten_dict(params))
+
+
+def _xla_flops(compiled: Any) -> float | None:
+    """XLA's FLOP count of a compiled program (None where the backend gives none)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 -- not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def _xla_memory(compiled: Any) -> dict[str, Any]:
@@ -1420,10 +1629,14 @@ class Bench:
         load0 = os.getloadavg()
         plan = suite_plan(self.suite, self.quick)
         plan["quick"] = self.quick
+        if self.args.windows:
+            plan["windows"] = self.args.windows
         wanted = [k for k in self.args.cases.split(",") if k] if self.args.cases else list(KINDS)
-        unknown = sorted(set(wanted) - set(KINDS))
+        names = [s["name"] for s in cases_of(plan, "", "")]
+        unknown = sorted(set(wanted) - set(KINDS) - set(names))
         if unknown:
-            raise SystemExit(f"unknown --cases {unknown}; known: {list(KINDS)}")
+            raise SystemExit(f"unknown --cases {unknown}; known kinds: {list(KINDS)}, "
+                             f"cases: {names}")  # fmt: skip
         result: dict[str, Any] = {
             "benchmark": "pretrained",
             "suite": self.suite,
@@ -1462,7 +1675,10 @@ class Bench:
             result["weights"] = jw.call(
                 "write_pipeline", path=pipe_dir, vae_path=vae_dir, plan=plan
             )
-            specs = [s for s in cases_of(plan, pipe_dir, vae_dir) if s["kind"] in wanted]
+            specs = [
+                s for s in cases_of(plan, pipe_dir, vae_dir)
+                if s["kind"] in wanted or s["name"] in wanted
+            ]  # fmt: skip
             for spec in specs:
                 if spec["kind"] not in TOGETHER_KINDS:
                     result["cases"].append(self.run_case(spec, plan, jw, refs, tmp))
@@ -1626,6 +1842,12 @@ def _shape(c: dict[str, Any]) -> str:
     if c["kind"] == "lora":
         what = f"LoRA r{s['lora']['rank']}" if s["lora"] else "full"
         return f"{s['batch']}x{s['latent']}x{s['latent']}x4, ctx {s['context_len']}, {what}"
+    if c["kind"] == "controlnet":
+        shapes = (c.get("diffjax", {}).get("setup") or {}).get("batch_shapes", {})
+        x = "x".join(str(d) for d in shapes.get("image", ["?"]))
+        what = "labels" if s["model"] == "digits" else f"ctx {s['context_len']}"
+        ctl = shapes.get("control")
+        return f"{x}, {what}" + (f", control {'x'.join(map(str, ctl))}" if ctl else "")
     if c["kind"] == "finetune":
         h, w, ch = (c.get("diffjax", {}).get("setup") or {}).get("image_shape", ("?", "?", 3))
         return f"{s['batch']}x{h}x{w}x{ch} images + 77 ids, remat {s['remat']}"
@@ -1701,6 +1923,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(_table(["case", "shape", "dtype", "img/s", "arguments", "temporaries",
                              "total", "device peak so far"], rows))  # fmt: skip
     lines += _lora_report(result)
+    lines += _controlnet_report(result)
     vae = [c for c in result["cases"] if c["kind"] == "vae" and "ms" in c.get("diffjax", {})]
     if vae:
         rows = []
@@ -1778,6 +2001,68 @@ def _lora_report(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _controlnet_report(result: dict[str, Any]) -> list[str]:
+    """The controlnet cases: each model's ControlNet step against its full (and LoRA) step."""
+    cases = [
+        c for c in result["cases"] if c["kind"] == "controlnet" and "ms" in c.get("diffjax", {})
+    ]
+    if not cases:
+        return []
+    rows, by = [], {}
+    for c in cases:
+        s, st = c["spec"], c["diffjax"]["setup"]
+        m, sb = st["memory"], st["state_bytes"]
+        rate = s["batch"] * 1e3 / c["diffjax"]["ms"]
+        by[s["model"], s["variant"]] = (c, rate)
+        rows.append([
+            c["name"], _shape(c), s["dtype"], f"{c['params']:,}", f"{st['model_params']:,}",
+            f"{rate:.2f}", f"{st['flops'] / s['batch'] / 1e9:.3f}" if st.get("flops") else "n/a",
+            _fmt_bytes(m.get("argument_bytes")), _fmt_bytes(m.get("temp_bytes")),
+            _fmt_bytes(m.get("total_bytes")), _fmt_bytes(sb["opt_state"]),
+            _fmt_bytes(sb["frozen"]), _fmt_bytes(st.get("device_peak_bytes")),
+        ])  # fmt: skip
+    lines = [
+        "",
+        "ControlNet step vs the base's full step (and a LoRA step), diffjax, same shapes and "
+        "batch; timing windows alternate. XLA plan of the step: arguments = state + frozen "
+        "base + batch; optimizer state = AdamW's moments; frozen = the base in frozen['base']",
+        "",
+        _table(["case", "shape", "dtype", "trained params", "base params", "img/s",
+                "XLA GFLOP/img", "XLA arguments", "XLA temporaries", "XLA total", "optimizer state", "frozen",
+                "device peak"], rows),
+    ]  # fmt: skip
+    for model in dict.fromkeys(c["spec"]["model"] for c in cases):
+        full = by.get((model, "full"))
+        if full is None:
+            continue
+        fs = full[0]["diffjax"]["setup"]
+        for (mod, variant), (c, rate) in by.items():
+            if mod != model or variant == "full":
+                continue
+            st = c["diffjax"]["setup"]
+            tot = st["memory"].get("total_bytes"), fs["memory"].get("total_bytes")
+            tmp = st["memory"].get("temp_bytes"), fs["memory"].get("temp_bytes")
+            opt = st["state_bytes"]["opt_state"] / fs["state_bytes"]["opt_state"]
+            flops = (
+                f", XLA FLOPs {st['flops'] / fs['flops']:.2f}x"
+                if st.get("flops") and fs.get("flops")
+                else ""
+            )
+            line = f"{c['name']} / {full[0]['name']}: img/s {rate / full[1]:.2f}x{flops}, XLA plan total "
+            line += f"{tot[0] / tot[1]:.2f}x" if None not in tot else "n/a"
+            if None not in tmp:
+                line += f" (temporaries {tmp[0] / tmp[1]:.2f}x)"
+            line += f", optimizer state {opt:.3f}x, trained params {c['params'] / full[0]['params']:.3f}x"
+            lines += ["", line]
+        cn = by.get((model, "controlnet"))
+        for (mod, variant), (c, rate) in by.items():
+            if mod == model and variant.startswith("lora") and cn:
+                line = f"{cn[0]['name']} / {c['name']}: img/s {cn[1] / rate:.2f}x"
+                fc, fl = cn[0]["diffjax"]["setup"].get("flops"), c["diffjax"]["setup"].get("flops")
+                lines += ["", line + (f", XLA FLOPs {fc / fl:.2f}x" if fc and fl else "")]
+    return lines
+
+
 def _throughput(result: dict[str, Any]) -> list[str]:
     """The encode and train cases as rates: img/s (encode), steps/s and img/s (train)."""
     rows = []
@@ -1818,9 +2103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the diffusers side")
     p.add_argument("--torch-python", default="",
                    help="interpreter for the diffusers side (default: this one)")  # fmt: skip
-    p.add_argument("--cases", default="", help=f"comma-separated subset of {KINDS}")
+    p.add_argument("--cases", default="",
+                   help=f"comma-separated subset of {KINDS}, or of case names (cn_sd_full, ...)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0,
                    help="cpu suite: CPUs for each framework (default: all allowed)")  # fmt: skip
+    p.add_argument("--windows", type=int, default=0,
+                   help="timing rounds (default: the suite's, 3; more on a loaded machine)")  # fmt: skip
     p.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
     p.add_argument("--report", metavar="JSON", help="print the table of a saved result and exit")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)

@@ -166,3 +166,51 @@ def test_pretrained_quick_encode_train_and_lora(tmp_path):
         assert st["memory"]["argument_bytes"] >= sum(b.values())
     assert lo["state_bytes"]["frozen"] == 4 * n and full["state_bytes"]["frozen"] == 0
     assert lo["memory"]["argument_bytes"] < full["memory"]["argument_bytes"]
+
+
+def test_pretrained_quick_controlnet(tmp_path):
+    """pretrained.py --cases cn_sd_controlnet: the SD ControlNet step on the quick U-Net runs,
+    trains the ControlNet only (its condition embedding counted in closed form) beside the
+    frozen base, and gets a row in the ControlNet table."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "pretrained.py"), "--suite", "cpu",
+           "--quick", "--no-torch", "--cases", "cn_sd_controlnet", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ControlNet step vs the base's full step" in proc.stdout
+
+    (path,) = glob.glob(str(tmp_path / "pretrained_cpu-quick_cpu_*.json"))
+    result = json.load(open(path))
+    assert result["errors"] == [] and result["torch"] is None
+    (case,) = result["cases"]
+    assert case["name"] == "cn_sd_controlnet" and case["diffjax"]["ms"] > 0
+    s, spec = case["diffjax"]["setup"], case["spec"]
+    assert s["controlnet"] and s["first_loss"] > 0
+    # The control image is the latents' size times the VAE factor, 3 channels.
+    b, n, f = spec["batch"], spec["latent"], spec["control"]["downsample"]
+    assert s["batch_shapes"]["control"] == [b, n * f, n * f, 3]
+
+    # Condition embedding: conv_in, per stage a 3x3 conv and a stride-2 3x3 conv, conv_out
+    # to the U-Net's first width; zero convs: a 1x1 conv per skip (conv_in, each resnet, each
+    # downsampler) and the mid block's (biases included).
+    def conv(i, o, k=3):
+        return k * k * i * o + o
+
+    u, w = result["plan"]["train_unet"], spec["control"]["embedding_channels"]
+    widths, layers = u["block_out_channels"], u["layers_per_block"]
+    emb = conv(3, w[0]) + conv(w[-1], widths[0])
+    emb += sum(conv(a, a) + conv(a, z) for a, z in zip(w[:-1], w[1:], strict=True))
+    skips = [widths[0]] + [
+        c for i, c in enumerate(widths) for _ in range(layers + (i < len(widths) - 1))
+    ]
+    zero = sum(conv(c, c, 1) for c in skips) + conv(widths[-1], widths[-1], 1)
+    assert s["embedding_params"] == emb
+    # Only the ControlNet trains: its embedding, zero convs and the copied encoder half.
+    n_base = result["weights"]["params"]["train_unet"]
+    assert s["model_params"] == n_base and 0 < s["copied_params"] < n_base
+    assert case["params"] == s["copied_params"] + emb + zero
+    sb = s["state_bytes"]
+    assert sb["params"] == sb["ema_params"] == 4 * case["params"]
+    assert 8 * case["params"] <= sb["opt_state"] <= 8 * case["params"] + 64  # AdamW mu, nu
+    assert sb["frozen"] == 4 * n_base
+    # XLA's arguments hold the state, the frozen base and the batch (with the control).
+    assert s["memory"]["argument_bytes"] >= sum(sb.values()) + 4 * b * (n * f) ** 2 * 3
