@@ -61,11 +61,13 @@ skips it,
   models. `cn_sd_*`: the lora case's latent-fed SD U-Net and batch with a 3-channel
   control 8x the latents' size (SD's condition embedding); full (AdamW + EMA),
   `lora_r4` (the lora case's LoRA step) and `controlnet` (the ControlNet's params in
-  AdamW + EMA, the U-Net in `frozen["base"]`, the ControlNet initialised from it as the
-  loop's `_controlnet_start`). `cn_digits_*`: configs/digits.py's U-Net at its batch
-  (128x8x8x1 + labels), full vs configs/digits_controlnet.py's edges ControlNet (a
-  1-channel control at 1x), on a random-init base. img/s, XLA's plan, the optimizer
-  state's bytes, the trained and base param counts; a table of ratios to the full step.
+  configs/sd_controlnet.py's AdamW, no EMA; the U-Net in `frozen["base"]`, the
+  ControlNet initialised from it as the loop's `_controlnet_start`). `cn_digits_*`:
+  configs/digits.py's U-Net at its batch (128x8x8x1 + labels), full vs
+  configs/digits_controlnet.py's edges ControlNet (a 1-channel control at 1x), on a
+  random-init base. img/s, XLA's FLOP count and memory plan of the step, the optimizer
+  state's bytes, the trained, base, copied and embedding param counts; ratios to the
+  full step.
 
 Both frameworks read the SAME random weights: the JAX worker writes a diffusers-layout
 pipeline directory (random weights, SD 1.5's DDIM scheduler config, the CLIP BPE
@@ -128,6 +130,9 @@ TRAIN_OPTIMIZER = {
 # The LoRA case's AdamW: configs/sd_lora.py's and diffusers' train_text_to_image_lora.py's
 # (lr 1e-4, weight decay 1e-2, clipping 1.0, no EMA); its full fine-tune twin keeps EMA.
 LORA_OPTIMIZER = {**TRAIN_OPTIMIZER, "ema_decay": 0.0}
+# The ControlNet case's AdamW: configs/sd_controlnet.py's and diffusers'
+# train_controlnet.py's (lr 1e-5, weight decay 1e-2, clipping 1.0, no EMA).
+CONTROLNET_OPTIMIZER = {**TRAIN_OPTIMIZER, "learning_rate": 1e-5, "ema_decay": 0.0}
 
 # Stable Diffusion 1.5's scheduler/scheduler_config.json, DDIM variant (as users swap in).
 SD15_DDIM = {
@@ -435,7 +440,7 @@ def cases_of(plan: dict[str, Any], pipe_dir: str, vae_dir: str) -> list[dict[str
     control = {"control": "given", "channels": 3, "downsample": sd["downsample"],
                "embedding_channels": sd["embedding"]}  # fmt: skip
     for variant, opt in (("full", TRAIN_OPTIMIZER), (f"lora_r{sd['rank']}", LORA_OPTIMIZER),
-                         ("controlnet", TRAIN_OPTIMIZER)):  # fmt: skip
+                         ("controlnet", CONTROLNET_OPTIMIZER)):  # fmt: skip
         cases.append({"name": f"cn_sd_{variant}", "kind": "controlnet", "model": "sd",
                       "variant": variant, "dir": train_dir, "batch": sd["batch"],
                       "latent": sd["latent"], "context_len": sd["context_len"],
