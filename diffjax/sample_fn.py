@@ -64,15 +64,15 @@ def make_sample_fn(
         a ControlNet's `control_scale` (in `cond`) applies only to evaluations at
         `t_lo <= t <= t_hi`, zero elsewhere (diffusers' control_guidance_start/end).
       guess_mode: a ControlNet's guess mode: the derived null condition has
-        `control_scale` 0 (a given `null_cond` must carry it itself).
+        `control_scale` 0 (a given `null_cond` that carries `control_scale` keeps its own).
       jit: return the function jitted (False for embedding in a larger traced fn).
       **sampler_kwargs: passed to `samplers.sample` (eta, clip_x0, ...).
 
     `cond` holds the model's conditioning keywords (`labels`, or `context` and
     `context_mask`), batched like `noise`; `{}` for unconditional models. `null_cond`
-    (same keys) is guidance's unconditional branch; None derives it from `cond` (the
-    null class, an all-False caption mask), a pretrained text model passes the encoding
-    of its negative prompt. Images come
+    is guidance's unconditional branch; None derives it from `cond` (the null class, an
+    all-False caption mask), a pretrained text model passes the encoding of its negative
+    prompt (keys it lacks, e.g. a ControlNet's `control`, are derived from `cond`). Images come
     back in model space ([-1, 1] for pixels), float32.
     """
 
@@ -90,14 +90,15 @@ def make_sample_fn(
             cond_model_fn = _windowed(cond_model_fn, control_window)
 
         if cond and not (isinstance(guidance, (int, float)) and guidance == 1.0):
+            null = null_condition(cond, num_classes, guess_mode=guess_mode)
+            if null_cond is not None:
+                # A given null (a text stage's encoded "") wins; keys it lacks (a
+                # ControlNet's control and scale) are derived from `cond`.
+                null = {**null, **null_cond}
             model_fn = guidance_lib.classifier_free(
                 cond_model_fn,
                 cond,
-                (
-                    null_condition(cond, num_classes, guess_mode=guess_mode)
-                    if null_cond is None
-                    else null_cond
-                ),
+                null,
                 guidance,
                 rescale=guidance_rescale,
                 schedule=schedule,
