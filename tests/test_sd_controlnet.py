@@ -15,6 +15,8 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -24,6 +26,7 @@ from flax import traverse_util
 
 from diffjax.models import sd_controlnet
 from diffjax.models.sd_controlnet import SDControlNet, from_diffusers_config
+from diffjax.models.unet import UNet
 from diffjax.pretrained import controlnet as cn_io
 from diffjax.pretrained import convert, pipeline, safetensors_io
 
@@ -256,6 +259,8 @@ def test_incompatible_base_is_refused(rgb, sd_pipe):
         cn_io.check_compatible(rgb, sd_pipe.denoiser, vae_scale=8)
     with pytest.raises(ValueError, match="mis-shaped"):
         sd_controlnet.init_from_base(other.params, rgb.params)
+    with pytest.raises(ValueError, match="drives a Stable Diffusion U-Net; .* a UNet"):
+        cn_io.check_compatible(rgb, pipeline.Component(UNet(), None, {}))
 
 
 @pytest.mark.parametrize(
@@ -358,3 +363,76 @@ def test_generator_control_errors(refs, sd_pipe, nets):
     plain = pipeline.PretrainedGenerator(sd_pipe, num_steps=2, height=16, width=16)
     with pytest.raises(ValueError, match="no ControlNet"):
         next(plain.batches(2, prompts=["x"], control=[ctrl]))
+
+
+def _sample_cli(args, log_path):
+    """launch/sample.py in the background, its output to a file."""
+    root = os.path.dirname(HERE)
+    env = dict(os.environ)  # XLA's cheap compilation, as the in-process applies here
+    fast = " ".join(f"--{k}={str(v).lower()}" for k, v in _FAST_COMPILE.items())
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {fast}".strip()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "launch/sample.py", *args],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log_path
+
+
+def _wait(proc_log):
+    proc, log = proc_log
+    proc.wait(timeout=600)
+    with open(log) as f:
+        return proc.returncode, f.read()
+
+
+def test_sample_cli_with_controlnet(tmp_path, refs, sd_pipe):
+    """`sample.py --pretrained --controlnet --control_image` = diffusers'
+    StableDiffusionControlNetPipeline (the `cfg` case); a ControlNet made for another
+    U-Net is refused by name before anything compiles."""
+    meta, arrays = refs
+    p, c = meta["pipeline"], meta["pipeline"]["cases"]["cfg"]
+    np.save(tmp_path / "noise.npy", arrays["pipe_noise"])
+    np.savez(tmp_path / "ctrl.npz", images=arrays[c["controls"][0]])
+    flags = [
+        f"--control_image={tmp_path / 'ctrl.npz'}",
+        *(f"--prompt={q}" for q in p["prompts"]),
+        f"--num_samples={len(p['prompts'])}",
+        f"--steps={p['steps']}",
+        f"--guidance={c['guidance_scale']}",
+        f"--controlnet_scale={c['controlnet_conditioning_scale'][0]}",
+        f"--height={p['height']}",
+        f"--width={p['width']}",
+        f"--noise={tmp_path / 'noise.npy'}",
+    ]
+    ok = _sample_cli(
+        [f"--pretrained={SD}", f"--controlnet={os.path.join(ROOT, c['controlnets'][0])}"]
+        + flags
+        + [f"--out={tmp_path / 's.npz'}"],
+        str(tmp_path / "ok.log"),
+    )
+    # A ControlNet of the sd1 fixture U-Net (cross_attention_dim 24, other widths).
+    other = pipeline.load_sd_unet(os.path.join(HERE, "fixtures", "sd_unet", "sd1"))
+    module, params = sd_controlnet.from_unet(
+        other.module, other.params, embedding_channels=(16, 32), key=jax.random.key(0)
+    )
+    wrong = cn_io.save_controlnet(str(tmp_path / "other_cn"), module, params)
+    bad = _sample_cli(
+        [f"--pretrained={SD}", f"--controlnet={wrong}"] + flags + [f"--out={tmp_path / 'x.npz'}"],
+        str(tmp_path / "bad.log"),
+    )
+    code, text = _wait(bad)
+    assert code == 1 and f"--controlnet={wrong}: This ControlNet does not fit" in text, text[-2000:]
+    assert "cross_attention_dim 24 (the base's: 32)" in text
+    code, text = _wait(ok)
+    assert code == 0, text[-3000:]
+    got = np.load(tmp_path / "s.npz")["images"]
+    ref = arrays["pipe_cfg_images"]
+    assert got.shape == ref.shape and got.dtype == np.uint8
+    err = float(np.abs(got / 255.0 - ref).max())
+    assert err <= TOL, f"max per-pixel difference {err * 255:.2f}/255"
+    assert c["max_diff_vs_uncontrolled"] > 10 * TOL  # the ControlNet changes the images
+    assert os.path.isfile(tmp_path / "s.png")

@@ -319,6 +319,11 @@ def _pretrained_controlnets(pipe):
             "--control_image."
         )
     nets = [cn_io.load_controlnet(d) for d in _CONTROLNET.value]
+    for path, net in zip(_CONTROLNET.value, nets, strict=True):
+        try:  # residuals that do not fit the U-Net's skips: refused before any compile
+            cn_io.check_compatible(net, pipe.denoiser, vae_scale=pipe.vae_scale)
+        except ValueError as e:
+            raise ValueError(f"--controlnet={path}: {e}") from e
     paths = _CONTROL_IMAGE.value or []
     if len(paths) != len(nets):
         raise ValueError(

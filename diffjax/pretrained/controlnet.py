@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from diffjax.models import sd_controlnet
+from diffjax.models.sd_unet import SDUNet
 from diffjax.pretrained import convert, safetensors_io
 from diffjax.pretrained.pipeline import Component
 
@@ -130,11 +131,17 @@ def check_compatible(controlnet: Component, unet: Component, *, vae_scale: int |
     downsampling.
 
     Raises:
-      ValueError: naming every field that differs, with both values.
+      ValueError: a base that is not an SD U-Net, or naming every field that differs,
+        with both values.
     """
     cn, base = controlnet.module, unet.module
     if not isinstance(cn, sd_controlnet.SDControlNet):
         raise ValueError(f"check_compatible: {type(cn).__name__} is not an SDControlNet.")
+    if not isinstance(base, SDUNet):
+        raise ValueError(
+            f"A diffusers ControlNetModel drives a Stable Diffusion U-Net; this pipeline's "
+            f"denoiser is a {type(base).__name__}. Use --controlnet with an SD pipeline."
+        )
     diffs = []
     for field in ("in_channels", "cross_attention_dim", "block_out_channels"):
         a, b = getattr(cn, field), getattr(base, field, None)
