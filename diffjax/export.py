@@ -508,6 +508,96 @@ def export_lora(config: ml_collections.ConfigDict, params: Any, out_dir: str, *,
     return path
 
 
+def check_controlnet_exportable(config: ml_collections.ConfigDict) -> None:
+    """Raises `ExportError` unless `config` is a ControlNet run on an SD U-Net (`sd_unet`):
+    diffusers' ControlNetModel is a copy of Stable Diffusion's U-Net encoder, and has no
+    counterpart for diffjax's own `unet` / `dit` ControlNets."""
+    if not experiment.is_controlnet(config):
+        raise ExportError("export_controlnet exports ControlNet runs (controlnet.control) only.")
+    if config.model.name != "sd_unet":
+        raise ExportError(
+            "--format=diffusers writes a ControlNet as diffusers' ControlNetModel, which is "
+            "a copy of Stable Diffusion's U-Net encoder (an sd_unet base); this ControlNet "
+            f"is for diffjax's {config.model.name!r} model, which diffusers has no "
+            "ControlNet for. Sample it from the run: python launch/sample.py "
+            "--workdir=RUN --control_image=CTRL.npz (or --control_source=IMAGES.npz)."
+        )
+
+
+def export_controlnet(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    out_dir: str,
+    *,
+    step: int,
+    write: bool = True,
+) -> dict[str, Any] | None:
+    """Writes an SD ControlNet run's (EMA) ControlNet as a diffusers `ControlNetModel`
+    directory: `config.json` + float32 `diffusion_pytorch_model.safetensors`
+    (`diffjax.pretrained.controlnet.save_controlnet`), which
+    `ControlNetModel.from_pretrained`, `StableDiffusionControlNetPipeline` and
+    `launch/sample.py --pretrained=SD_DIR --controlnet=OUT` load, beside `diffjax.json`
+    (the step, the base pipeline and its U-Net's SHA-256, the control transform, the run
+    config). The directory appears only when complete.
+
+    Args:
+      config: the run config (`controlnet.control` set, an `sd_unet` base).
+      params: the ControlNet's EMA params (gathered here; every process must call).
+      out_dir: the directory to create (must not hold files).
+      step: the training step (recorded in diffjax.json).
+      write: False on processes that only take part in the gather.
+
+    Raises:
+      ExportError: not a ControlNet run, a ControlNet of diffjax's own `unet` / `dit`
+        (diffusers' ControlNetModel is the SD U-Net's encoder), or an `out_dir` that
+        holds files.
+    """
+    from diffjax import parallel
+    from diffjax.pretrained import controlnet as controlnet_io
+    from diffjax.pretrained.frozen import frozen_record
+
+    check_controlnet_exportable(config)
+    module = experiment.build_controlnet(config)
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32), parallel.gather(params))
+    if not write:
+        return None
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ExportError(f"{out_dir} already holds files; choose a new directory.")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    controlnet_io.save_controlnet(tmp, module, host)
+    n = config.controlnet
+    base = {"pretrained": config.pretrained or None, "base_workdir": config.base_workdir or None}
+    unet = frozen_record(config).get("pretrained_unet") if config.pretrained else None
+    if unet is not None:
+        base["unet"], base["unet_sha256"] = unet["path"], unet["sha256"]
+    meta = {
+        "diffjax_version": diffjax.__version__,
+        "step": int(step),
+        "format": "diffusers",
+        "component": "ControlNetModel",
+        "base": base,
+        "control": {
+            "control": n.control,
+            "conditioning_channels": int(n.conditioning_channels),
+            "control_downsample": int(n.control_downsample),
+            "canny_low": n.canny_low,
+            "canny_high": n.canny_high,
+            "tile_factor": n.tile_factor,
+            "mask_threshold": n.mask_threshold,
+        },
+        "weights_sha256": _sha256(os.path.join(tmp, controlnet_io.WEIGHTS)),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    with open(os.path.join(tmp, "diffjax.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=list)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked above)
+    os.replace(tmp, out_dir)
+    return meta
+
+
 def _export_sd_unet(config: ml_collections.ConfigDict, host: Any, out_dir: str, convert) -> None:
     """`out_dir/config.json` + `diffusion_pytorch_model.safetensors` of an `sd_unet`."""
     from diffjax.models import sd_unet

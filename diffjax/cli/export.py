@@ -10,7 +10,10 @@ diffjax/export.py); sample from it with `python launch/sample.py --export_dir=DI
 `model_index.json`); sample from it with `python launch/sample.py --pretrained=DIR`.
 An autoencoder run (`task='autoencoder'`) exports, in either format, a diffusers
 `AutoencoderKL` directory (config.json + diffusion_pytorch_model.safetensors) for
-`launch/encode_latents.py --vae=DIR` and `latent.vae=DIR`.
+`launch/encode_latents.py --vae=DIR` and `latent.vae=DIR`. A ControlNet run on a Stable
+Diffusion pipeline (`configs/sd_controlnet.py`) exports, with `--format=diffusers` only,
+its ControlNet as a diffusers `ControlNetModel` directory for
+`launch/sample.py --pretrained=SD_DIR --controlnet=DIR`.
 """
 
 import os
@@ -54,12 +57,18 @@ def main(argv):
     from diffjax.rundir import load_state, load_workdir_config
 
     config = load_workdir_config(_WORKDIR.value)
+    controlnet_run = experiment.is_controlnet(config)
+    if controlnet_run:
+        _check_controlnet_export(config)  # before any restore
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     lora_run = experiment.lora_rank(config) > 0
     stage = generate.text_stage(config, mesh) if lora_run else None
     text = None if stage is None else stage.params.get("text_encoder")
     state, step, parts = load_state(config, _WORKDIR.value, mesh, _STEP.value, text_params=text)
     params, text_params = state.ema_params, None
+    if controlnet_run:
+        _export_controlnet(config, params, out, step)
+        return
     if _FORMAT.value == "lora":
         if not lora_run:
             raise ValueError(f"--format=lora: {_WORKDIR.value} is not a LoRA run (lora.rank=0).")
@@ -123,6 +132,50 @@ def main(argv):
         print(f"Serialized sampler for {', '.join(serialized['platforms'])}: {serialized['file']}")
     else:
         print(f"No serialized sampler could be lowered: {serialized['error']}")
+
+
+def _check_controlnet_export(config) -> None:
+    """A ControlNet run exports with --format=diffusers only, and only an SD one."""
+    from diffjax import export
+
+    sd = config.model.name == "sd_unet"
+    if _FORMAT.value != "diffusers":
+        how = (
+            "export it with --format=diffusers (a diffusers ControlNetModel directory; sample "
+            f"it with launch/sample.py --pretrained={config.pretrained or 'SD_DIR'} "
+            "--controlnet=OUT --control_image=...)"
+            if sd
+            else "sample it from the run: launch/sample.py --workdir=RUN --control_image=..."
+        )
+        raise ValueError(
+            f"--format={_FORMAT.value}: {_WORKDIR.value} is a ControlNet run, which trains a "
+            f"ControlNet beside a frozen base, not a model a {_FORMAT.value} export holds; "
+            f"{how}."
+        )
+    if not sd:
+        export.check_controlnet_exportable(config)  # raises, naming why
+    if _METHOD.value:
+        raise ValueError(
+            "--method sets a pipeline's scheduler; a ControlNet export is the ControlNet "
+            "alone (the base pipeline keeps its scheduler). Drop --method."
+        )
+
+
+def _export_controlnet(config, params, out, step) -> None:
+    """A ControlNet run: its (EMA) ControlNet alone, as a diffusers ControlNetModel."""
+    from diffjax import export
+
+    if _OVERWRITE.value and os.path.isdir(out):
+        import shutil
+
+        shutil.rmtree(out)
+    export.export_controlnet(config, params, out, step=step)
+    print(
+        f"Exported the ControlNet of step {step} of {_WORKDIR.value} to {out} as a diffusers "
+        f"ControlNetModel (base: {config.pretrained or config.base_workdir}; sample with "
+        f"launch/sample.py --pretrained={config.pretrained} --controlnet={out} "
+        "--control_image=...)."
+    )
 
 
 def entry() -> None:
