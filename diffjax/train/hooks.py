@@ -428,6 +428,12 @@ def make_periodic_eval(config, parts: Components, mesh, workdir: str, is_main: b
             write_eval(workdir, step, metrics)
         if key is not None and (best is None or metrics[key] < best["value"]):
             best = {"step": int(step), "metric": key, "value": float(metrics[key])}
+            if parts.controlnet:
+                # A ControlNet is exported alone (`export.py --format=diffusers`), not as a
+                # sampling model; eval/best.json names the step to keep and export.
+                if is_main:
+                    _write_best(workdir, best)
+                return metrics
             export.export_params(
                 experiment.merged_config(config),
                 parts.model,
