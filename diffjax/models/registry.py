@@ -12,7 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from diffjax.models import controlnet
+from diffjax.models import controlnet, dit_controlnet
 from diffjax.models.dit import DiT
 from diffjax.models.dit_controlnet import DiTControlNet
 from diffjax.models.sd_controlnet import SDControlNet
@@ -125,6 +125,14 @@ def build_controlnet(
         conditioning_channels=conditioning_channels,
         conditioning_embedding_out_channels=widths,
     )
+
+
+def controlnet_init_from_base(name: str):
+    """`init_from_base(base_params, controlnet_params)` of model `name`'s ControlNet: the
+    DiT's unstacks a scanned base first; the U-Nets' copy the shared top-level parts."""
+    if name == "dit":
+        return dit_controlnet.init_from_base
+    return controlnet.init_from_base
 
 
 # ----------------------------------------------------------------------------- presets

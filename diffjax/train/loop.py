@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffjax import data as data_lib
-from diffjax import experiment, generate, parallel, rundir
+from diffjax import experiment, generate, models, parallel, rundir
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import check_eval_inputs
-from diffjax.models import controlnet
 from diffjax.models.partitioning import sharding_context
 from diffjax.pretrained import stage as stage_lib
 from diffjax.pretrained.frozen import check_frozen, tree_sha256, write_frozen
@@ -132,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             state = jax.jit(init, out_shardings=parts.state_sharding)(jax.random.key(config.seed))
             start_step = 0
             if parts.controlnet:
-                state = _controlnet_start(parts, state, frozen_params["base"])
+                state = _controlnet_start(config, parts, state, frozen_params["base"])
             elif parts.lora_targets is None and (config.pretrained or config.base_workdir):
                 state = _start_from(config, parts, state, base)
             else:
@@ -201,26 +200,26 @@ def _start_from(config, parts: rundir.Components, state: TrainState, base) -> Tr
     or the base run's EMA params); AdamW's state starts at zero either way."""
     if base is None:
         base = stage_lib.initial_params(config, parts.model_shapes)
-    params = jax.device_put(base, parts.state_sharding.params)
-    # Its own buffers: the step donates params and EMA (base may already be on the mesh).
+    log.info("Starting from the weights of %s.", config.pretrained or config.base_workdir)
+    return _with_params(parts, state, jax.device_put(base, parts.state_sharding.params))
+
+
+def _controlnet_start(config, parts: rundir.Components, state: TrainState, base) -> TrainState:
+    """The fresh ControlNet with its copy of the base's encoder half (params and EMA);
+    its zero convs keep the base's output unchanged at the first step."""
+    init_from_base = models.controlnet_init_from_base(config.model.name)
+    copy = jax.jit(init_from_base, out_shardings=parts.state_sharding.params)
+    log.info("ControlNet initialised from the frozen base's encoder half.")
+    return _with_params(parts, state, copy(base, state.params))
+
+
+def _with_params(parts: rundir.Components, state: TrainState, params) -> TrainState:
+    """`state` with `params` and an EMA copy of them in buffers of its own (the step
+    donates both, and `params` may share buffers with the frozen base)."""
     copy = jax.jit(
         lambda t: jax.tree.map(jnp.copy, t), out_shardings=parts.state_sharding.ema_params
     )
-    ema = copy(params)
-    log.info("Starting from the weights of %s.", config.pretrained or config.base_workdir)
-    return state.replace(params=params, ema_params=ema)
-
-
-def _controlnet_start(parts: rundir.Components, state: TrainState, base) -> TrainState:
-    """The fresh ControlNet with its copy of the base's encoder half (params and EMA);
-    its zero convs keep the base's output unchanged at the first step."""
-    copy = jax.jit(controlnet.init_from_base, out_shardings=parts.state_sharding.params)
-    params = copy(base, state.params)
-    ema = jax.jit(
-        lambda t: jax.tree.map(jnp.copy, t), out_shardings=parts.state_sharding.ema_params
-    )(params)
-    log.info("ControlNet initialised from the frozen base's encoder half.")
-    return state.replace(params=params, ema_params=ema)
+    return state.replace(params=params, ema_params=copy(params))
 
 
 def _compile_step(parts: rundir.Components, state: TrainState, batch, frozen, mesh):
