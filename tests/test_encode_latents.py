@@ -123,8 +123,10 @@ def test_sample_reproducible_independent_of_batch_and_devices(npz7, tmp_path):
     run(str(tmp_path / "b3"), batch_size=3, mesh=one_device_mesh())
     run(str(tmp_path / "d8"), batch_size=8)  # 8 devices, one row each
     b2, b3, d8 = (read_out(tmp_path / d)["latents"] for d in ("b2", "b3", "d8"))
-    np.testing.assert_array_equal(b2, b3)
-    # Same noise on 8 devices; the sharded program rounds differently (measured 1.2e-6).
+    # The same noise per row whatever the batch; XLA:CPU's convolutions round differently
+    # with the batch size on some CPUs (measured 1.2e-6 on AMD EPYC without AVX-512,
+    # bitwise on others), and the sharded program on 8 devices too (1.2e-6).
+    np.testing.assert_allclose(b2, b3, rtol=0, atol=1e-5)
     np.testing.assert_allclose(b2, d8, rtol=0, atol=1e-5)
     mode = encode.encode_images(fixture_vae(), uint8_to_float(np.load(npz7)["images"]))
     assert not np.allclose(b2, mode, atol=1e-3)
@@ -165,8 +167,9 @@ def test_resume_is_bitwise_and_arguments_are_checked(npz7, tmp_path):
         run(sample=False, batch_size=2)
     with pytest.raises(ValueError, match=r"seed: 3 then, 5 now"):
         run(seed=5, batch_size=2)
-    # Continue with another batch size (it does not change the result).
-    meta = run(batch_size=3)
+    # Continue with the same batch size: the resumed file is the uninterrupted one bit for
+    # bit (another batch size changes only the rounding, as above).
+    meta = run(batch_size=2)
     assert meta["count"] == 7 and not os.path.exists(os.path.join(out, "progress.json"))
     whole = str(tmp_path / "whole")
     encode.encode_dataset(
