@@ -1141,7 +1141,7 @@ class JaxSide(_Side):
         else:
             frozen = {"base": jax.device_put(base, parts.base_sharding)}
             if parts.controlnet:
-                state = loop._controlnet_start(parts, state, frozen["base"])
+                state = loop._controlnet_start(config, parts, state, frozen["base"])
         build_s = time.perf_counter() - t0
 
         def nbytes(tree):

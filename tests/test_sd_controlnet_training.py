@@ -192,7 +192,7 @@ def test_the_run_starts_as_from_unet(loaded):
     state = init(jax.random.key(config.seed, impl="rbg"))
     unet = _unet()
     base = jax.device_put(unet.params, parts.base_sharding)
-    start = traverse_util.flatten_dict(_controlnet_start(parts, state, base).params)
+    start = traverse_util.flatten_dict(_controlnet_start(config, parts, state, base).params)
     module, ref = sd_controlnet.from_unet(
         unet.module, unet.params, embedding_channels=(16, 32), key=jax.random.key(0)
     )
