@@ -21,7 +21,22 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# XLA:CPU's code generation at -O0 without the expensive LLVM passes: the tests check
+# logic on tiny models that run a few steps, where compiling dominates (a tiny U-Net's
+# train step compiles in ~2/3 of the time). Set DIFFJAX_TEST_XLA_OPT=1 to test with the
+# optimizing backend. Benchmarks time the optimized code; these flags are tests' only.
+if os.environ.get("DIFFJAX_TEST_XLA_OPT") != "1":
+    for _flag in (
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+        "--xla_cpu_use_fusion_emitters=false",
+    ):
+        if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+            os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every program goes to the session's cache, not only those that took over 1 s to
+# compile: the many subprocesses (launch/*.py) then load the small ones too.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Set here, in the pytest process that starts the xdist workers, so that they and every
 # subprocess inherit the same directory.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
