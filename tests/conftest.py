@@ -25,14 +25,27 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # logic on tiny models that run a few steps, where compiling dominates (a tiny U-Net's
 # train step compiles in ~2/3 of the time). Set DIFFJAX_TEST_XLA_OPT=1 to test with the
 # optimizing backend. Benchmarks time the optimized code; these flags are tests' only.
-if os.environ.get("DIFFJAX_TEST_XLA_OPT") != "1":
-    for _flag in (
+FAST_XLA_FLAGS = (
+    ()
+    if os.environ.get("DIFFJAX_TEST_XLA_OPT") == "1"
+    else (
         "--xla_backend_optimization_level=0",
         "--xla_llvm_disable_expensive_passes=true",
         "--xla_cpu_use_fusion_emitters=false",
-    ):
-        if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-            os.environ["XLA_FLAGS"] += " " + _flag
+    )
+)
+for _flag in FAST_XLA_FLAGS:
+    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + _flag
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a test's subprocess: the fast flags, and `devices` CPU devices
+    (None: XLA's default of one)."""
+    count = () if devices is None else (f"--xla_force_host_platform_device_count={devices}",)
+    return " ".join((*FAST_XLA_FLAGS, *count))
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every program goes to the session's cache, not only those that took over 1 s to
 # compile: the many subprocesses (launch/*.py) then load the small ones too.

@@ -217,7 +217,8 @@ def test_text_encoder_captions(tmp_path):
     cfg = pipe.vae.config
     want = encode.encode_images(pipe.vae, uint8_to_float(images))
     assert cfg["scaling_factor"] == 0.5 and meta["scaling_factor"] == 0.5
-    np.testing.assert_allclose(arrays["latents"], want, rtol=1e-6, atol=1e-6)
+    # The last bits depend on XLA's code generation (1.6e-6 apart at the tests' -O0).
+    np.testing.assert_allclose(arrays["latents"], want, rtol=1e-5, atol=1e-5)
     assert meta["captions"] == "embeddings"
     assert meta["text_encoder"]["path"] == str(TINY_SD / "text_encoder")
     assert len(meta["text_encoder"]["sha256"]) == 64 and meta["vae"]["path"] == str(TINY_SD / "vae")

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "--config=configs/digits.py:quick"
 # Every run here trains a one-level U-Net without attention. These tests are about the
@@ -31,7 +33,7 @@ def _env(devices=1):
     # JAX_COMPILATION_CACHE_DIR comes from conftest: the first run compiles, the rest
     # (resume, sample, evaluate) load the executables.
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffjax.eval import fid, inception
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FID_STATS = os.path.join(ROOT, "launch", "fid_stats.py")
@@ -40,7 +41,7 @@ def streamed_stats(variables, gray_images):
 
 def run_cli(*args):
     # One device in the subprocess: no padding to a device multiple, fewer images to run.
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
     return subprocess.run(
         [sys.executable, FID_STATS, *args, "--noprogress"],
         capture_output=True,

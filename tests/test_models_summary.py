@@ -17,6 +17,7 @@ from diffjax.models.summary import (
     model_summary,
     saved_activation_bytes,
 )
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10)
@@ -88,7 +89,7 @@ def test_inspect_model_prints_one_json_object():
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()},
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

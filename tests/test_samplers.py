@@ -150,7 +150,9 @@ def test_outputs_match_the_pinned_values():
         return outs
 
     for case, out in zip(PINNED, run_all(noise, jax.random.key(1)), strict=True):
-        np.testing.assert_allclose(out, case[-1], rtol=1e-6, atol=1e-7, err_msg=case[0])
+        # Pinned on XLA:CPU's optimizing backend; the tests' -O0 (conftest) fuses no
+        # multiply-adds, which moves the last bits (1e-6).
+        np.testing.assert_allclose(out, case[-1], rtol=1e-5, atol=1e-6, err_msg=case[0])
 
 
 # ----------------------------------------------------------------------------- orders

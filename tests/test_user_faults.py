@@ -17,13 +17,16 @@ import pytest
 
 from diffjax import rundir
 from diffjax.config import get_base_config
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "--config=configs/digits.py:quick"
 
 
 def _run(script, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", DIFFJAX_COMPILATION_CACHE="0")
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), DIFFJAX_COMPILATION_CACHE="0"
+    )
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", script), *args],
         cwd=ROOT,
