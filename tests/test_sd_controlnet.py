@@ -37,22 +37,6 @@ RGB = os.path.join(ROOT, "tiny-controlnet")
 GRAY = os.path.join(ROOT, "tiny-controlnet-gray")
 RTOL = 1e-4
 
-# Cheaper XLA:CPU compilation (about 3x); these programs run once.
-_FAST_COMPILE = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-}
-
-
-@functools.cache
-def _compiler_options() -> dict:
-    try:  # options a jaxlib does not know are an error: then use XLA's defaults
-        jax.jit(lambda x: x + 1, compiler_options=_FAST_COMPILE).lower(np.float32(0)).compile()
-    except Exception:  # noqa: BLE001
-        return {}
-    return _FAST_COMPILE
-
 
 @functools.cache
 def _apply(module):
@@ -61,7 +45,7 @@ def _apply(module):
     def run(params, x, t, context, control):
         return module.apply({"params": params}, x, t, context=context, control=control)
 
-    return jax.jit(run, compiler_options=_compiler_options())
+    return jax.jit(run)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +150,7 @@ def test_from_unet_copies_the_base_and_leaves_it_unchanged(refs, sd_pipe, rgb):
     def run(p, x, t, ctx, residuals):
         return unet.module.apply({"params": p}, x, t, context=ctx, control_residuals=residuals)
 
-    run = jax.jit(run, compiler_options=_compiler_options())
+    run = jax.jit(run)
     alone = np.asarray(run(unet.params, x, t, ctx, None))
     controlled = np.asarray(run(unet.params, x, t, ctx, (down, mid)))
     assert np.array_equal(alone, controlled)
@@ -316,7 +300,6 @@ def _generator(meta, sd_pipe, nets, case, **overrides):
         controlnet_scale=c["controlnet_conditioning_scale"],
         guess_mode=c["guess_mode"],
         control_guidance=(c["control_guidance_start"], c["control_guidance_end"]),
-        compiler_options=_compiler_options(),
     )
     return pipeline.PretrainedGenerator(sd_pipe, **{**kwargs, **overrides})
 
@@ -368,9 +351,7 @@ def test_generator_control_errors(refs, sd_pipe, nets):
 def _sample_cli(args, log_path):
     """launch/sample.py in the background, its output to a file."""
     root = os.path.dirname(HERE)
-    env = dict(os.environ)  # XLA's cheap compilation, as the in-process applies here
-    fast = " ".join(f"--{k}={str(v).lower()}" for k, v in _FAST_COMPILE.items())
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {fast}".strip()
+    env = dict(os.environ)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "launch/sample.py", *args],

@@ -57,21 +57,9 @@ def _images(root):
     return str(root)
 
 
-# XLA:CPU's cheap compilation (compiling dominates these programs' time; about 3x less
-# at these settings), for the launched commands and the init below. Both sides of every
-# comparison run with them.
-FAST_COMPILE = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-}
-_FAST_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
-
-
 def _launch(args, log_path):
     """A launcher in the background, its output to a file (never blocked on a full pipe)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_FAST_FLAGS}".strip()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -182,12 +170,11 @@ def test_the_run_starts_as_from_unet(loaded):
     diffusers' `from_unet` bit for bit, up to the randomly drawn condition embedding."""
     config, _, _, _, parts = loaded
     # The loop's init, drawn with the 'rbg' generator (threefry's draws of 4-D kernels
-    # compile slowly on XLA:CPU) and compiled cheaply: the drawn values that survive
+    # compile slowly on XLA:CPU): the drawn values that survive
     # the copy are checked for being drawn, not for their values.
     init = jax.jit(
         functools.partial(parts.init, unbox=True),
         out_shardings=parts.state_sharding,
-        compiler_options=FAST_COMPILE,
     )
     state = init(jax.random.key(config.seed, impl="rbg"))
     unet = _unet()

@@ -23,25 +23,9 @@ from diffjax.pretrained import convert, safetensors_io
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "sd_unet")
 
-# Cheaper XLA:CPU compilation (about 3x); these programs run once.
-_FAST_COMPILE = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-}
-
-
-@functools.cache
-def _compiler_options() -> dict:
-    try:  # options a jaxlib does not know are an error: then use XLA's defaults
-        jax.jit(lambda x: x + 1, compiler_options=_FAST_COMPILE).lower(np.float32(0)).compile()
-    except Exception:  # noqa: BLE001
-        return {}
-    return _FAST_COMPILE
-
 
 def _jit(fn):
-    return jax.jit(fn, compiler_options=_compiler_options())
+    return jax.jit(fn)
 
 
 def _assert_close(got, want, rtol=1e-4):
