@@ -132,6 +132,63 @@ def _dpmpp_3m_coeffs(g: Transitions, eta: float) -> dict[str, np.ndarray]:
     return {"cx": cx, "c0": c0, "c1": c1, "c2": c2}
 
 
+def _unipc_coeffs(g: Transitions, eta: float) -> dict[str, np.ndarray]:
+    """UniPC (Zhao et al. 2023), UniP-2 + UniC-2 with B(h) = e^h - 1 (`bh2`), x0 form.
+
+    Diffusers' UniPCMultistepScheduler with `solver_order=2`, `solver_type='bh2'`,
+    `predict_x0=True`, `lower_order_final=True`. With `phi = 1 - e^-h`, `1/r = h/h_prev`
+    and `m_j` the x0 prediction at point j:
+
+    * UniP (predictor) from point i: `x_{i+1} = (s_d/s_s) x^c_i + a_d phi (m_i +
+      rho_p D1)`, `D1 = (m_i - m_{i-1})/r`, `rho_p = 1/2` (diffusers' order-2 value),
+      i.e. DPM-Solver++(2M); order 1 on the first step. The model runs at `x_{i+1}`.
+    * UniC (corrector) of point i+1, once `m_{i+1}` is known: the same update from
+      `x^c_i` with `rho_c . (D1, m_{i+1} - m_i)` in place of `rho_p D1`, where `rho_c`
+      solves the order conditions `sum_k rho_k r_k^(n-1) = n! h phi_{n+1}(h) / B(h)`,
+      n = 1, 2 (in the x0 form h -> -h: `b1 = 1/phi - 1/h`, `b2 = (1 - 2 (1 - phi/h)/h)
+      / phi`, with `r_1 = -h_prev/h`, `r_2 = 1`). After the first step, whose
+      predictor is first order, UniC-1 with diffusers' `rho = 1/2`.
+
+    `x^c_{i+1} - x_{i+1}` is linear in `(m_{i+1}, m_i, m_{i-1})`, so the corrector folds
+    into step i+1's coefficients (no extra evaluation, history 2). The last evaluation's
+    corrector is not applied: the final step returns its x0, as diffusers' order-1 last
+    step to sigma = 0 does. Local errors O(h^4) from the third point on: order 3.
+
+    From SNR 0 (`h = inf` on the first step) `phi = 1` and `1/r = 0` on the step after:
+    its predictor is first order and its UniC-2 reduces to UniC-1 with `rho = b1`
+    (`rho_D1 / r_1 -> 0`); every coefficient stays finite.
+    """
+    del eta
+    h, a_d = g.h, g.a_d
+    n = h.size
+    cx = g.s_d / g.s_s
+    phi = -np.expm1(-h)  # 1 - e^-h = -B(-h)
+    inv_r = np.zeros_like(h)
+    inv_r[1:] = h[1:] / h[:-1]  # 0 after the infinite step from SNR 0
+    # UniP-2 (order 1 on the first step, where inv_r = 0).
+    c0 = a_d * phi * (1.0 + 0.5 * inv_r)
+    c1 = -a_d * phi * 0.5 * inv_r
+    c2 = np.zeros_like(h)
+    # UniC of point j+1 (the end of step j), folded into step j+1.
+    for j in range(n - 1):
+        if j == 0:
+            w_new, w_0, w_1 = 0.5, -0.5, 0.0  # UniC-1, rho_c = 1/2
+        else:
+            hj, ir = h[j], inv_r[j]
+            b1 = 1.0 / phi[j] - 1.0 / hj
+            b2 = (1.0 - 2.0 * (1.0 - phi[j] / hj) / hj) / phi[j]
+            # R = [[1, 1], [r_1, 1]], r_1 = -1/ir: rho_D1 = (b1 - b2)/(1 - r_1).
+            rho_d1 = (b1 - b2) * ir / (1.0 + ir)
+            rho_new = b1 - rho_d1
+            d = (rho_d1 - 0.5) * ir  # (rho_c - rho_p) on D1 = ir (m_j - m_{j-1})
+            w_new, w_0, w_1 = rho_new, d - rho_new, -d
+        k = cx[j + 1] * a_d[j] * phi[j]
+        c0[j + 1] += k * w_new
+        c1[j + 1] += k * w_0
+        c2[j + 1] += k * w_1
+    return {"cx": cx, "c0": c0, "c1": c1, "c2": c2}
+
+
 def _dpm3_coeffs(h: np.ndarray, i: int, a_d: float) -> tuple[float, float, float]:
     """Coefficients of (x0_i, x0_{i-1}, x0_{i-2}) in DPM-Solver++(3M) step i.
 
@@ -322,6 +379,14 @@ METHODS: dict[str, Method] = {
             3,
             "DPM-Solver++(3M), multistep",
             _dpmpp_3m_coeffs,
+            Placements("logsnr", "logsnr", "logsnr", "logsnr"),
+            history=2,
+        ),
+        Method(
+            "unipc",
+            3,
+            "UniPC (bh2): UniP-2 + UniC, multistep",
+            _unipc_coeffs,
             Placements("logsnr", "logsnr", "logsnr", "logsnr"),
             history=2,
         ),
