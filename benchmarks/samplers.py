@@ -80,7 +80,7 @@ FAMILIES = {
 #   offers it (Euler, Heun, DPM-Solver++ and its SDE variant), between the schedule's
 #   extreme sigmas (FlowMatch: its own sigma, t, from 1/1000 to 1).
 DIFFUSERS = ("leading", "trailing", "linspace", "karras", "exponential")
-KARRAS_IN_DIFFUSERS = frozenset({"euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"})
+KARRAS_IN_DIFFUSERS = frozenset({"euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"})
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "samplers.md"
 
 
