@@ -7,16 +7,19 @@ The samplers themselves (pure math on a `model_fn(x, t)`) live in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import images as images_lib
 from diffjax import parallel
+from diffjax.diffusion import editing, samplers
 from diffjax.diffusion import guidance as guidance_lib
-from diffjax.diffusion import samplers
 
 
 def null_condition(
@@ -50,7 +53,8 @@ def make_sample_fn(
     jit: bool = True,
     **sampler_kwargs: Any,
 ) -> Callable[..., jax.Array]:
-    """Builds `sample_fn(params, noise, cond, key, null_cond=None) -> images`, jitted once per shape.
+    """Builds `sample_fn(params, noise, cond, key, null_cond=None, edit=None) -> images`,
+    jitted once per shape.
 
     Args:
       apply_fn: the Flax module's `apply`.
@@ -66,46 +70,33 @@ def make_sample_fn(
       guess_mode: a ControlNet's guess mode: the derived null condition has
         `control_scale` 0 (a given `null_cond` that carries `control_scale` keeps its own).
       jit: return the function jitted (False for embedding in a larger traced fn).
-      **sampler_kwargs: passed to `samplers.sample` (eta, clip_x0, ...).
+      **sampler_kwargs: passed to `samplers.sample` (eta, clip_x0, and an editing run's
+        static options: strength, inpaint_noise, jump_length, jump_n_sample; see `Edit`).
 
     `cond` holds the model's conditioning keywords (`labels`, or `context` and
     `context_mask`), batched like `noise`; `{}` for unconditional models. `null_cond`
     is guidance's unconditional branch; None derives it from `cond` (the null class, an
     all-False caption mask), a pretrained text model passes the encoding of its negative
-    prompt (keys it lacks, e.g. a ControlNet's `control`, are derived from `cond`). Images come
-    back in model space ([-1, 1] for pixels), float32.
+    prompt (keys it lacks, e.g. a ControlNet's `control`, are derived from `cond`). `edit`
+    holds an editing run's arrays (`init_image`, `inpaint_known`, `inpaint_mask`: see
+    `samplers.sample`), batched like `noise`. Images come back in model space ([-1, 1]
+    for pixels), float32.
     """
 
-    def sample_fn(params, noise, cond, key, null_cond=None):
-        channels = noise.shape[-1]
+    guided = functools.partial(
+        guided_model_fn,
+        apply_fn,
+        schedule,
+        prediction=prediction,
+        guidance=guidance,
+        guidance_rescale=guidance_rescale,
+        num_classes=num_classes,
+        control_window=control_window,
+        guess_mode=guess_mode,
+    )
 
-        def net_fn(x, t, c):
-            out = apply_fn({"params": params}, x, t, **c)
-            # A learned-variance model also outputs its sigma channels; sampling uses
-            # the mean prediction only.
-            return out[..., :channels].astype(jnp.float32)
-
-        cond_model_fn = schedule.precondition(net_fn)
-        if control_window is not None:
-            cond_model_fn = _windowed(cond_model_fn, control_window)
-
-        if cond and not (isinstance(guidance, (int, float)) and guidance == 1.0):
-            null = null_condition(cond, num_classes, guess_mode=guess_mode)
-            if null_cond is not None:
-                # A given null (a text stage's encoded "") wins; keys it lacks (a
-                # ControlNet's control and scale) are derived from `cond`.
-                null = {**null, **null_cond}
-            model_fn = guidance_lib.classifier_free(
-                cond_model_fn,
-                cond,
-                null,
-                guidance,
-                rescale=guidance_rescale,
-                schedule=schedule,
-                prediction=prediction,
-            )
-        else:
-            model_fn = lambda x, t: cond_model_fn(x, t, cond)  # noqa: E731
+    def sample_fn(params, noise, cond, key, null_cond=None, edit=None):
+        model_fn = guided(params, noise.shape[-1], cond, null_cond)
         return samplers.sample(
             model_fn,
             noise,
@@ -115,12 +106,120 @@ def make_sample_fn(
             prediction=prediction,
             key=key,
             **sampler_kwargs,
+            **(edit or {}),
         )
 
     return (
         jax.jit(sample_fn, compiler_options=parallel.compiler_options(program="sample"))
         if jit
         else sample_fn
+    )
+
+
+def guided_model_fn(
+    apply_fn: Callable,
+    schedule: Any,
+    params: Any,
+    channels: int,
+    cond: dict[str, jax.Array],
+    null_cond: dict[str, jax.Array] | None,
+    *,
+    prediction: str,
+    guidance: float,
+    guidance_rescale: float = 0.0,
+    num_classes: int = 0,
+    control_window: tuple[float, float] | None = None,
+    guess_mode: bool = False,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The samplers' `model_fn(x, t)`: the Flax model on `params` with `cond`, its
+    schedule's preconditioning and classifier-free guidance (`make_sample_fn`'s
+    arguments). `channels` is the state's channel count: a learned-variance model's
+    extra outputs are dropped. `cond["concat"]` (an inpainting model's mask and masked
+    image, [B, H, W, C']) is concatenated to the state on the channel axis, in both
+    branches of guidance (diffusers' inpainting pipelines do the same)."""
+
+    def net_fn(x, t, c):
+        if "concat" in c:
+            c = dict(c)
+            x = jnp.concatenate([x, c.pop("concat").astype(x.dtype)], axis=-1)
+        out = apply_fn({"params": params}, x, t, **c)
+        return out[..., :channels].astype(jnp.float32)
+
+    cond_model_fn = schedule.precondition(net_fn)
+    if control_window is not None:
+        cond_model_fn = _windowed(cond_model_fn, control_window)
+    if cond and not (isinstance(guidance, (int, float)) and guidance == 1.0):
+        null = null_condition(cond, num_classes, guess_mode=guess_mode)
+        if null_cond is not None:
+            # A given null (a text stage's encoded "") wins; keys it lacks (a
+            # ControlNet's control and scale, an inpainting model's concat) come from `cond`.
+            null = {**null, **null_cond}
+        return guidance_lib.classifier_free(
+            cond_model_fn,
+            cond,
+            null,
+            guidance,
+            rescale=guidance_rescale,
+            schedule=schedule,
+            prediction=prediction,
+        )
+    return lambda x, t: cond_model_fn(x, t, cond)
+
+
+# Options of `samplers.sample` that `editing.invert` takes too (the rest are refused there).
+INVERT_OPTIONS = ("placement", "rho", "clip_x0", "dynamic_threshold", "t_final")
+
+
+def make_invert_fn(
+    apply_fn: Callable,
+    schedule: Any,
+    *,
+    method: str,
+    num_steps: int,
+    prediction: str = "epsilon",
+    guidance: float = 1.0,
+    guidance_rescale: float = 0.0,
+    num_classes: int = 0,
+    control_window: tuple[float, float] | None = None,
+    guess_mode: bool = False,
+    jit: bool = True,
+    **sampler_kwargs: Any,
+) -> Callable[..., jax.Array]:
+    """Builds `invert_fn(params, images, cond, null_cond=None) -> noise`, the inverse of
+    `make_sample_fn`'s `sample_fn` with the same arguments (`editing.invert`: DDIM or
+    DPM-Solver++(2M) inversion with the condition and guidance used). `images` are in
+    model space (latents for latent models); the noise is what `sample_fn` starts from.
+    Sampler options inversion has no use for (eta, churn) are dropped: it is
+    deterministic."""
+    options = {k: v for k, v in sampler_kwargs.items() if k in INVERT_OPTIONS}
+    guided = functools.partial(
+        guided_model_fn,
+        apply_fn,
+        schedule,
+        prediction=prediction,
+        guidance=guidance,
+        guidance_rescale=guidance_rescale,
+        num_classes=num_classes,
+        control_window=control_window,
+        guess_mode=guess_mode,
+    )
+
+    def invert_fn(params, images, cond, null_cond=None):
+        model_fn = guided(params, images.shape[-1], cond, null_cond)
+        return editing.invert(
+            model_fn,
+            images,
+            schedule=schedule,
+            method=method,
+            num_steps=num_steps,
+            prediction=prediction,
+            **options,
+        )
+
+    return (
+        jax.jit(invert_fn, compiler_options=parallel.compiler_options(program="sample"))
+        if jit
+        else invert_fn
     )
 
 
@@ -196,3 +295,81 @@ def noise_batches(
         if given is not None:
             z = jnp.concatenate([jnp.asarray(given[start : start + n]), z[n:]])
         yield start, n, z, k_sample
+
+
+INPAINT_MODES = ("blend", "repaint")
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """An editing run's inputs (`launch/sample.py --init_images --mask --strength ...`).
+
+    Attributes:
+      images: uint8 [M, H, W, C] at the output size (what sample.py writes); sample i
+        edits image `i % M`.
+      masks: uint8 [M', H, W] (Stable Diffusion's convention: 255 = regenerate, 0 = keep;
+        values >= 128 regenerate), sample i with mask `i % M'`; None: no inpainting.
+      strength: img2img / SDEdit strength in (0, 1]: the last `round(strength * steps)`
+        steps from the image noised to their start (1: from pure noise).
+      inpaint: `blend` (the known region replaced at every step) or `repaint` (blend
+        with RePaint's resampling, `jump_length`, `jump_n_sample`).
+      jump_length, jump_n_sample: RePaint's resampling (Lugmayr et al. use 10 and 10).
+    """
+
+    images: np.ndarray
+    masks: np.ndarray | None = None
+    strength: float = 1.0
+    inpaint: str = "blend"
+    jump_length: int = 10
+    jump_n_sample: int = 10
+
+    def check(self, image_shape: Sequence[int], what: str = "the model") -> None:
+        """Refuses inputs that do not fit images of `image_shape` [H, W, C], naming the fix."""
+        h, w, c = (int(v) for v in image_shape)
+        imgs = np.asarray(self.images)
+        if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1:] != (h, w, c):
+            raise ValueError(
+                f"--init_images must hold uint8 images [N, {h}, {w}, {c}] ({what}'s output "
+                f"size and channels), got {imgs.dtype} {list(imgs.shape)}."
+            )
+        if not len(imgs):
+            raise ValueError("--init_images holds no image.")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"--strength must lie in (0, 1], got {self.strength}.")
+        if self.inpaint not in INPAINT_MODES:
+            raise ValueError(f"--inpaint must be one of {INPAINT_MODES}, got {self.inpaint!r}.")
+        if self.masks is None:
+            if self.inpaint == "repaint":
+                raise ValueError("--inpaint=repaint needs --mask.")
+            return
+        masks = np.asarray(self.masks)
+        if masks.ndim == 4 and masks.shape[-1] == 1:
+            masks = masks[..., 0]
+        if masks.dtype != np.uint8 or masks.ndim != 3 or masks.shape[1:] != (h, w):
+            raise ValueError(
+                f"--mask must hold uint8 masks [N, {h}, {w}] (255 = regenerate, 0 = keep), got "
+                f"{masks.dtype} {list(np.shape(self.masks))}."
+            )
+        if not len(masks):
+            raise ValueError("--mask holds no mask.")
+        if self.inpaint == "repaint":
+            for name in ("jump_length", "jump_n_sample"):
+                if int(getattr(self, name)) < 1:
+                    raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """The static options of `make_sample_fn` for this edit (beside the arrays)."""
+        kwargs: dict[str, Any] = {"strength": float(self.strength)}
+        if self.masks is not None and self.inpaint == "repaint":
+            kwargs.update(jump_length=int(self.jump_length), jump_n_sample=int(self.jump_n_sample))
+        return kwargs
+
+    def pixels(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Samples `idx`'s images (float32 [n, H, W, C] in [-1, 1]) and masks (float32
+        [n, H, W, 1], 1 = regenerate; None without masks), cycled."""
+        img = images_lib.uint8_to_float(np.asarray(self.images)[idx % len(self.images)])
+        if self.masks is None:
+            return img, None
+        masks = np.asarray(self.masks)
+        masks = masks[..., 0] if masks.ndim == 4 else masks
+        return img, (masks[idx % len(masks)] >= 128).astype(np.float32)[..., None]

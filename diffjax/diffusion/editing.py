@@ -34,11 +34,58 @@ from diffjax.diffusion.methods import Transitions, get_method
 from diffjax.diffusion.placements import np_eval, step_times
 from diffjax.diffusion.schedules import Schedule
 
-__all__ = ["INVERSION_METHODS", "inpaint", "invert"]
+__all__ = [
+    "INVERSION_METHODS",
+    "downsample_mask",
+    "inpaint",
+    "inpaint_condition",
+    "invert",
+    "masked_image",
+]
 
 Array = jax.Array
 
 INVERSION_METHODS = ("ddim", "dpmpp_2m")
+
+
+def downsample_mask(mask: Array, factor: int, *, mode: str = "any") -> Array:
+    """A pixel mask [B, H, W, 1] (1 = regenerate) on the latent grid [B, H/f, W/f, 1].
+
+    `mode='any'`: a latent pixel is regenerated when any pixel of its f x f block is
+    (max pooling; what blend inpainting of a latent model uses, so that no latent it
+    keeps carries a pixel to regenerate); `mode='nearest'`: the block's top-left pixel,
+    PyTorch's `interpolate(mode='nearest')` that diffusers' inpainting pipelines feed
+    the 9-channel U-Nets.
+    """
+    mask = jnp.asarray(mask)
+    b, h, w, c = mask.shape
+    if h % factor or w % factor:
+        raise ValueError(f"mask of size {h}x{w} does not divide into {factor}x{factor} blocks")
+    if mode == "nearest":
+        return mask[:, ::factor, ::factor, :]
+    if mode != "any":
+        raise ValueError(f"mode must be 'any' or 'nearest', got {mode!r}")
+    return mask.reshape(b, h // factor, factor, w // factor, factor, c).max(axis=(2, 4))
+
+
+def masked_image(image: Array, mask: Array) -> Array:
+    """`image * (mask < 0.5)`: the region to generate zeroed (diffusers' inpainting
+    pipelines), `image` [B, H, W, C] in [-1, 1], `mask` [B, H, W, 1] (1 = generate)."""
+    return image * (jnp.asarray(mask) < 0.5).astype(image.dtype)
+
+
+def inpaint_condition(image: Array, mask: Array) -> Array:
+    """What an inpainting model sees beside its state: `concat([mask, masked image])`
+    on the channel axis, [B, H, W, 1 + C] (Stable Diffusion inpainting's layout, whose
+    U-Net input is `[x_t, mask, masked image latents]`).
+
+    `image` [B, H, W, C] in model space, `mask` [B, H, W, 1] with 1 (>= 0.5) where the
+    model generates; the masked image is `image * (mask < 0.5)` (the region to generate
+    zeroed), as in diffusers' pipelines. For latent models the masked image is encoded
+    in pixels first and `mask` downsampled (`downsample_mask(..., mode='nearest')`).
+    """
+    regen = (jnp.asarray(mask) >= 0.5).astype(image.dtype)
+    return jnp.concatenate([regen, masked_image(image, mask)], axis=-1)
 
 
 def inpaint(

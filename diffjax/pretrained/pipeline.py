@@ -335,6 +335,7 @@ class LatentDecoder:
             params = jax.device_put(params, parallel.replicated(mesh))
         self.params = params
         self._decode = jax.jit(functools.partial(_decode_with, vae))
+        self._encode = None
 
     @classmethod
     def from_path(cls, path: str, mesh: Any = None, dtype: str = "float32") -> LatentDecoder:
@@ -354,6 +355,23 @@ class LatentDecoder:
 
     def __call__(self, latents: jax.Array) -> jax.Array:
         return self._decode(self.params, latents)
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Images [B, H, W, C] in [-1, 1] -> model-space latents [B, h, w, c]: the
+        posterior mean (no sampling noise), scaled and shifted as training's latents."""
+        if self._encode is None:
+            self._encode = jax.jit(functools.partial(encode_with, self.vae))
+        return self._encode(self.params, images)
+
+
+def encode_with(vae: Component, params: Any, images: jax.Array) -> jax.Array:
+    """Images in [-1, 1] -> model-space latents: the VAE posterior mean, `(z - shift) *
+    scaling_factor` (deterministic; what editing starts from)."""
+    cfg = vae.config
+    mean, _ = vae.module.apply({"params": params}, images, method=vae.module.encode)
+    return autoencoder_kl.to_latents(
+        mean, float(cfg.get("scaling_factor", 0.18215)), float(cfg.get("shift_factor") or 0.0)
+    )
 
 
 def _decode_with(vae: Component, params: Any, latents: jax.Array) -> jax.Array:
