@@ -70,6 +70,9 @@ EXACT = {
     "euler_linspace": ({}, "euler", "traj"),
     "euler_karras_v": ({}, "euler", "traj"),
     "euler_exponential_trailing": ({}, "euler", "traj"),
+    "unipc_sd": ({}, "unipc", "traj"),
+    "unipc_trailing_v": ({}, "unipc", "traj"),
+    "unipc_leading": ({}, "unipc", "traj"),
 }
 
 
@@ -213,6 +216,66 @@ def test_dpm_solver_order_3_refused_then_explicit():
     np.testing.assert_array_equal(spec.placement(20), ref["n20_timesteps"])
     err = _rel_err(_run(spec, ref, 20), _vp_trajectory(ref, 20))
     assert err[-1] < 1e-2  # the same grid and a third-order method: close, not equal
+
+
+def test_unipc_karras_sigmas_refused_then_explicit():
+    """diffusers' UniPC rounds its Karras timesteps (what the network sees) but not its
+    sigmas; diffjax puts the state on the same sigmas and evaluates there."""
+    cfg, ref = _load("unipc_karras")
+    with pytest.raises(ValueError, match=r"use_karras_sigmas=True: .*rounded timesteps"):
+        S.scheduler_from_config(cfg)
+    spec = S.scheduler_from_config(cfg, method="unipc")
+    assert any("use_karras_sigmas" in d for d in spec.differences)
+    ts = spec.placement(10)
+    np.testing.assert_array_equal(np.round(ts), ref["n10_timesteps"])
+    a, s = (np.asarray(v, np.float64) for v in jax.vmap(spec.schedule().alpha_sigma)(ts))
+    np.testing.assert_allclose(s / a, ref["n10_sigmas"][:-1], rtol=2e-4)
+    err = _rel_err(_run(spec, ref, 10), _vp_trajectory(ref, 10))
+    assert err.max() < 2e-5, err  # measured 7.6e-6 (the model's 1e-4 t term)
+
+
+UNIPC = {"_class_name": "UniPCMultistepScheduler"}
+
+
+@pytest.mark.parametrize(
+    "change, pattern, soft",
+    [
+        ({"solver_type": "bh1"}, "solver_type='bh1'.*bh1 .* not implemented", True),
+        ({"predict_x0": False}, "predict_x0=False", True),
+        ({"solver_order": 3}, "solver_order=3", True),
+        ({"disable_corrector": [0, 1]}, "disable_corrector=\\[0, 1\\]", True),
+        ({"final_sigmas_type": "sigma_min"}, "final_sigmas_type='sigma_min'", True),
+        ({"rescale_betas_zero_snr": True}, "2\\*\\*-24", True),
+        ({"lower_order_final": False}, "lower_order_final=False.*infinite", False),
+        ({"use_exponential_sigmas": True}, "use_exponential_sigmas", False),
+        ({"use_flow_sigmas": True}, "use_flow_sigmas", False),
+        ({"thresholding": True}, "thresholding=True", False),
+        ({"prediction_type": "flow_prediction"}, "flow_prediction", False),
+    ],
+)
+def test_unipc_options_refused_by_name(change, pattern, soft):
+    with pytest.raises(ValueError, match=pattern):
+        S.scheduler_from_config({**UNIPC, **change})
+    if soft:  # diffjax's unipc on these timesteps, the difference listed
+        spec = S.scheduler_from_config({**UNIPC, **change}, method="unipc")
+        assert spec.differences and spec.method == "unipc"
+    else:
+        with pytest.raises(ValueError, match=pattern):
+            S.scheduler_from_config({**UNIPC, **change}, method="unipc")
+
+
+def test_unipc_defaults_and_solver_type_aliases():
+    spec = S.scheduler_from_config(UNIPC)
+    assert (spec.method, spec.prediction, spec.t_final, spec.clip_x0) == (
+        "unipc",
+        "epsilon",
+        None,
+        False,
+    )
+    # diffusers registers the DPM-Solver names as bh2.
+    assert S.scheduler_from_config({**UNIPC, "solver_type": "midpoint"}).differences == ()
+    np.testing.assert_array_equal(spec.placement(4), [999, 749, 500, 250])  # n + 1 points
+    assert spec.noise_scale(4) == pytest.approx(1.0 / float(spec.schedule().alpha_sigma(999.0)[1]))
 
 
 BASE = {"_class_name": "DDIMScheduler", "clip_sample": False}
@@ -367,6 +430,8 @@ ZSNR_HP = dict(SD_HP, zero_terminal_snr=True)
         (SD_HP, "v", "euler", "karras", False, None),
         (SD_HP, "epsilon", "dpmpp_2m", "trailing", False, None),
         (PIXEL_HP, "v", "dpmpp_2m", "trailing", False, 0.0),
+        (SD_HP, "epsilon", "unipc", "trailing", False, None),
+        (PIXEL_HP, "v", "unipc", "trailing", False, None),
     ],
 )
 def test_export_round_trip(hp, prediction, method, placement, clip, t_final):
@@ -403,6 +468,8 @@ def test_export_round_trip(hp, prediction, method, placement, clip, t_final):
         ((SD_HP, "epsilon", "heun"), {}, "method 'heun' has no diffusers"),
         ((SD_HP, "epsilon", "dpmpp_3m"), {}, "published"),
         ((SD_HP, "epsilon", "dpmpp_2m"), {}, "placement 'logsnr' with dpmpp_2m"),
+        ((SD_HP, "epsilon", "unipc"), {}, "placement 'logsnr' with unipc"),
+        ((SD_HP, "epsilon", "unipc", "trailing"), {"t_final": 0.0}, "t_final with unipc"),
         ((SD_HP, "epsilon", "ddim", "linspace"), {}, "placement 'linspace' with ddim"),
         ((SD_HP, "epsilon", "ddim", [900.0, 500.0]), {}, "explicit placement"),
         ((ZSNR_HP, "v", "euler", "trailing"), {}, "2\\*\\*-24"),

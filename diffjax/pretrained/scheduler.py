@@ -27,6 +27,11 @@ Reproduced exactly (`spec.differences == ()`, checked by the fixtures of
   `final_sigmas_type` zero, or sigma_min where its last step is first order.
 * `EulerDiscreteScheduler` -> `euler`: leading / trailing, linspace where the timesteps
   are whole numbers, Karras and exponential sigmas.
+* `UniPCMultistepScheduler` (bh2, `predict_x0`, `solver_order=2`, `lower_order_final`,
+  diffusers' defaults) -> `unipc`, any `timestep_spacing`. Karras sigmas, `solver_order`
+  1 or 3, `bh1`, `predict_x0=False` and `disable_corrector` run only with an explicit
+  `method=` (listed in `spec.differences`): diffusers rounds its Karras timesteps but not
+  its sigmas, and diffjax implements the bh2 data-prediction order-2 form only.
 
 Everything else is refused by name with the reason. Passing `method=` asks for that
 diffjax sampler on the scheduler's training schedule and timesteps instead: what then
@@ -57,6 +62,7 @@ SUPPORTED = {
     "DDPMScheduler": "ddpm",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "EulerDiscreteScheduler": "euler",
+    "UniPCMultistepScheduler": "unipc",
 }
 
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
@@ -140,6 +146,30 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         timestep_spacing="linspace",
         timestep_type="discrete",
         final_sigmas_type="zero",
+    ),
+    "UniPCMultistepScheduler": dict(
+        _COMMON,
+        solver_order=2,
+        thresholding=False,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0,
+        predict_x0=True,
+        solver_type="bh2",
+        lower_order_final=True,
+        disable_corrector=[],
+        solver_p=None,
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_flow_sigmas=False,
+        flow_shift=1.0,
+        timestep_spacing="linspace",
+        final_sigmas_type="zero",
+        use_dynamic_shifting=False,
+        time_shift_type="exponential",
+        sigma_min=None,
+        sigma_max=None,
+        shift_terminal=None,
     ),
 }
 
@@ -338,6 +368,8 @@ def scheduler_from_config(
         natural, t_final = _dpm_part(config, ref)
     elif cls == "EulerDiscreteScheduler":
         t_final = _euler_part(config, ref)
+    elif cls == "UniPCMultistepScheduler":
+        t_final = _unipc_part(config, ref)
     else:
         if config.get("set_alpha_to_one", True) is False:
             t_final = 0.0
@@ -481,6 +513,69 @@ def _dpm_part(config: dict, ref: _Refusal) -> tuple[str, float | None]:
     return natural, (0.0 if fst == "sigma_min" else None)
 
 
+def _unipc_part(config: dict, ref: _Refusal) -> float | None:
+    """UniPCMultistepScheduler: diffjax's `unipc` is its default, UniP-2 + UniC-2 (bh2)
+    in data prediction with a first-order last step."""
+    if config["use_karras_sigmas"]:
+        ref.soft.append(
+            "use_karras_sigmas=True: diffusers' UniPC evaluates the network at the rounded "
+            "timesteps while its state sits at the unrounded Karras sigmas; diffjax "
+            "evaluates at the state's own time (the Karras sigmas' unrounded timesteps)"
+        )
+    for key in ("use_exponential_sigmas", "use_beta_sigmas"):
+        if config[key]:
+            ref.hard.append(f"{key}=True: only Karras sigmas are implemented for UniPC")
+    if config["use_karras_sigmas"] and (config["sigma_min"] or config["sigma_max"]):
+        ref.hard.append("sigma_min / sigma_max: Karras sigmas over the whole table only")
+    if config["use_flow_sigmas"] or config["use_dynamic_shifting"] or config["shift_terminal"]:
+        ref.hard.append(
+            "use_flow_sigmas / use_dynamic_shifting / shift_terminal: flow sigmas are not supported"
+        )
+    if config["thresholding"]:
+        ref.hard.append("thresholding=True: diffusers' dynamic thresholding is not implemented")
+    if config["solver_type"] not in ("bh2", "midpoint", "heun", "logrho"):
+        # diffusers itself maps the DPM-Solver names to bh2.
+        ref.soft.append(
+            f"solver_type={config['solver_type']!r}: diffjax's unipc is the bh2 form "
+            "(B(h) = e^h - 1); bh1 (B(h) = h) is not implemented"
+        )
+    if not config["predict_x0"]:
+        ref.soft.append(
+            "predict_x0=False: diffjax's unipc is UniPC's data-prediction form; the "
+            "noise-prediction form is not implemented"
+        )
+    if config["solver_order"] != 2:
+        ref.soft.append(
+            f"solver_order={config['solver_order']!r}: diffjax's unipc is UniP-2 + UniC-2 "
+            "(diffusers' default order 2)"
+        )
+    if not config["lower_order_final"]:
+        ref.hard.append(
+            "lower_order_final=False: diffusers' second-order last step into sigma = 0 is "
+            "infinite (h = inf); diffjax's unipc ends with a first-order step, as "
+            "lower_order_final=True does"
+        )
+    if config["disable_corrector"]:
+        ref.soft.append(
+            f"disable_corrector={config['disable_corrector']!r}: diffjax's unipc applies UniC "
+            "at every step but the last"
+        )
+    if config["solver_p"] is not None:
+        ref.hard.append("solver_p: an external predictor is not supported")
+    if config["rescale_betas_zero_snr"]:
+        ref.soft.append(_ZERO_SNR_HACK)
+    fst = config["final_sigmas_type"]
+    if fst == "sigma_min":
+        ref.soft.append(
+            "final_sigmas_type='sigma_min': diffusers' UniPC steps from the corrected last "
+            "state to alpha_bar[0]; diffjax's t_final step leaves the uncorrected one"
+        )
+        return 0.0
+    if fst != "zero":
+        ref.hard.append(f"final_sigmas_type={fst!r}: diffusers has 'zero' and 'sigma_min'")
+    return None
+
+
 _ZERO_SNR_HACK = (
     "rescale_betas_zero_snr=True: this diffusers scheduler sets alpha_bar[-1] = 2**-24 "
     "(sigma 4096) instead of 0, diffjax's zero-terminal-SNR schedule has alpha_bar = 0 "
@@ -571,6 +666,10 @@ def _timesteps(cls: str, config: Mapping[str, Any], n: int, sk: Mapping[str, Any
     spacing, offset = config["timestep_spacing"], int(config.get("steps_offset", 0) or 0)
     if cls == "DPMSolverMultistepScheduler":
         return _spaced(spacing, n_train, n, offset, plus_one=True)
+    if cls == "UniPCMultistepScheduler":
+        if config.get("use_karras_sigmas"):
+            return _unipc_karras_times(sk, n)
+        return _spaced(spacing, n_train, n, offset, plus_one=True)
     ts = _spaced(spacing, n_train, n, offset, plus_one=False)
     if cls not in _EULER_FAMILY:
         return np.round(ts) if spacing == "linspace" else ts
@@ -596,6 +695,19 @@ def _timesteps(cls: str, config: Mapping[str, Any], n: int, sk: Mapping[str, Any
         sig = np.exp(np.linspace(math.log(smax), math.log(smin), n))
     # diffusers' sigma -> t: linear interpolation of the timestep in log(sigma).
     t = np.interp(np.log(np.maximum(sig, 1e-10)), np.log(table), np.arange(n_train))
+    return t.astype(np.float32).astype(np.float64)
+
+
+def _unipc_karras_times(sk: Mapping[str, Any], n: int) -> np.ndarray:
+    """The (unrounded) timesteps of UniPC's Karras sigmas: rho 7 over the whole float32
+    sigma table, mapped to t by linear interpolation in log(sigma) as diffusers does
+    (which then rounds the timesteps the network sees, not the sigmas)."""
+    table = _sigma_table(sk, float32=True)
+    smax, smin = table[-1], table[0]
+    rho = 7.0
+    ramp = np.linspace(0.0, 1.0, n)
+    sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    t = np.interp(np.log(np.maximum(sig, 1e-10)), np.log(table), np.arange(table.size))
     return t.astype(np.float32).astype(np.float64)
 
 
@@ -688,6 +800,8 @@ def scheduler_config_for(
       (Karras sigmas over the whole table, rho 7).
     * `dpmpp_2m` -> DPMSolverMultistepScheduler (dpmsolver++, midpoint), placement
       `trailing`; `t_final=0.0` -> `final_sigmas_type='sigma_min'`, `euler_at_final`.
+    * `unipc` -> UniPCMultistepScheduler (bh2, predict_x0, order 2, lower_order_final),
+      placement `trailing`.
 
     Args:
       schedule_hparams: a `discrete_vp` schedule or its `hparams` (missing keys take
@@ -808,10 +922,29 @@ def scheduler_config_for(
             final_sigmas_type="zero" if t_final is None else "sigma_min",
             timestep_spacing="trailing",
         )
+    elif method == "unipc":
+        cls = "UniPCMultistepScheduler"
+        if placement != "trailing":
+            problems.append(
+                f"placement {placement!r} with unipc: only 'trailing' has a diffusers "
+                "equivalent (its leading/linspace space n+1 points, its Karras timesteps are "
+                "rounded but not its sigmas)"
+            )
+        problems += _no_zero_snr_clip_tfinal("unipc", zsnr, clip_x0, t_final)
+        extra = dict(
+            solver_order=2,
+            solver_type="bh2",
+            predict_x0=True,
+            lower_order_final=True,
+            disable_corrector=[],
+            use_karras_sigmas=False,
+            final_sigmas_type="zero",
+            timestep_spacing="trailing",
+        )
     else:
         problems.append(
             f"method {method!r} has no diffusers scheduler that reproduces it (reproduced: ddim, "
-            "ddpm, euler, dpmpp_2m; diffusers' 3M uses the published, not the corrected, "
+            "ddpm, euler, dpmpp_2m, unipc; diffusers' 3M uses the published, not the corrected, "
             "third-order step)"
         )
     if problems:
