@@ -25,7 +25,8 @@ import numpy as np
 
 from diffjax import experiment, export, images, parallel, rundir
 from diffjax.data.captions import prompt_condition
-from diffjax.sample_fn import make_sample_fn, noise_batches
+from diffjax.diffusion import editing
+from diffjax.sample_fn import Edit, make_invert_fn, make_sample_fn, noise_batches
 
 
 @dataclasses.dataclass
@@ -42,6 +43,11 @@ class Generator:
     # Runs with a frozen text encoder (`text.encoder`): caption ids -> embeddings, and the
     # encoded "" as the unconditional branch of guidance (`diffjax.pretrained.stage`).
     stage: Any = None
+    # The model's `apply` and schedule, from which editing and inversion build their
+    # compiled functions (None for a serialized export, which only samples).
+    apply_fn: Any = None
+    schedule: Any = None
+    _edit_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -86,6 +92,8 @@ class Generator:
             step=step,
             decoder=latent_decoder(config, mesh),
             stage=stage,
+            apply_fn=parts.model.apply,
+            schedule=parts.schedule,
         )
 
     @classmethod
@@ -120,6 +128,7 @@ class Generator:
             def sample_fn(params, noise, cond, key):
                 return exported.call(params, noise, cond, scale, jax.random.key_data(key))
 
+            schedule = None
         else:
             schedule = experiment.build_schedule(config)
             sample_fn = make_sample_fn(model.apply, schedule, **experiment.sampler_kwargs(config))
@@ -136,6 +145,8 @@ class Generator:
             step=meta["step"],
             decoder=latent_decoder(config, mesh, recorded=meta.get("latent")),
             stage=text_stage(config, mesh),
+            apply_fn=None if serialized else model.apply,
+            schedule=schedule,
         )
 
     def batches(
@@ -149,6 +160,7 @@ class Generator:
         noise: np.ndarray | None = None,
         prompts: Sequence[str] | None = None,
         control: np.ndarray | None = None,
+        edit: Edit | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, C], labels int32 [n]) batch by batch, in order.
 
@@ -164,19 +176,147 @@ class Generator:
         A ControlNet run samples with `control` (float [M, H, W, C] in [0, 1] or uint8,
         at the output image size), image i with control i % M; without it, with the
         control images of the run's first training records (`data_controls`).
+
+        `edit` (`sample_fn.Edit`) edits given images instead (image i edits
+        `edit.images[i % M]`): img2img from `edit.strength`, and with `edit.masks`
+        inpainting (blend or RePaint) whose kept pixels come back exactly. A latent model
+        edits the images' VAE latents (posterior mean) under the mask downsampled to the
+        latent grid (a latent is regenerated when any of its pixels is), and the kept
+        pixels are pasted back after decoding.
         """
-        controls = self._controls(control, num_samples)
-        if prompts:
-            table = prompt_condition(self.config, list(prompts))
-            label_at = lambda idx: (idx % len(prompts)).astype(np.int32)  # noqa: E731
-        else:
-            label_at = self._label_rule(labels)
+        conditions = self._conditioner(num_samples, labels, prompts, control)
+        sample_fn = self.sample_fn if edit is None else self._edit_fn(edit)
         sharding = parallel.batch_sharding(self.mesh)
         shape = experiment.image_shape(self.config)
         for start, n, z, key in noise_batches(
             num_samples, batch_size, self.mesh, shape, seed=seed, noise=noise, progress=progress
         ):
             idx = np.arange(start, start + z.shape[0])
+            cond, lab = conditions(idx)
+            z, cond = jax.device_put((z, cond), sharding)
+            extra, pixels = (), None  # (null_cond[, edit arrays]) where needed
+            if self.stage is not None:
+                cond = self.stage.conditions(cond)
+                extra = (self.stage.null_condition(z.shape[0]),)
+            if edit is not None:
+                arrays, pixels = self._edit_arrays(edit, idx)
+                extra = (extra[0] if extra else None, jax.device_put(arrays, sharding))
+            x = sample_fn(self.params, z, cond, key, *extra)
+            if self.decoder is not None:
+                x = self.decoder(x)
+                if pixels is not None and pixels[1] is not None:  # the kept pixels, exactly
+                    x = jnp.where(jnp.asarray(pixels[1]) >= 0.5, x, jnp.asarray(pixels[0]))
+            yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
+
+    def invert(
+        self,
+        images_u8: np.ndarray,
+        *,
+        labels: Sequence[int] | str | None = None,
+        prompts: Sequence[str] | None = None,
+        control: np.ndarray | None = None,
+        method: str | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Images -> the noise from which `batches(noise=...)` regenerates them.
+
+        DDIM (default) or DPM-Solver++(2M) inversion (`diffusion.editing.invert`) with this
+        generator's steps, guidance and condition (image i with label/prompt i, cycled,
+        as in `batches`). A latent model inverts the images' VAE latents (posterior
+        mean). Sample back with the same method, steps and guidance.
+
+        Args:
+          images_u8: uint8 [N, H, W, C] at the output size.
+          labels, prompts, control: the condition, as for `batches`.
+          method: `ddim` (default) or `dpmpp_2m`.
+          batch_size: images per device call.
+          progress: show a progress bar.
+
+        Returns:
+          float32 [N, h, w, c]: the noise (the latent shape for latent models).
+        """
+        self._require_editing("inversion")
+        imgs = np.asarray(images_u8)
+        Edit(imgs).check(self.image_shape, "this model")
+        n_total = len(imgs)
+        method = method or "ddim"
+        key = ("invert", method)
+        if key not in self._edit_fns:
+            kwargs = {**experiment.sampler_kwargs(self.config), "method": method}
+            self._edit_fns[key] = make_invert_fn(self.apply_fn, self.schedule, **kwargs)
+        invert_fn = self._edit_fns[key]
+        conditions = self._conditioner(n_total, labels, prompts, control)
+        sharding = parallel.batch_sharding(self.mesh)
+        out = []
+        ndev = self.mesh.devices.size
+        batch_size = max(ndev, batch_size - batch_size % ndev)
+        starts = range(0, n_total, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="invert", unit="batch", dynamic_ncols=True)
+        for start in starts:
+            idx = np.arange(start, start + batch_size)
+            cond, _ = conditions(idx)
+            x = self._model_space(images.uint8_to_float(imgs[idx % n_total]))
+            x, cond = jax.device_put((x, cond), sharding)
+            if self.stage is None:
+                z = invert_fn(self.params, x, cond)
+            else:
+                null = self.stage.null_condition(batch_size)
+                z = invert_fn(self.params, x, self.stage.conditions(cond), null)
+            out.append(np.asarray(parallel.gather(z), np.float32)[: n_total - start])
+        return np.concatenate(out)
+
+    def _require_editing(self, what: str) -> None:
+        if self.apply_fn is None:
+            raise ValueError(
+                f"{what} runs diffjax's sampler code; the serialized (jax.export) sampler only "
+                "samples. Drop --serialized."
+            )
+
+    def _edit_fn(self, edit: Edit):
+        """The compiled sampler of an editing run (one per set of static options)."""
+        self._require_editing("Editing (--init_images)")
+        edit.check(self.image_shape, "this model")
+        options = edit.sampler_kwargs()
+        key = ("edit", tuple(sorted(options.items())))
+        if key not in self._edit_fns:
+            kwargs = {**experiment.sampler_kwargs(self.config), **options}
+            self._edit_fns[key] = make_sample_fn(self.apply_fn, self.schedule, **kwargs)
+        return self._edit_fns[key]
+
+    def _model_space(self, pixels: np.ndarray) -> jax.Array:
+        """Images in [-1, 1] -> what the model samples: themselves, or their latents."""
+        x = jnp.asarray(pixels, jnp.float32)
+        return x if self.decoder is None else self.decoder.encode(x)
+
+    def _edit_arrays(self, edit: Edit, idx: np.ndarray) -> tuple[dict, tuple]:
+        """`sample_fn`'s edit arrays for samples `idx`, and their (pixels, pixel masks)."""
+        img, mask = edit.pixels(idx)
+        known = self._model_space(img)
+        arrays = {}
+        if edit.strength < 1.0:
+            arrays["init_image"] = known
+        if mask is not None:
+            if self.decoder is not None:
+                m = editing.downsample_mask(mask, self.decoder.factor, mode="any")
+            else:
+                m = jnp.asarray(mask)
+            arrays.update(inpaint_known=known, inpaint_mask=m)
+        return arrays, (img, mask)
+
+    def _conditioner(self, num_samples: int, labels, prompts, control):
+        """`conditions(idx) -> (model conditioning, labels)` for samples `idx` (cycled)."""
+        controls = self._controls(control, num_samples)
+        if prompts:
+            table = prompt_condition(self.config, list(prompts))
+            label_at = lambda idx: (idx % len(prompts)).astype(np.int32)  # noqa: E731
+        else:
+            label_at = self._label_rule(labels)
+
+        def conditions(idx: np.ndarray) -> tuple[dict, np.ndarray]:
             lab = label_at(idx)
             ctrl = None if controls is None else controls[idx % len(controls)]
             if prompts:
@@ -185,15 +325,9 @@ class Generator:
                     cond.update(experiment.control_condition(self.config, ctrl))
             else:
                 cond = experiment.sampling_condition(self.config, lab, ctrl)
-            z, cond = jax.device_put((z, cond), sharding)
-            if self.stage is None:
-                x = self.sample_fn(self.params, z, cond, key)
-            else:
-                null = self.stage.null_condition(z.shape[0])
-                x = self.sample_fn(self.params, z, self.stage.conditions(cond), key, null)
-            if self.decoder is not None:
-                x = self.decoder(x)
-            yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
+            return cond, lab
+
+        return conditions
 
     def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         """All of `batches(num_samples, **kwargs)` in memory: (uint8 [N, H, W, C], int32 [N])."""

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -182,3 +183,57 @@ def setup_logging() -> None:
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     enable_compilation_cache()
+
+
+def read_images(path: str, flag: str) -> np.ndarray:
+    """uint8 [N, H, W, C] from a .npz (`images`, as sample.py writes them) or one image
+    file (PNG, JPEG ...; grayscale stays one channel)."""
+    return _read_uint8(path, flag, "images", "uint8 images [N, H, W, C]", ndim=4)
+
+
+def read_masks(path: str, flag: str) -> np.ndarray:
+    """uint8 masks [N, H, W] (255 = regenerate, 0 = keep) from a .npz (`masks`) or one
+    grayscale image file."""
+    return _read_uint8(path, flag, "masks", "uint8 masks [N, H, W]", ndim=3, gray=True)
+
+
+def _read_uint8(
+    path: str, flag: str, key: str, what: str, *, ndim: int, gray: bool = False
+) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}={path} does not exist.")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            if key not in f:
+                raise ValueError(
+                    f"{flag}={path} has no `{key}` array ({what}); it holds {sorted(f.files)}."
+                )
+            arr = f[key]
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                mode = "L" if gray or img.mode in ("L", "1") else "RGB"
+                arr = np.asarray(img.convert(mode))[None]
+        except OSError as e:
+            raise ValueError(f"{flag}={path} is neither a .npz nor an image: {e}") from None
+    if ndim == 4 and arr.ndim == 3:
+        arr = arr[..., None]
+    if ndim == 3 and arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8 or arr.ndim != ndim:
+        raise ValueError(f"{flag}={path} must hold {what}, got {arr.dtype} {list(arr.shape)}.")
+    return arr
+
+
+def parse_labels(values: list[str] | None) -> list[int] | str | None:
+    """`--labels=3,3,7` -> [3, 3, 7]; `--labels=none` -> "none" (the null class)."""
+    if not values:
+        return None
+    if [v.strip().lower() for v in values] == ["none"]:
+        return "none"
+    bad = [v for v in values if not v.strip().lstrip("-").isdigit()]
+    if bad:
+        raise ValueError(f"--labels takes class indices such as --labels=3,3,7; got {bad}.")
+    return [int(v) for v in values]

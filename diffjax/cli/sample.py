@@ -16,6 +16,23 @@ conditional models cycle 0..K-1 unless --labels is given) and a PNG grid beside 
 latent models, before any init_noise_sigma scaling) replaces the draw from --seed, so
 a run of another framework can be reproduced.
 
+Editing (any run, export or pipeline; no special training):
+
+    python launch/sample.py --workdir=DIR --init_images=IMGS.npz --mask=MASKS.npz \
+        [--inpaint=blend|repaint --jump_length=10 --jump_n_sample=10] --labels=... --out=OUT.npz
+    python launch/sample.py --workdir=DIR --init_images=IMGS.npz --strength=0.6 ... # img2img
+    python launch/invert.py --workdir=DIR --images=IMGS.npz --labels=... --steps=50 --out=NOISE.npy
+    python launch/sample.py --workdir=DIR --noise=NOISE.npy --method=ddim --steps=50 --guidance=1.0 ...
+
+`IMGS.npz` holds `images` uint8 [N, H, W, C] (as sample.py writes them; or one PNG),
+`MASKS.npz` holds `masks` uint8 [N, H, W]: 255 = regenerate, 0 = keep (or one grayscale
+PNG). Sample i edits image i % N; --num_samples defaults to N. Inpainting keeps the
+unmasked pixels exactly; `--strength` (0, 1] runs the last round(strength * steps) steps
+from the image noised to their start, and 1 is plain sampling from the same noise. A
+latent model edits the images' VAE latents (the mask downsampled to the latent grid) and
+pastes the kept pixels back after decoding. A run trained as an inpainting model
+(`inpainting.*`) also sees the mask and the masked image.
+
 ControlNets (spatial control: edges, masks, tiles ...):
 
     python launch/sample.py --workdir=CN_RUN --control_image=CTRL.npz [--controlnet_scale=1.0] \
@@ -41,7 +58,7 @@ all files or one per file (default 1.0), on top of each file's own alpha / rank.
 import numpy as np
 from absl import flags
 
-from diffjax.cli.common import run, setup_logging
+from diffjax.cli.common import parse_labels, read_images, read_masks, run, setup_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to sample from (EMA params).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export directory to sample from.")
@@ -97,6 +114,38 @@ _CONTROL_START = flags.DEFINE_float(
 _CONTROL_END = flags.DEFINE_float(
     "control_guidance_end", None, "Fraction of the steps where the ControlNet stops applying."
 )
+_INIT_IMAGES = flags.DEFINE_string(
+    "init_images",
+    None,
+    "Images to edit: a .npz with uint8 `images` [N, H, W, C] (as sample.py writes them) or "
+    "one PNG; sample i edits image i % N (--num_samples defaults to N). Alone: img2img "
+    "with --strength; with --mask: inpainting.",
+)
+_MASK = flags.DEFINE_string(
+    "mask",
+    None,
+    "Inpainting masks for --init_images: a .npz with uint8 `masks` [N, H, W] or one "
+    "grayscale PNG; 255 (>= 128) = regenerate, 0 = keep (Stable Diffusion's convention). "
+    "Kept pixels come back exactly.",
+)
+_STRENGTH = flags.DEFINE_float(
+    "strength",
+    None,
+    "img2img / SDEdit strength in (0, 1] with --init_images: runs the last "
+    "round(strength * steps) steps from the image noised to their start (1 = from pure "
+    "noise; default 1).",
+)
+_INPAINT = flags.DEFINE_enum(
+    "inpaint",
+    "blend",
+    ["blend", "repaint"],
+    "With --mask: `blend` replaces the kept region by the noised image at every step; "
+    "`repaint` adds RePaint's resampling (--jump_length, --jump_n_sample).",
+)
+_JUMP_LENGTH = flags.DEFINE_integer("jump_length", 10, "RePaint: steps per jump back.")
+_JUMP_N_SAMPLE = flags.DEFINE_integer(
+    "jump_n_sample", 10, "RePaint: passes over each jump (1 = no resampling)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest good one).")
 _NUM = flags.DEFINE_integer("num_samples", 64, "Number of images.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz path.", required=True)
@@ -131,8 +180,12 @@ def main(argv):
         )
     if _NUM.value < 1:
         raise ValueError(f"--num_samples must be >= 1, got {_NUM.value}.")
-    labels = _parse_labels(_LABELS.value)
+    labels = parse_labels(_LABELS.value)
     noise = _read_noise(_NOISE.value)
+    edit = _read_edit()
+    num = _NUM.value
+    if edit is not None and not flags.FLAGS["num_samples"].present:
+        num = len(edit.images)  # one edit per given image
     if (_LORA.value or _LORA_SCALE.value) and not _PRETRAINED.value:
         raise ValueError(
             "--lora/--lora_scale apply to --pretrained=SD_DIR only: a LoRA file is merged "
@@ -145,7 +198,7 @@ def main(argv):
             "a ControlNet run (--workdir) has its own."
         )
     if _PRETRAINED.value:
-        return _sample_pretrained(labels, noise)
+        return _sample_pretrained(labels, noise, edit, num)
     if _HEIGHT.value or _WIDTH.value or _NEGATIVE.value:
         raise ValueError("--height, --width and --negative_prompt apply to --pretrained only.")
     if _PROMPT.value and labels:
@@ -178,13 +231,13 @@ def main(argv):
     source = _WORKDIR.value or _EXPORT_DIR.value
     sc = generator.config.sample
     print(
-        f"Sampling {_NUM.value} images from step {generator.step} of {source} "
+        f"{_verb(edit)} {num} images from step {generator.step} of {source} "
         f"({sc.method}, {sc.num_steps} steps, guidance {sc.guidance})."
     )
     npz, png = generate.write_samples(
         _OUT.value,
         generator.batches(
-            _NUM.value,
+            num,
             seed=_SEED.value,
             labels=labels,
             batch_size=_BATCH.value or 256,
@@ -192,15 +245,16 @@ def main(argv):
             noise=noise,
             prompts=_PROMPT.value,
             control=control,
+            edit=edit,
         ),
-        _NUM.value,
+        num,
         generator.image_shape,
-        ncols=None if _PROMPT.value else (generator.num_classes or None),
+        ncols=None if _PROMPT.value or edit else (generator.num_classes or None),
     )
-    print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
+    print(f"Wrote {num} samples to {npz} and a grid to {png}")
 
 
-def _sample_pretrained(labels, noise) -> None:
+def _sample_pretrained(labels, noise, edit, num) -> None:
     from diffjax import generate
     from diffjax.pretrained import lora_files, pipeline
 
@@ -223,7 +277,7 @@ def _sample_pretrained(labels, noise) -> None:
     )
     sc = gen.config.sample
     print(
-        f"Sampling {_NUM.value} images: {pipeline.describe(pipe)}; {sc.num_steps} steps, "
+        f"{_verb(edit)} {num} images: {pipeline.describe(pipe)}; {sc.num_steps} steps, "
         f"guidance {sc.guidance}."
     )
     for note in pipe.scheduler.differences + pipe.scheduler.grid_differences(sc.num_steps):
@@ -231,7 +285,7 @@ def _sample_pretrained(labels, noise) -> None:
     npz, png = generate.write_samples(
         _OUT.value,
         gen.batches(
-            _NUM.value,
+            num,
             seed=_SEED.value,
             labels=labels,
             prompts=_PROMPT.value,
@@ -240,11 +294,53 @@ def _sample_pretrained(labels, noise) -> None:
             batch_size=_BATCH.value or 16,
             progress=True,
             **({"control": control} if nets else {}),
+            **({"edit": edit} if edit is not None else {}),
         ),
-        _NUM.value,
+        num,
         gen.image_shape,
     )
-    print(f"Wrote {_NUM.value} samples to {npz} and a grid to {png}")
+    print(f"Wrote {num} samples to {npz} and a grid to {png}")
+
+
+def _verb(edit) -> str:
+    if edit is None:
+        return "Sampling"
+    if edit.masks is None:
+        return f"Editing (img2img, strength {edit.strength})"
+    return f"Inpainting ({edit.inpaint}, strength {edit.strength})"
+
+
+def _read_edit():
+    """The editing flags as a `sample_fn.Edit` (None without --init_images)."""
+    if not _INIT_IMAGES.value:
+        given = [
+            f"--{name}"
+            for name in ("mask", "strength", "inpaint", "jump_length", "jump_n_sample")
+            if flags.FLAGS[name].present
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} edit given images: pass --init_images too.")
+        return None
+    from diffjax.sample_fn import Edit
+
+    if not _MASK.value:
+        bad = [
+            f"--{n}" for n in ("inpaint", "jump_length", "jump_n_sample") if flags.FLAGS[n].present
+        ]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} apply to inpainting: pass --mask too.")
+    elif _INPAINT.value == "blend" and any(
+        flags.FLAGS[n].present for n in ("jump_length", "jump_n_sample")
+    ):
+        raise ValueError("--jump_length/--jump_n_sample are RePaint's: add --inpaint=repaint.")
+    return Edit(
+        images=read_images(_INIT_IMAGES.value, "--init_images"),
+        masks=read_masks(_MASK.value, "--mask") if _MASK.value else None,
+        strength=1.0 if _STRENGTH.value is None else _STRENGTH.value,
+        inpaint=_INPAINT.value,
+        jump_length=_JUMP_LENGTH.value,
+        jump_n_sample=_JUMP_N_SAMPLE.value,
+    )
 
 
 def _control_options_given() -> bool:
@@ -286,7 +382,7 @@ def _run_control(config):
     if _CONTROL_SOURCE.value:
         from diffjax.data.control import make_control
 
-        images = read_control_images(_CONTROL_SOURCE.value, "--control_source")
+        images = read_images(_CONTROL_SOURCE.value, "--control_source")
         opts = {k: n[k] for k in ("canny_low", "canny_high", "tile_factor", "mask_threshold")}
         if n.control == "given":
             raise ValueError(
@@ -297,7 +393,7 @@ def _run_control(config):
     if _CONTROL_IMAGE.value:
         if len(_CONTROL_IMAGE.value) != 1:
             raise ValueError("A ControlNet run has one ControlNet: pass one --control_image.")
-        return config, read_control_images(_CONTROL_IMAGE.value[0], "--control_image")
+        return config, read_images(_CONTROL_IMAGE.value[0], "--control_image")
     return config, None  # the controls of the run's first training records
 
 
@@ -344,40 +440,8 @@ def _pretrained_controlnets(pipe):
             1.0 if _CONTROL_END.value is None else _CONTROL_END.value,
         ),
     )
-    control = [read_control_images(p, "--control_image") for p in paths]
+    control = [read_images(p, "--control_image") for p in paths]
     return nets, control, kwargs
-
-
-def read_control_images(path: str, flag: str) -> np.ndarray:
-    """uint8 [N, H, W, C] from a .npz (`images`) or one image file (PNG, JPEG ...)."""
-    import os
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}={path} does not exist.")
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            if "images" not in f:
-                raise ValueError(
-                    f"{flag}={path} has no `images` array (uint8 [N, H, W, C]); it holds "
-                    f"{sorted(f.files)}."
-                )
-            images = f["images"]
-    else:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as img:
-                images = np.asarray(img.convert("L" if img.mode in ("L", "1") else "RGB"))[None]
-        except OSError as e:
-            raise ValueError(f"{flag}={path} is neither a .npz nor an image: {e}") from None
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"{flag}={path} must hold uint8 images [N, H, W, C], got {images.dtype} "
-            f"{list(images.shape)}."
-        )
-    return images
 
 
 def _refuse_vae_export(path: str) -> None:
@@ -407,17 +471,6 @@ def _read_noise(path: str | None):
     if not path.endswith(".npy"):
         raise ValueError(f"--noise takes a .npy file of float32 [N, h, w, c], got {path!r}.")
     return np.load(path)
-
-
-def _parse_labels(values: list[str] | None) -> list[int] | str | None:
-    if not values:
-        return None
-    if [v.strip().lower() for v in values] == ["none"]:
-        return "none"
-    bad = [v for v in values if not v.strip().lstrip("-").isdigit()]
-    if bad:
-        raise ValueError(f"--labels takes class indices such as --labels=3,3,7; got {bad}.")
-    return [int(v) for v in values]
 
 
 def entry() -> None:
