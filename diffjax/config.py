@@ -112,6 +112,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     n.guidance_start = 0.0  # Sampling: fraction of the steps where control starts applying.
     n.guidance_end = 1.0  # Sampling: ... and where it stops.
 
+    # ---------------------------------------------------------------- inpainting
+    # inpainting.enabled trains an inpainting model: each record gets a random mask (1 =
+    # regenerate; `diffjax.data.masks`) and the network sees concat([x_t, mask, masked
+    # image]) on the channel axis: C + 1 + C channels in, C out (Stable Diffusion
+    # inpainting's 9-channel layout for latent models, whose mask is downsampled to the
+    # latent grid and whose masked image latent.vae encodes in the step). Label/caption
+    # dropout keeps the mask and masked image; sampling without a mask generates whole images.
+    c.inpainting = p = ml_collections.ConfigDict()
+    p.enabled = False  # Train an inpainting model (set by a 9-channel SD-inpainting pretrained).
+    p.masks = "box:0.3,brush:0.4,outpaint:0.15,full:0.15"  # Mask kinds and weights (normalised).
+    p.min_size = 0.1  # Smallest box side, border span or stroke segment (fraction of the side).
+    p.max_size = 0.5  # Largest box side, border span or stroke segment (fraction of the side).
+    p.max_strokes = 4  # brush: 1 to this many strokes per mask.
+    p.brush_width = 0.2  # brush: the thickest stroke (fraction of the side, at least 1 pixel).
+
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
     m.name = "unet"  # Registry name: unet | dit.

@@ -18,7 +18,7 @@ import numpy as np
 
 from diffjax import models
 from diffjax.config import REMOVED_FIELDS, get_base_config
-from diffjax.diffusion import losses, samplers, schedules
+from diffjax.diffusion import editing, losses, samplers, schedules
 from diffjax.finetune import lora as lora_lib
 from diffjax.models.autoencoder_kl import AutoencoderKL
 
@@ -62,7 +62,112 @@ def condition_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     keys = {"label": ("labels",), "text": ("context", "context_mask"), "": ()}[
         conditioning_kind(config)
     ]
-    return keys + (("control",) if is_controlnet(config) else ())
+    keys += ("control",) if is_controlnet(config) else ()
+    return keys + (("concat",) if is_inpainting(config) else ())
+
+
+def is_inpainting(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains an inpainting model (`inpainting.enabled`): its input is
+    `concat([x_t, mask, masked image])` on the channel axis."""
+    return bool(config.get("inpainting", {}).get("enabled", False))
+
+
+def inpaint_concat_channels(config: ml_collections.ConfigDict) -> int:
+    """Channels of an inpainting model's `cond["concat"]`: 1 (the mask) + C (the masked
+    image in model space: `data.channels`, the latent channels of a latent model); 0 for
+    other models."""
+    return 1 + config.data.channels if is_inpainting(config) else 0
+
+
+def model_input_channels(config: ml_collections.ConfigDict) -> int:
+    """Channels of the denoiser's input `x`: C, or C + 1 + C for an inpainting model
+    (its output stays C)."""
+    return config.data.channels + inpaint_concat_channels(config)
+
+
+def mask_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """An inpainting run's `diffjax.data.masks.MaskGenerator` fields (the
+    `masks=` of `data.make_source`), seeded by `config.seed`."""
+    p = config.inpainting
+    return {
+        "masks": p.masks,
+        "seed": int(config.seed),
+        "min_size": float(p.min_size),
+        "max_size": float(p.max_size),
+        "max_strokes": int(p.max_strokes),
+        "brush_width": float(p.brush_width),
+    }
+
+
+def concat_apply(apply_fn: Callable) -> Callable:
+    """`apply_fn` taking an inpainting model's `concat=` keyword ([B, H, W, C'], the mask
+    and masked image) and concatenating it to `x` on the channel axis before the call,
+    exactly as `diffjax.sample_fn.guided_model_fn` does with `cond["concat"]`. The train
+    step's loss calls the model through it (`rundir.build_components`)."""
+
+    def apply(variables, x, t, *args, concat, **kwargs):
+        x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+        return apply_fn(variables, x, t, *args, **kwargs)
+
+    return apply
+
+
+def inpaint_concat(
+    config: ml_collections.ConfigDict,
+    images: Any,
+    masks: Any,
+    *,
+    encode: Callable | None = None,
+    factor: int = 1,
+) -> jax.Array:
+    """An inpainting model's `cond["concat"]`, as its training builds it.
+
+    Args:
+      images: float [N, H, W, Cp] pixels in [-1, 1] (the output image size).
+      masks: float [N, H, W, 1] at the same size, 1 (>= 0.5) = regenerate.
+      encode: latent models: pixels [N, H, W, Cp] -> scaled latents [N, H/f, W/f, C]
+        (the run's VAE; `LatentDecoder.encode`, the posterior mean at sampling).
+      factor: latent models: the VAE's downsampling factor f.
+
+    Returns:
+      float32 [N, h, w, 1 + C]: pixel models `editing.inpaint_condition(images, masks)`
+      (the 0/1 mask, then the image with the region to regenerate zeroed); latent
+      models the mask downsampled to the latent grid (nearest: each block's top-left
+      pixel, diffusers' `interpolate`), binarised, then `encode(masked_image(images,
+      masks))`.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    masks = jnp.asarray(masks, jnp.float32)
+    if not config.latent.vae:
+        return editing.inpaint_condition(images, masks)
+    if encode is None:
+        raise ValueError(
+            "A latent inpainting model sees the VAE latents of the masked image: pass "
+            "encode= (the run's VAE encoder, e.g. LatentDecoder.encode) and factor=."
+        )
+    return latent_inpaint_concat(images, masks, encode, factor)
+
+
+def latent_inpaint_concat(images: Any, masks: Any, encode: Callable, factor: int) -> jax.Array:
+    """A latent inpainting model's `concat` (see `inpaint_concat`): [the pixel mask
+    downsampled by `factor` (nearest), binarised; `encode(masked_image(images, masks))`]."""
+    images = jnp.asarray(images, jnp.float32)
+    masks = jnp.asarray(masks, jnp.float32)
+    small = editing.downsample_mask(masks, factor, mode="nearest")
+    latents = encode(editing.masked_image(images, masks))
+    return jnp.concatenate(
+        [(small >= 0.5).astype(jnp.float32), jnp.asarray(latents, jnp.float32)], axis=-1
+    )
+
+
+def full_mask_concat(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+    """A pixel inpainting model's `concat` for plain generation (every pixel regenerated:
+    the mask all 1, the masked image all 0, the `full` training masks): float32
+    [n, H, W, 1 + C]."""
+    h, w, c = image_shape(config)
+    out = np.zeros((n, h, w, 1 + c), np.float32)
+    out[..., 0] = 1.0
+    return out
 
 
 def is_controlnet(config: ml_collections.ConfigDict) -> bool:
@@ -177,10 +282,21 @@ def build_model(config: ml_collections.ConfigDict):
         return AutoencoderKL(**plain, dtype=config.model.dtype)
     return models.build_model(
         config.model.name,
-        **config.model.kwargs.to_dict(),
+        **denoiser_kwargs(config),
         dtype=config.model.dtype,
         remat_policy=config.model.remat_policy,
     )
+
+
+def denoiser_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`model.kwargs` as the denoiser's constructor takes them: an inpainting model of
+    diffjax's U-Net or DiT (whose output width defaults to its input's) gets
+    `out_channels = data.channels` unless it is set."""
+    kwargs = config.model.kwargs.to_dict()
+    if is_inpainting(config) and config.model.name in ("unet", "dit"):
+        if not kwargs.get("out_channels", 0):
+            kwargs["out_channels"] = config.data.channels
+    return kwargs
 
 
 # The diffusion fields that are arguments of some schedule factory; each schedule takes
@@ -266,6 +382,9 @@ def make_init_fn(
 
         return init_with_discriminator
 
+    if not control:  # an inpainting model's input carries the mask and masked image
+        shape = (*shape[:2], model_input_channels(config))
+
     def init_fn(key):
         x = jnp.zeros((1, *shape), jnp.float32)
         t = jnp.zeros((1,), jnp.float32)
@@ -323,6 +442,8 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "targets": config.lora.targets,
             "text_encoder": bool(config.lora.text_encoder),
         }
+    if is_inpainting(config):  # the input carries [mask, masked image]
+        fingerprint["inpainting"] = True
     if is_controlnet(config):  # the checkpoints hold only the ControlNet
         n = config.controlnet
         fingerprint["controlnet"] = {
@@ -384,11 +505,13 @@ def sampler_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def sampling_condition(
-    config: ml_collections.ConfigDict, labels: jax.Array, control: Any = None
+    config: ml_collections.ConfigDict, labels: jax.Array, control: Any = None, concat: Any = None
 ) -> dict[str, jax.Array]:
     """Model keyword arguments asking for `labels` [N] (an empty dict if unconditional),
-    and for a ControlNet run the `control` images [N, H, W, C] (float in [0, 1]) with
-    `control_scale` [N, 1] = `controlnet.conditioning_scale`."""
+    for a ControlNet run the `control` images [N, H, W, C] (float in [0, 1]) with
+    `control_scale` [N, 1] = `controlnet.conditioning_scale`, and for an inpainting run
+    `concat` [N, h, w, 1 + C] (`inpaint_concat`; a pixel model without one generates
+    whole images: `full_mask_concat`)."""
     kind = conditioning_kind(config)
     cond = {}
     if kind == "label":
@@ -401,7 +524,37 @@ def sampling_condition(
         if control is None:
             raise ValueError("A ControlNet run samples with control images; pass control=.")
         cond.update(control_condition(config, control))
+    if is_inpainting(config):
+        cond["concat"] = concat_condition(config, len(np.asarray(labels)), concat)
+    elif concat is not None:
+        raise ValueError(
+            "concat= (a mask and masked image) conditions inpainting models "
+            "(inpainting.enabled); this run is not one."
+        )
     return cond
+
+
+def concat_condition(config: ml_collections.ConfigDict, n: int, concat: Any = None) -> jax.Array:
+    """An inpainting run's `concat` for `n` samples, checked: the given one, or for a
+    pixel model the full mask (plain generation)."""
+    h, w, c = image_shape(config)
+    want = (h, w, 1 + c)
+    if concat is None:
+        if config.latent.vae:
+            raise ValueError(
+                "A latent inpainting model samples with concat= [N, h, w, 1 + C]: the mask on "
+                "the latent grid and the VAE latents of the masked image "
+                "(experiment.inpaint_concat with the VAE's encode); for plain generation, "
+                "a mask of ones and an all-zero (gray) image."
+            )
+        return jnp.asarray(full_mask_concat(config, n))
+    concat = jnp.asarray(concat, jnp.float32)
+    if concat.ndim != 4 or tuple(concat.shape[1:]) != want:
+        raise ValueError(
+            f"concat must be [N, h, w, 1 + C] with [h, w, 1 + C] = {list(want)} (the mask "
+            f"and the masked image on the model's grid), got {list(concat.shape)}."
+        )
+    return concat
 
 
 def control_condition(config: ml_collections.ConfigDict, control: Any) -> dict[str, Any]:
@@ -462,6 +615,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.get("task", "diffusion") not in TASKS:
         raise ValueError(f"task={config.task!r} is not one of {TASKS}.")
     if is_autoencoder(config):
+        if is_inpainting(config):
+            raise ValueError(
+                "inpainting.enabled trains a denoiser that fills masked regions; "
+                "task='autoencoder' has none. Clear inpainting.enabled."
+            )
         _check_autoencoder(config, base)
         _check_train_counts(config)
         return
@@ -491,6 +649,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.num_steps must be >= 1, got {config.sample.num_steps}.")
     _check_lora(config)
     _check_controlnet(config)
+    _check_inpainting(config, base)
     if config.data.source == "dreambooth" and not (config.pretrained or config.base_workdir):
         raise ValueError(
             "data.source='dreambooth' fine-tunes a trained model: set "
@@ -571,6 +730,59 @@ def _check_controlnet(config: ml_collections.ConfigDict) -> None:
         )
     if n.conditioning_scale < 0:
         raise ValueError(f"controlnet.conditioning_scale must be >= 0, got {n.conditioning_scale}.")
+
+
+def _check_inpainting(config: ml_collections.ConfigDict, base) -> None:
+    """Inpainting fields: the masks parse, the model's channels fit, the data are pixels."""
+    from diffjax.data.masks import MaskGenerator
+
+    if "inpainting" not in config:
+        return
+    p = config.inpainting
+    if not p.enabled:
+        unused = [
+            f"inpainting.{k}"
+            for k in base.inpainting
+            if k != "enabled" and p[k] != base.inpainting[k]
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} apply only to inpainting models; set "
+                "inpainting.enabled=True or remove those overrides."
+            )
+        return
+    MaskGenerator(**mask_options(config))  # the spec and sizes, checked
+    if is_controlnet(config):
+        raise ValueError(
+            "inpainting.enabled with controlnet.control: a ControlNet of an inpainting model "
+            "is not supported; train one or the other."
+        )
+    if config.data.source == "latents":
+        raise ValueError(
+            "inpainting.enabled: an inpainting latent model sees the VAE latents of each masked "
+            "image, encoded from pixels in the train step, but data.source='latents' holds "
+            "latents of whole images. Train from the images (data.source='folder', 'tfds' or "
+            "'digits' with latent.vae: they are encoded in the step)."
+        )
+    c, want = config.data.channels, model_input_channels(config)
+    kwargs = denoiser_kwargs(config)
+    if config.model.name == "sd_unet":
+        fields = models.model_fields("sd_unet")
+        cin = int(kwargs.get("in_channels", fields["in_channels"]))
+        cout = int(kwargs.get("out_channels", fields["out_channels"]))
+        if (cin, cout) != (want, c):
+            raise ValueError(
+                f"An inpainting sd_unet takes [x_t, mask, masked image] = {c} + 1 + {c} = "
+                f"{want} input channels and predicts {c}, but model.kwargs has in_channels="
+                f"{cin}, out_channels={cout}; set them to {want} and {c} (Stable Diffusion "
+                "inpainting U-Nets have 9 and 4)."
+            )
+    elif int(kwargs.get("out_channels", 0)) != c:
+        raise ValueError(
+            f"An inpainting model predicts data.channels={c} channels from its {want} input "
+            f"channels, but model.kwargs.out_channels={kwargs['out_channels']}; set it to {c} "
+            "(or 0)."
+        )
 
 
 def _check_train_counts(config: ml_collections.ConfigDict) -> None:

@@ -23,6 +23,7 @@ import ml_collections
 
 from diffjax import experiment, models
 from diffjax.checkpoint import Checkpointer, abstract_with_shardings
+from diffjax.diffusion import editing
 from diffjax.finetune import lora
 from diffjax.models.controlnet import Controlled
 from diffjax.train.autoencoder import make_autoencoder_loss_fn
@@ -259,6 +260,11 @@ def build_components(
     text encoder's `frozen["text_encoder"]`, whose params or shapes `text_params` gives).
     A ControlNet run trains the ControlNet's params; the step runs it beside the frozen
     `frozen["base"]` (`diffjax.models.controlnet.Controlled`).
+    An inpainting run's (`inpainting.enabled`) batches carry a `mask`; the step builds
+    `concat` = [mask, masked image] from it (pixel models here, latent models in the
+    frozen stage's `prepare`, which encodes the masked image) and the loss calls the
+    model on `concat([x_t, concat])` (`experiment.concat_apply`). Condition dropout
+    leaves `concat` alone.
     """
     tc = config.train
     model = experiment.build_model(config)
@@ -312,8 +318,12 @@ def build_components(
         loss = loss_fn = make_autoencoder_loss_fn(model.apply, **kw)
     else:
         loss = experiment.build_loss(config, schedule)
+        apply_fn = model.apply
+        if experiment.is_inpainting(config):
+            apply_fn = experiment.concat_apply(model.apply)
+            prepare = _inpaint_prepare(prepare, latent=bool(config.latent.vae))
         loss_fn = make_loss_fn(
-            model.apply,
+            apply_fn,
             loss,
             precondition=schedule.precondition,
             cond_dropout=config.diffusion.cond_dropout,
@@ -351,6 +361,28 @@ def build_components(
         model_shapes=nn.meta.unbox(boxed_model),
         controlnet=controlnet,
     )
+
+
+def _inpaint_prepare(prepare, *, latent: bool):
+    """The frozen front of an inpainting run's step: `prepare` (the stage's, or None) with
+    the batch's `concat` built from its `image` and `mask` (pixel models: [mask, masked
+    image], `editing.inpaint_condition`; latent models: by the stage, which encodes the
+    masked image)."""
+
+    def inpaint_prepare(frozen, batch, key):
+        if not latent:
+            batch = {**batch, "concat": editing.inpaint_condition(batch["image"], batch["mask"])}
+        if prepare is not None:
+            batch = prepare(frozen, batch, key)
+        if "concat" not in batch:
+            raise ValueError(
+                "A latent inpainting model's masked-image latents come from its frozen stage "
+                "(latent.vae encoding images in the step); build the train step with the "
+                "stage's prepare."
+            )
+        return batch
+
+    return inpaint_prepare
 
 
 def _lora_init(config, base_shapes, text_params):
@@ -416,7 +448,8 @@ def apply_base_workdir(config: ml_collections.ConfigDict) -> ml_collections.Conf
     """`config` with the model of `config.base_workdir` (a diffjax run to fine-tune or
     adapt with a LoRA or a ControlNet): its `model.name`/`kwargs`, `diffusion` (but this
     run's own `cond_dropout`), the model-facing `data`
-    fields (image size, channels, classes, text length, tokenizer), `latent` and `text`.
+    fields (image size, channels, classes, text length, tokenizer), `latent`, `text` and
+    `inpainting.enabled` (the masks stay this run's).
     Idempotent; unchanged when `base_workdir` is "".
 
     Raises:
@@ -443,6 +476,16 @@ def apply_base_workdir(config: ml_collections.ConfigDict) -> ml_collections.Conf
         out.data[key] = base.data[key]
     out.latent = base.latent
     out.text = base.text
+    # An inpainting base (its input carries [mask, masked image]) makes an inpainting run;
+    # its masks are this run's choice.
+    base_inpaints = experiment.is_inpainting(base)
+    if experiment.is_inpainting(config) and not base_inpaints:
+        raise ValueError(
+            f"inpainting.enabled=True, but base_workdir={base_dir} is not an inpainting model "
+            "(its input lacks the mask and masked image channels); train the inpainting model "
+            "from scratch, or clear inpainting.enabled."
+        )
+    out.inpainting.enabled = base_inpaints
     return out
 
 

@@ -8,12 +8,13 @@ Modules, lowest first (each imports only modules above it in this list, plus
   * `captions`: caption conditioning over those sources (`digits_text`, captions of
     classes at sampling time); `dreambooth`: instance + class images.
   * `control`: ControlNet control images (edges, sobel, tile, mask) computed per record.
+  * `masks`: random inpainting masks (box, brush, outpaint, full) added per record.
   * `pipeline`: shuffle, per-process slice, augment, batch, checkpointable state.
   * this package: `make_source`, the one entry that picks a source by name.
 
 Records are dicts of numpy arrays: `image`, and where the source has them `labels`,
-`context`, `context_mask`, and for a ControlNet run `control` float32 [H, W, Cc] in [0, 1]
-(docs/architecture.md).
+`context`, `context_mask`, for a ControlNet run `control` float32 [H, W, Cc] in [0, 1], and
+for an inpainting run `mask` float32 [H, W, 1] (1 = regenerate) (docs/architecture.md).
 """
 
 from diffjax.data.captions import make_digits_text_source
@@ -21,6 +22,7 @@ from diffjax.data.control import CONTROLS, ControlSource, make_control
 from diffjax.data.dreambooth import make_dreambooth_source
 from diffjax.data.folder import make_folder_source
 from diffjax.data.latents import make_latent_source
+from diffjax.data.masks import MASK_KINDS, MaskGenerator, MaskSource
 from diffjax.data.pipeline import make_dataset, make_iterator
 from diffjax.data.sources import ArraySource, digits_source, load_digits_arrays
 from diffjax.data.tfds_source import make_tfds_source
@@ -45,6 +47,7 @@ def make_source(
     channels: int,
     control: str = "",
     control_options: dict | None = None,
+    masks: dict | None = None,
     **kwargs,
 ):
     """Builds the source named by `config.data.source`, checking its shape.
@@ -59,6 +62,9 @@ def make_source(
         or "given" (the folder source's `ROOT/control` images).
       control_options: `channels` (of the control image; 0 or missing = `channels`),
         `canny_low`, `canny_high`, `tile_factor`, `mask_threshold`.
+      masks: an inpainting run's `MaskGenerator` fields (`masks`, `seed`, `min_size`,
+        `max_size`, `max_strokes`, `brush_width`): the source is wrapped in a
+        `MaskSource` that adds a random `mask` to every record; None = no masks.
       **kwargs: source-specific options (`name`, `data_dir`, ...).
     """
     options = dict(control_options or {})
@@ -80,6 +86,15 @@ def make_source(
             "record, but data.source='latents' holds latents; train from the images "
             "(data.source='folder' or 'tfds' with the VAE in the train step)."
         )
+    if masks is not None and source == "latents":
+        raise ValueError(
+            "inpainting.enabled: an inpainting latent model sees the latents of the masked "
+            "image, which must be encoded from pixels in the train step, but "
+            "data.source='latents' holds latents of whole images; train from the images "
+            "(data.source='folder', 'tfds' or 'digits' with latent.vae: they are encoded in "
+            "the step)."
+        )
+    generator = None if masks is None else MaskGenerator(**masks)  # bad options fail first
     if source == "digits":
         src = digits_source(split)
     elif source in _MAKERS:
@@ -94,14 +109,19 @@ def make_source(
         )
     if control and control != "given":
         src = ControlSource(src, control, channels=control_channels, **options)
+    if generator is not None:
+        src = MaskSource(src, generator)
     return src
 
 
 __all__ = [
     "CONTROLS",
+    "MASK_KINDS",
     "SOURCES",
     "ArraySource",
     "ControlSource",
+    "MaskGenerator",
+    "MaskSource",
     "make_control",
     "digits_source",
     "load_digits_arrays",

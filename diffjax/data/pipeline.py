@@ -19,6 +19,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from diffjax.data.masks import MaskSource
+
 
 class RandomFlip(grain.transforms.RandomMap):
     """Horizontal flip of `image` with probability 1/2 (seeded per example by grain).
@@ -33,6 +35,17 @@ class RandomFlip(grain.transforms.RandomMap):
                 if key in element:
                     element[key] = np.ascontiguousarray(element[key][:, ::-1])
         return element
+
+
+class _AddMask(grain.transforms.MapWithIndex):
+    """An inpainting record's `mask`: mask n of the `MaskSource`'s generator for the n-th
+    example of the global stream (new masks every epoch, the same on a resume)."""
+
+    def __init__(self, source: MaskSource):
+        self._source = source
+
+    def map_with_index(self, index: int, element: dict[str, Any]) -> dict[str, Any]:
+        return self._source.add_mask(element, index)
 
 
 class _ProcessSlice(grain.MapDataset):
@@ -76,7 +89,9 @@ def make_dataset(
     """A grain dataset of per-process batches.
 
     Args:
-      source: a random-access source (see `diffjax.data.sources`).
+      source: a random-access source (see `diffjax.data.sources`). A `MaskSource`
+        (inpainting) is unwrapped: example n of the global stream gets mask n of its
+        generator, so masks change every epoch (`diffjax.data.masks`).
       batch_size: examples per batch on this process (the global batch divided by the
         process count).
       seed: shuffle and augmentation seed.
@@ -95,10 +110,14 @@ def make_dataset(
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} outside [0, {process_count}).")
-    ds = grain.MapDataset.source(source)
+    masks = source if isinstance(source, MaskSource) else None
+    ds = grain.MapDataset.source(source if masks is None else masks.source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
+    if masks is not None:
+        # By position in the global stream, before slicing: independent of the process count.
+        ds = ds.map_with_index(_AddMask(masks))
     if random_flip:
         # Before slicing, so an example's flip depends on its global position only.
         ds = ds.random_map(RandomFlip(), seed=seed + 1)

@@ -51,6 +51,13 @@ from diffjax.pretrained.pipeline import (
 
 # ----------------------------------------------------------------------------- fine-tuning
 
+INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
+# Pipelines whose U-Net a run fine-tunes: Stable Diffusion's text-to-image ones, and its
+# inpainting one (a 9-channel U-Net: the run becomes an inpainting run).
+FINETUNE_PIPELINES = tuple(
+    dict.fromkeys(TEXT_PIPELINES + ("StableDiffusionImg2ImgPipeline", INPAINT_PIPELINE))
+)
+
 
 def apply_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with the fields a pipeline directory (`config.pretrained`) decides.
@@ -58,8 +65,10 @@ def apply_pretrained(config: ml_collections.ConfigDict) -> ml_collections.Config
     Sets `model.name='sd_unet'` and `model.kwargs` (the U-Net's config), the
     `diffusion` schedule fields and `prediction` (the scheduler's), `diffusion.clip_x0 =
     False`, `latent.vae`, `text.encoder` and `data.tokenizer` (the pipeline itself),
-    `data.max_text_len` (the tokenizer's 77), `data.channels` (the latent channels),
-    `data.num_classes = 0`, and `data.image_size` when it is 0 (the U-Net's
+    `data.max_text_len` (the tokenizer's 77), `data.channels` (the latent channels: the
+    U-Net's output), `inpainting.enabled` (True for an SD-inpainting U-Net, whose input is
+    `[x_t, mask, masked-image latents]`: 2 C + 1 channels), `data.num_classes = 0`, and
+    `data.image_size` when it is 0 (the U-Net's
     `sample_size`: 64 latents = 512 pixels for SD 1.x). Idempotent, so a resume
     resolves to the same config. Returns `config` unchanged when `pretrained` is "".
 
@@ -73,10 +82,10 @@ def apply_pretrained(config: ml_collections.ConfigDict) -> ml_collections.Config
     path = os.path.abspath(os.path.expanduser(path))
     index = read_model_index(path)
     name = index.get("_class_name", "")
-    if name not in TEXT_PIPELINES:
+    if name not in FINETUNE_PIPELINES:
         raise ValueError(
             f"pretrained={path}: fine-tuning reads Stable Diffusion pipelines "
-            f"{list(TEXT_PIPELINES)}, not {name!r}."
+            f"{list(FINETUNE_PIPELINES)}, not {name!r}."
         )
     unet_cfg = safetensors_io.read_config(component_dir(path, index, "unet"))
     sched_cfg = safetensors_io.read_config(
@@ -88,6 +97,21 @@ def apply_pretrained(config: ml_collections.ConfigDict) -> ml_collections.Config
     except ValueError as e:
         raise ValueError(f"pretrained={path}: scheduler/scheduler_config.json: {e}") from e
     tokenizer = pretrained_tokenizer(path, None)
+    cin = int(unet_cfg.get("in_channels", 4))
+    cout = int(unet_cfg.get("out_channels", cin))
+    inpainting = cin == 2 * cout + 1  # [x_t, mask, masked-image latents] (SD inpainting)
+    if cin != cout and not inpainting:
+        raise ValueError(
+            f"pretrained={path}: its U-Net takes {cin} input channels and predicts {cout}; "
+            f"fine-tuning runs text-to-image U-Nets ({cout} in) and inpainting ones "
+            f"({2 * cout + 1} in: latents, mask, masked-image latents)."
+        )
+    if config.inpainting.enabled and not inpainting:
+        raise ValueError(
+            f"inpainting.enabled=True, but the U-Net of pretrained={path} is a text-to-image "
+            f"one ({cin} input channels, not {2 * cout + 1}); fine-tune an inpainting pipeline "
+            "(e.g. stable-diffusion-inpainting) or clear inpainting.enabled."
+        )
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.pretrained = path
@@ -104,7 +128,8 @@ def apply_pretrained(config: ml_collections.ConfigDict) -> ml_collections.Config
     d = config.data
     d.tokenizer = path
     d.max_text_len = int(tokenizer.max_len)
-    d.channels = int(unet_cfg["in_channels"])
+    d.channels = cout
+    config.inpainting.enabled = inpainting
     d.num_classes = 0
     if not d.image_size:
         size = unet_cfg.get("sample_size", 64)
@@ -149,6 +174,10 @@ class FrozenStage:
       null_context: (ids [L], mask [L]) of "" (the null caption), or None.
       sample_posterior: encode images to a posterior draw (else the mean).
       image_shape: the [H, W, C] of the images the data source must give (pixels).
+      inpainting: an inpainting run (`inpainting.enabled`) with a VAE: `prepare` also
+        builds `concat` = [the batch's `mask` downsampled to the latent grid (nearest,
+        binarised), the latents of the masked image] (`experiment.inpaint_concat`).
+      factor: the VAE's downsampling factor (1 without one).
     """
 
     vae: Component | None
@@ -157,14 +186,29 @@ class FrozenStage:
     null_context: tuple[np.ndarray, np.ndarray] | None
     sample_posterior: bool
     image_shape: tuple[int, int, int]
+    inpainting: bool = False
+    factor: int = 1
 
     def prepare(self, frozen: dict[str, Any], batch: dict[str, Any], key: jax.Array):
-        """A training batch with images encoded to latents and ids to embeddings."""
+        """A training batch with images encoded to latents and ids to embeddings (and an
+        inpainting run's `concat`: the mask and the latents of the masked image)."""
         batch = dict(batch)
         if self.vae is not None:
-            batch["image"] = _encode_images(
-                self.vae.module, frozen["vae"], batch["image"], key, self.sample_posterior
+            pixels = batch["image"]
+            encode = functools.partial(
+                _encode_images, self.vae.module, frozen["vae"], sample=self.sample_posterior
             )
+            batch["image"] = encode(pixels, key)
+            if self.inpainting:
+                if "mask" not in batch:
+                    raise ValueError(
+                        "An inpainting run's batches carry a 'mask' (data.make_source(masks=...))."
+                    )
+                # The masked image's posterior draw has a key of its own.
+                encode_masked = lambda x: encode(x, jax.random.fold_in(key, 1))  # noqa: E731
+                batch["concat"] = experiment.latent_inpaint_concat(
+                    pixels, batch["mask"], encode_masked, self.factor
+                )
         return self.encode_condition(frozen, batch)
 
     def encode_condition(self, frozen: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +279,7 @@ def build_stage(config: ml_collections.ConfigDict, mesh=None) -> FrozenStage | N
         return None
     d = config.data
     vae = text = None
+    factor = 1
     image_shape = (d.image_size, d.image_size, d.channels)
     if config.latent.vae and d.source != "latents":
         vae = load_vae(vae_dir(config.latent.vae), config.model.dtype)
@@ -277,6 +322,8 @@ def build_stage(config: ml_collections.ConfigDict, mesh=None) -> FrozenStage | N
         null_context=null,
         sample_posterior=bool(config.latent.sample_posterior),
         image_shape=image_shape,
+        inpainting=experiment.is_inpainting(config),
+        factor=factor,
     )
 
 
@@ -299,6 +346,8 @@ def data_fields(config: ml_collections.ConfigDict, stage: FrozenStage | None) ->
             "tile_factor": n.tile_factor,
             "mask_threshold": n.mask_threshold,
         }
+    if experiment.is_inpainting(config):  # each record gets a random mask (`data.masks`)
+        fields["masks"] = experiment.mask_options(config)
     return fields
 
 
