@@ -153,7 +153,7 @@ def _reversed_coefficients(
         lam_d=rev(lam[:-1]),
         h=rev(lam[:-1]) - rev(lam[1:]),
     )
-    c = samplers._coefficients(m, grid, 0.0)
+    c = samplers.coefficients(m, grid, 0.0)
     if a.size > 1 and a[0] == 0:
         # Into SNR 0 (h = -inf): the first-order limit, the mirror of sampling's first
         # step from there: x_0 = (sigma_0/sigma_1) (x_1 - alpha_1 x0_1) = sigma_0 eps_1.
@@ -236,16 +236,16 @@ def invert(
     if placement is None:
         placement = m.placement(schedule)
     ts = step_times(schedule, num_steps, placement, rho=rho)
-    end = samplers._final_point(schedule, m, 0.0, ts, t_final)
+    end = samplers.final_point(schedule, m, 0.0, ts, t_final)
     a, s = (np.atleast_1d(v) for v in np_eval(schedule.alpha_sigma, ts))
-    stand_in = samplers._snr0_stand_in(schedule, prediction, a)
-    ev = samplers._eval_points(ts.copy(), a, s, stand_in)
+    stand_in = samplers.snr0_stand_in(schedule, prediction, a)
+    ev = samplers.eval_points(ts.copy(), a, s, stand_in)
     coeffs = _reversed_coefficients(m, a, s, schedule, ts)
 
     dtype = jnp.promote_types(images.dtype, jnp.float32)
     y = jnp.asarray(images).astype(dtype)
     cast = lambda d: {n: jnp.asarray(v, dtype) for n, v in d.items()}  # noqa: E731
-    solver = samplers._Solver(
+    solver = samplers.Solver(
         model_fn=model_fn,
         method=m,
         prediction=prediction,
@@ -262,7 +262,7 @@ def invert(
     if end is None:
         first = last
     else:
-        ev_f = samplers._eval_points(
+        ev_f = samplers.eval_points(
             np.array([float(t_final)]), np.array([a_f]), np.array([s_f]), None
         )
         first = cast({n: v[0] for n, v in ev_f.items()})

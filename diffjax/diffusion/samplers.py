@@ -29,7 +29,9 @@ pastes it back exactly), optionally with RePaint resampling (`jump_length`,
 `diffjax.diffusion.editing` has the entry points and the inversion.
 
 The method records live in `diffjax.diffusion.methods`, the placements in
-`diffjax.diffusion.placements`; their public names are re-exported here.
+`diffjax.diffusion.placements`; their public names are re-exported here. The grid
+pieces `coefficients`, `eval_points`, `snr0_stand_in`, `final_point` and the per-step
+arithmetic `Solver` are shared with `editing.invert`, which runs them on reversed grids.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _churned(
     return a_src, s_src, t_src, churn_x, churn_z
 
 
-def _snr0_stand_in(
+def snr0_stand_in(
     schedule: Schedule, prediction: str, *alphas: np.ndarray
 ) -> tuple[float, float, float] | None:
     """Where an epsilon network would be asked at SNR 0: (t, alpha, sigma) to ask instead.
@@ -149,7 +151,7 @@ def _snr0_stand_in(
     return t_shift, ash, ssh
 
 
-def _eval_points(
+def eval_points(
     t: np.ndarray, a_pt: np.ndarray, s_pt: np.ndarray, stand_in: tuple | None
 ) -> dict[str, np.ndarray]:
     """Where the model runs (`t`, `a_ev`, `s_ev`) for states at (`a_pt`, `s_pt`)."""
@@ -189,12 +191,12 @@ def _build_tables(
     with np.errstate(divide="ignore"):
         lam = np.log(a) - np.log(s)  # half log-SNR (DPM-Solver's lambda); -inf at SNR 0
         lam_src = np.log(a_src) - np.log(s_src)
-    stand_in = _snr0_stand_in(schedule, prediction, a_src, a)
+    stand_in = snr0_stand_in(schedule, prediction, a_src, a)
 
     # Evaluations at the (churned) start of each step, and at the grid points themselves
     # (Heun's second evaluation lands on the next grid point, not on a churned one).
-    ev = dict(**_eval_points(t_src, a_src, s_src, stand_in), churn_x=churn_x, churn_z=churn_z)
-    ev_grid = _eval_points(ts.copy(), a, s, stand_in)
+    ev = dict(**eval_points(t_src, a_src, s_src, stand_in), churn_x=churn_x, churn_z=churn_z)
+    ev_grid = eval_points(ts.copy(), a, s, stand_in)
     grid = Transitions(
         a_s=a_src[:-1],
         s_s=s_src[:-1],
@@ -204,7 +206,7 @@ def _build_tables(
         lam_d=lam[1:],
         h=lam[1:] - lam_src[:-1],
     )
-    step = _coefficients(m, grid, eta)
+    step = coefficients(m, grid, eta)
     for name, arr in {**ev, **step, **{f"grid_{n}": v for n, v in ev_grid.items()}}.items():
         if not np.all(np.isfinite(arr)):
             raise ValueError(
@@ -214,7 +216,7 @@ def _build_tables(
     return _Tables(ev=ev, ev_grid=ev_grid, step=step, grid=grid, eta=eta)
 
 
-def _coefficients(m: Method, grid: Transitions, eta: float) -> dict[str, np.ndarray]:
+def coefficients(m: Method, grid: Transitions, eta: float) -> dict[str, np.ndarray]:
     """`m`'s per-step coefficients on `grid` (infinite intermediate values allowed)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return m.coefficients(grid, eta)
@@ -298,7 +300,7 @@ def _plan(tab: _Tables, m: Method, repaint: tuple[int, int] | None) -> _Plan:
         for p in np.unique(origin):
             g = tab.grid
             sub = Transitions(**{f.name: getattr(g, f.name)[p:] for f in dataclasses.fields(g)})
-            subs[int(p)] = _coefficients(m, sub, tab.eta)
+            subs[int(p)] = coefficients(m, sub, tab.eta)
         step = {
             c: np.asarray([subs[int(o)][c][q - o] for q, o in zip(points, origin, strict=True)])
             for c in tab.step
@@ -404,7 +406,7 @@ def strength_steps(num_steps: int, strength: float) -> int:
     return max(1, min(int(num_steps), math.floor(num_steps * strength + 0.5)))
 
 
-def _final_point(
+def final_point(
     schedule: Schedule, m: Method, eta: float, ts: np.ndarray, t_final: float | None
 ) -> tuple[float, float] | None:
     """(alpha, sigma) at `t_final`, where the last step lands; None for the clean point."""
@@ -451,7 +453,7 @@ class _Inpaint:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Solver:
+class Solver:
     """One run's per-step arithmetic, with the model and every static option bound."""
 
     model_fn: ModelFn
@@ -803,7 +805,7 @@ def sample(
         key=key,
         num_run=ts.size,
     )
-    end = _final_point(schedule, m, eta, ts, t_final)
+    end = final_point(schedule, m, eta, ts, t_final)
     tab = _build_tables(
         schedule,
         ts,
@@ -830,7 +832,7 @@ def sample(
             regen=jnp.asarray(inpaint_mask) >= 0.5,
             fixed=noise if inpaint_noise == "fixed" else None,
         )
-    solver = _Solver(
+    solver = Solver(
         model_fn=model_fn,
         method=m,
         prediction=prediction,
