@@ -17,6 +17,17 @@ step grid (`diffjax.pretrained.scheduler`); `method` overrides the sampler. Guid
 diffusers' `uncond + w * (cond - uncond)`, where the unconditional branch of a text
 model is the encoding of the negative prompt (`""` by default), as in diffusers.
 
+Editing (`sample_fn.Edit`; `PretrainedGenerator._runner` has the details), as diffusers'
+StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline run it:
+
+    edit = Edit(images_uint8, masks=masks_uint8_or_None, strength=0.6)
+    images, _ = gen.generate(4, prompts=[...], edit=edit)        # img2img / inpainting
+    noise = gen.invert(images_uint8, prompts=[...])              # DDIM inversion
+    again, _ = gen.generate(len(noise), prompts=[...], noise=noise)
+
+`StableDiffusionInpaintPipeline` directories (a 9-channel U-Net: latents, mask, masked-image
+latents) load like the text-to-image ones and need `edit` with masks.
+
 ControlNets (`controlnet.load_controlnet`) drive the denoiser as diffusers'
 `StableDiffusionControlNetPipeline` does:
 
@@ -41,15 +52,19 @@ import numpy as np
 
 from diffjax import images, parallel
 from diffjax.config import get_base_config
-from diffjax.diffusion import samplers, schedules
+from diffjax.diffusion import editing, samplers, schedules
 from diffjax.models import autoencoder_kl, clip_text, registry, sd_unet
 from diffjax.models.controlnet import Controlled
 from diffjax.pretrained import convert, diffusers_dit, diffusers_unet2d, safetensors_io
 from diffjax.pretrained import scheduler as scheduler_lib
-from diffjax.sample_fn import make_sample_fn, noise_batches
+from diffjax.sample_fn import Edit, make_invert_fn, make_sample_fn, noise_batches
 from diffjax.text.clip_bpe import CLIPTokenizer
 
-TEXT_PIPELINES = ("StableDiffusionPipeline",)
+TEXT_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+)
 CLASS_PIPELINES = ("DiTPipeline",)
 PIXEL_PIPELINES = ("DDIMPipeline", "DDPMPipeline")
 PIPELINES = TEXT_PIPELINES + CLASS_PIPELINES + PIXEL_PIPELINES
@@ -93,7 +108,20 @@ class Pipeline:
         return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
 
     @property
+    def inpainting(self) -> bool:
+        """An SD-inpainting U-Net: its input is `[x_t, mask, masked image latents]`
+        (`in_channels = 2 * latent_channels + 1`, 9 for SD)."""
+        if self.vae is None or self.text_encoder is None:
+            return False
+        c = int(self.vae.config.get("latent_channels", 4))
+        return int(self.denoiser.config.get("in_channels", c)) == 2 * c + 1
+
+    @property
     def latent_channels(self) -> int:
+        """Channels of the state the sampler integrates (the VAE's latents for an
+        inpainting U-Net, whose extra input channels are the condition)."""
+        if self.inpainting:
+            return int(self.vae.config.get("latent_channels", 4))
         return int(self.denoiser.config.get("in_channels", 4))
 
     def default_size(self) -> int:
@@ -229,13 +257,22 @@ def load_pipeline(path: str, *, method: str | None = None, dtype: str = "float32
         ) from e
     parts = dict(path=path, class_name=name, scheduler=spec, scheduler_config=sched_cfg)
     if name in TEXT_PIPELINES:
-        return Pipeline(
+        pipe = Pipeline(
             denoiser=load_sd_unet(component_dir(path, index, "unet"), dtype),
             vae=load_vae(component_dir(path, index, "vae"), dtype),
             text_encoder=load_text_encoder(component_dir(path, index, "text_encoder"), dtype),
             tokenizer=CLIPTokenizer.from_dir(component_dir(path, index, "tokenizer")),
             **parts,
         )
+        c = int(pipe.vae.config.get("latent_channels", 4))
+        got = int(pipe.denoiser.config.get("in_channels", c))
+        if got not in (c, 2 * c + 1):
+            raise ValueError(
+                f"{path}/unet takes {got} input channels; diffjax runs U-Nets on the VAE's "
+                f"{c} latent channels (text-to-image) or {2 * c + 1} (SD inpainting: latents, "
+                "mask, masked-image latents)."
+            )
+        return pipe
     if name in CLASS_PIPELINES:
         den_dir, loader, model = "transformer", diffusers_dit.load_dit, "dit"
     else:
@@ -400,7 +437,8 @@ class PretrainedGenerator:
     """A pipeline with a compiled sampler: draws uint8 images in fixed-size batches.
 
     The interface of `diffjax.generate.Generator` (`config`, `step`, `num_classes`,
-    `batches`, `generate`), plus prompts and explicit initial noise.
+    `batches`, `generate`, `invert`; editing with `edit=`), plus prompts and explicit
+    initial noise.
     """
 
     def __init__(
@@ -470,28 +508,112 @@ class PretrainedGenerator:
                 window = samplers.step_window(
                     schedule, kwargs["method"], num_steps, start, end, placement=kwargs["placement"]
                 )
-        self._sample = make_sample_fn(
-            apply_fn,
-            schedule,
+        self._apply_fn, self._schedule = apply_fn, schedule
+        self._sample_kwargs = dict(
             num_classes=pipe.num_classes,
-            jit=False,
             control_window=window,
             guess_mode=self.guess_mode,
             **kwargs,
         )
+        self._compiler_options = compiler_options
         # diffusers starts from `noise * init_noise_sigma`; diffjax's samplers from
         # `sigma(t_0) * noise`: this factor makes a given noise start where diffusers does.
-        scale = spec.noise_scale(num_steps)
+        self._noise_scale = spec.noise_scale(num_steps)
         vae_params = None if pipe.vae is None else pipe.vae.params
         rep = parallel.replicated(self.mesh)
         self.params = jax.device_put((den_params, vae_params), rep)
+        # Compiled runs: one for plain sampling, one per distinct set of static editing
+        # options (`_runner`), one per inversion method (`_inverter`).
+        self._runs: dict[Any, Callable] = {}
 
-        def run(params, noise, cond, null_cond, key):
+    def _runner(self, edit: Edit | None) -> Callable:
+        """The compiled `run(params, noise, cond, null, key, pixels, masks)` -> images in
+        [-1, 1] of plain sampling (`edit` None) or of an edit with `edit`'s static options.
+
+        Editing (diffusers' StableDiffusionImg2ImgPipeline / InpaintPipeline):
+          * img2img (`strength < 1`): the last `round(strength * steps)` steps from the
+            image's VAE latents (posterior mean) noised to the first of them,
+            `alpha latents + sigma noise` (diffusers' `add_noise`: the given noise is not
+            scaled by `noise_scale` then);
+          * an ordinary U-Net inpaints by blending (`samplers.sample`'s `inpaint_known`)
+            under the mask downsampled to the latent grid (`mode='any'`: a latent is
+            regenerated when any of its pixels is), with the initial noise for the known
+            region (`inpaint_noise='fixed'`, diffusers' inpainting pipeline), or RePaint's
+            resampling (fresh noise);
+          * an SD-inpainting U-Net (`pipe.inpainting`) gets `cond["concat"] = [mask
+            (nearest), latents of the masked image]` in both guidance branches and no
+            blending, as diffusers' StableDiffusionInpaintPipeline runs a 9-channel U-Net;
+          * with a mask the known pixels are pasted back after decoding, exactly.
+        """
+        masked = edit is not None and edit.masks is not None
+        options = {} if edit is None else edit.sampler_kwargs()
+        key = None if edit is None else (tuple(sorted(options.items())), masked)
+        if key in self._runs:
+            return self._runs[key]
+        pipe = self.pipe
+        blend = masked and not pipe.inpainting
+        if blend and edit.inpaint == "blend":
+            options["inpaint_noise"] = "fixed"
+        sample = make_sample_fn(
+            self._apply_fn,
+            self._schedule,
+            jit=False,
+            **self._sample_kwargs,
+            **options,
+        )
+        strength = float(options.get("strength", 1.0))
+        scale = self._noise_scale if strength >= 1.0 else 1.0
+        factor = pipe.vae_scale
+
+        def run(params, noise, cond, null_cond, key, pixels, masks):
             den, vae = params
-            x = self._sample(den, noise * scale, cond, key, null_cond=null_cond)
-            return decode_latents(self.pipe, vae, x)
+            arrays = {}
+            if pixels is not None:
+                known = pixels if pipe.vae is None else encode_with(pipe.vae, vae, pixels)
+                if strength < 1.0:
+                    arrays["init_image"] = known
+                if masks is not None and pipe.inpainting:
+                    hidden = encode_with(pipe.vae, vae, editing.masked_image(pixels, masks))
+                    small = editing.downsample_mask(masks, factor, mode="nearest")
+                    cond = {**cond, "concat": jnp.concatenate([small, hidden], axis=-1)}
+                elif masks is not None:
+                    small = editing.downsample_mask(masks, factor, mode="any")
+                    arrays.update(inpaint_known=known, inpaint_mask=small)
+            x = sample(den, noise * scale, cond, key, null_cond=null_cond, edit=arrays or None)
+            x = decode_latents(pipe, vae, x)
+            if masks is not None:  # the kept pixels, exactly
+                x = jnp.where(masks >= 0.5, x, pixels)
+            return x
 
-        self._run = jax.jit(run, compiler_options=compiler_options)
+        self._runs[key] = jax.jit(run, compiler_options=self._compiler_options)
+        return self._runs[key]
+
+    def _check_edit(self, edit: Edit | None) -> None:
+        """Refuses an edit this pipeline cannot run (and an inpainting U-Net without one)."""
+        if edit is None:
+            if self.pipe.inpainting:
+                raise ValueError(
+                    f"{self.pipe.path} has an SD-inpainting U-Net (in_channels "
+                    f"{self.pipe.denoiser.config.get('in_channels')}): it needs images and "
+                    "masks to inpaint (--init_images and --mask)."
+                )
+            return
+        if not isinstance(edit, Edit):
+            raise TypeError(f"edit must be a sample_fn.Edit, got {type(edit).__name__}.")
+        edit.check(self.image_shape, f"the pipeline at --height/--width {self.image_shape[:2]}")
+        if self.pipe.inpainting:
+            if edit.masks is None:
+                raise ValueError(
+                    f"{self.pipe.path} has an SD-inpainting U-Net (in_channels "
+                    f"{self.pipe.denoiser.config.get('in_channels')}): it needs --mask (uint8 "
+                    "[N, H, W], 255 = regenerate); img2img runs on a text-to-image pipeline."
+                )
+            if edit.inpaint != "blend":
+                raise ValueError(
+                    f"--inpaint={edit.inpaint}: an SD-inpainting U-Net sees the mask and the "
+                    "masked image itself and is not blended (as in diffusers); RePaint "
+                    "applies to ordinary U-Nets. Drop --inpaint."
+                )
 
     @property
     def num_classes(self) -> int:
@@ -619,6 +741,7 @@ class PretrainedGenerator:
         batch_size: int = 16,
         progress: bool = False,
         control: Sequence[np.ndarray] | np.ndarray | None = None,
+        edit: Edit | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, 3], labels int32 [n]) batch by batch.
 
@@ -626,7 +749,16 @@ class PretrainedGenerator:
         `seed`; prompts and labels are cycled to `num_samples`. With ControlNets,
         `control` holds one array per ControlNet, [N, H, W, C] at the output size, uint8
         or float in [0, 1] (RGB), cycled to `num_samples` like the prompts.
+
+        `edit` (`sample_fn.Edit`, images at the output size) edits images instead, sample
+        i editing `edit.images[i % M]` (`_runner` says how): img2img from
+        `edit.strength` (diffusers' img2img runs `int(strength * steps)` steps, diffjax
+        `round(...)`: equal when `strength * steps` is whole), inpainting with
+        `edit.masks` (255 = regenerate), whose kept pixels come back exactly. An
+        SD-inpainting pipeline (`pipe.inpainting`) needs `edit` with masks.
         """
+        self._check_edit(edit)
+        run = self._runner(edit)
         sharding = parallel.batch_sharding(self.mesh)
         for start, n, z, key in noise_batches(
             num_samples,
@@ -640,9 +772,98 @@ class PretrainedGenerator:
             idx = np.arange(start, start + z.shape[0])
             cond, null, lab = self._conditions(idx, labels, prompts, negative_prompt)
             cond, null = self._with_control(cond, null, idx, control)
-            z, cond, null = jax.device_put((z, cond, null), sharding)
-            x = self._run(self.params, z, cond, null, key)
+            pixels, masks = (None, None) if edit is None else edit.pixels(idx)
+            z, cond, null, pixels, masks = jax.device_put((z, cond, null, pixels, masks), sharding)
+            x = run(self.params, z, cond, null, key, pixels, masks)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
+
+    def invert(
+        self,
+        images_u8: np.ndarray,
+        *,
+        labels: Sequence[int] | str | None = None,
+        prompts: Sequence[str] | None = None,
+        negative_prompt: str = "",
+        method: str | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Images -> the noise from which `batches(noise=...)` regenerates them.
+
+        The images' VAE latents (posterior mean) are inverted (`diffusion.editing.invert`:
+        DDIM, or DPM-Solver++(2M)) on this generator's schedule, timesteps, steps and
+        guidance, with image i's prompt / label (cycled, as in `batches`; guidance's
+        unconditional branch the negative prompt). Sample back with the same method
+        (`load_pipeline(..., method=)`), steps, guidance and prompts: the result is the
+        noise in `batches`' convention (divided by the factor `batches` multiplies given
+        noise by).
+
+        Args:
+          images_u8: uint8 [N, H, W, C] at the output size.
+          labels, prompts, negative_prompt: the condition, as for `batches`.
+          method: `ddim` (default) or `dpmpp_2m`.
+          batch_size: images per device call.
+          progress: show a progress bar.
+
+        Returns:
+          float32 [N, h, w, c]: the noise (latent shape).
+        """
+        if self.controlnets:
+            raise ValueError(
+                "invert does not take control images; invert with the base pipeline (drop "
+                "--controlnet)."
+            )
+        if self.pipe.inpainting:
+            raise ValueError(
+                f"{self.pipe.path} has an SD-inpainting U-Net: it needs a mask at every step; "
+                "invert with a text-to-image pipeline."
+            )
+        imgs = np.asarray(images_u8)
+        Edit(imgs).check(
+            self.image_shape, f"the pipeline at --height/--width {self.image_shape[:2]}"
+        )
+        method = method or "ddim"
+        if method not in editing.INVERSION_METHODS:
+            raise ValueError(
+                f"inversion supports {list(editing.INVERSION_METHODS)}, not {method!r}."
+            )
+        run = self._inverter(method)
+        n_total = len(imgs)
+        ndev = self.mesh.devices.size
+        batch_size = max(ndev, batch_size - batch_size % ndev)
+        sharding = parallel.batch_sharding(self.mesh)
+        starts = range(0, n_total, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="invert", unit="batch", dynamic_ncols=True)
+        out = []
+        for start in starts:
+            idx = np.arange(start, start + batch_size)
+            cond, null, _ = self._conditions(idx, labels, prompts, negative_prompt)
+            pixels = images.uint8_to_float(imgs[idx % n_total])
+            pixels, cond, null = jax.device_put((pixels, cond, null), sharding)
+            z = run(self.params, pixels, cond, null)
+            out.append(np.asarray(parallel.gather(z), np.float32)[: n_total - start])
+        return np.concatenate(out)
+
+    def _inverter(self, method: str) -> Callable:
+        """The compiled `run(params, pixels, cond, null) -> noise` of `method`'s inversion."""
+        key = ("invert", method)
+        if key in self._runs:
+            return self._runs[key]
+        kwargs = {**self._sample_kwargs, "method": method}
+        kwargs.pop("control_window")
+        invert = make_invert_fn(self._apply_fn, self._schedule, jit=False, **kwargs)
+        pipe, scale = self.pipe, self._noise_scale
+
+        def run(params, pixels, cond, null_cond):
+            den, vae = params
+            x = pixels if pipe.vae is None else encode_with(pipe.vae, vae, pixels)
+            return invert(den, x, cond, null_cond=null_cond) / scale
+
+        self._runs[key] = jax.jit(run, compiler_options=self._compiler_options)
+        return self._runs[key]
 
     def generate(self, num_samples: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         """All of `batches(num_samples, **kwargs)` in memory."""
