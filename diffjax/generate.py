@@ -192,7 +192,7 @@ class Generator:
             num_samples, batch_size, self.mesh, shape, seed=seed, noise=noise, progress=progress
         ):
             idx = np.arange(start, start + z.shape[0])
-            cond, lab = conditions(idx)
+            cond, lab = conditions(idx, edit)
             z, cond = jax.device_put((z, cond), sharding)
             extra, pixels = (), None  # (null_cond[, edit arrays]) where needed
             if self.stage is not None:
@@ -258,6 +258,7 @@ class Generator:
             starts = tqdm(starts, desc="invert", unit="batch", dynamic_ncols=True)
         for start in starts:
             idx = np.arange(start, start + batch_size)
+            # An inpainting model inverts as a whole-image generator (mask of ones).
             cond, _ = conditions(idx)
             x = self._model_space(images.uint8_to_float(imgs[idx % n_total]))
             x, cond = jax.device_put((x, cond), sharding)
@@ -292,6 +293,25 @@ class Generator:
         x = jnp.asarray(pixels, jnp.float32)
         return x if self.decoder is None else self.decoder.encode(x)
 
+    def _inpaint_concat(self, edit: Edit | None, idx: np.ndarray) -> jax.Array | None:
+        """An inpainting model's mask and masked image for samples `idx` (None for other
+        models, and for a pixel model generating whole images: `sampling_condition`
+        fills in the full mask). Without masks the whole image is regenerated."""
+        if not experiment.is_inpainting(self.config):
+            return None
+        if edit is not None and edit.masks is not None:
+            img, mask = edit.pixels(idx)
+        elif self.decoder is None:
+            return None
+        else:  # a latent model's plain generation: everything masked, the image zeroed
+            h, w, c = self.image_shape
+            img, mask = np.zeros((len(idx), h, w, c), np.float32), np.ones((len(idx), h, w, 1))
+        if self.decoder is None:
+            return experiment.inpaint_concat(self.config, img, mask)
+        return experiment.inpaint_concat(
+            self.config, img, mask, encode=self.decoder.encode, factor=self.decoder.factor
+        )
+
     def _edit_arrays(self, edit: Edit, idx: np.ndarray) -> tuple[dict, tuple]:
         """`sample_fn`'s edit arrays for samples `idx`, and their (pixels, pixel masks)."""
         img, mask = edit.pixels(idx)
@@ -316,15 +336,18 @@ class Generator:
         else:
             label_at = self._label_rule(labels)
 
-        def conditions(idx: np.ndarray) -> tuple[dict, np.ndarray]:
+        def conditions(idx: np.ndarray, edit: Edit | None = None) -> tuple[dict, np.ndarray]:
             lab = label_at(idx)
             ctrl = None if controls is None else controls[idx % len(controls)]
+            concat = self._inpaint_concat(edit, idx)
             if prompts:
                 cond = {k: v[lab] for k, v in table.items()}
                 if ctrl is not None:
                     cond.update(experiment.control_condition(self.config, ctrl))
+                if experiment.is_inpainting(self.config):
+                    cond["concat"] = experiment.concat_condition(self.config, len(idx), concat)
             else:
-                cond = experiment.sampling_condition(self.config, lab, ctrl)
+                cond = experiment.sampling_condition(self.config, lab, ctrl, concat)
             return cond, lab
 
         return conditions

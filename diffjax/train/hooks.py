@@ -300,7 +300,7 @@ def train_flops(config: ml_collections.ConfigDict, parts: Components) -> float:
         parts.model.base if parts.controlnet else parts.model,
         batch_size=1,
         image_size=config.data.image_size,
-        channels=config.data.channels,
+        channels=experiment.model_input_channels(config),  # an inpainting model's too
         text_len=config.data.max_text_len,
     )
     return 3.0 * summary.forward_flops(parts.model, params, inputs, **extra)
