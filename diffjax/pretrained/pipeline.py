@@ -545,6 +545,8 @@ class PretrainedGenerator:
             blending, as diffusers' StableDiffusionInpaintPipeline runs a 9-channel U-Net;
           * with a mask the known pixels are pasted back after decoding, exactly.
         """
+        if not _uses_images(edit):
+            edit = None  # strength 1 without masks: plain sampling (one compiled run)
         masked = edit is not None and edit.masks is not None
         options = {} if edit is None else edit.sampler_kwargs()
         key = None if edit is None else (tuple(sorted(options.items())), masked)
@@ -772,7 +774,7 @@ class PretrainedGenerator:
             idx = np.arange(start, start + z.shape[0])
             cond, null, lab = self._conditions(idx, labels, prompts, negative_prompt)
             cond, null = self._with_control(cond, null, idx, control)
-            pixels, masks = (None, None) if edit is None else edit.pixels(idx)
+            pixels, masks = edit.pixels(idx) if _uses_images(edit) else (None, None)
             z, cond, null, pixels, masks = jax.device_put((z, cond, null, pixels, masks), sharding)
             x = run(self.params, z, cond, null, key, pixels, masks)
             yield images.to_uint8(parallel.gather(x))[:n], lab[:n]
@@ -869,6 +871,11 @@ class PretrainedGenerator:
         """All of `batches(num_samples, **kwargs)` in memory."""
         parts = list(self.batches(num_samples, **kwargs))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _uses_images(edit: Edit | None) -> bool:
+    """Whether an edit reads its images (img2img below strength 1, or inpainting)."""
+    return edit is not None and (edit.strength < 1.0 or edit.masks is not None)
 
 
 def describe(pipe: Pipeline) -> str:
