@@ -40,6 +40,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.max_text_len = 16  # Token length of captions for text-conditioned configs.
     d.caption_template = ""  # Caption template for sources that make captions from labels.
     d.tokenizer = ""  # Caption tokenizer: "" = built-in words; a CLIP tokenizer or pipeline dir.
+    d.num_examples = 0  # Train on the first N records of data.source only; 0 = all.
+    # data.mix: "SOURCE:LOCATION:FRACTION[,...]" (diffjax/data/mix.py), e.g. a synthetic set
+    # from launch/make_dataset.py as "folder:/d/synth:0.5"; data.source gets the rest.
+    d.mix = ""  # Other sources mixed into the stream with fixed fractions; "" = none.
 
     # ---------------------------------------------------------------- latent diffusion
     # latent.vae: the AutoencoderKL the latents were encoded with (launch/encode_latents.py),
@@ -216,6 +220,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.reference_stats = ""  # FID reference statistics (.npz with mu, sigma); "" = no FID.
     e.inception_weights = ""  # Inception safetensors for FID.
     e.digits_metrics = False  # Digits classifier accuracy + Frechet distance.
+    e.memorization = False  # Nearest training images of the samples + copy fraction.
+    e.memorization_features = "auto"  # auto | pixels | digits | inception (l2 space).
+    e.copy_threshold = 1.0 / 3.0  # Copy: d(nearest) < this * d(second nearest).
+    e.memorization_num_train = 0  # Search the first N training records (0 = all).
+    e.cas = False  # Classification accuracy score (digits, class-conditional).
 
     # ---------------------------------------------------------------- mesh
     c.mesh = ml_collections.ConfigDict()

@@ -9,6 +9,8 @@ Modules, lowest first (each imports only modules above it in this list, plus
     classes at sampling time); `dreambooth`: instance + class images.
   * `control`: ControlNet control images (edges, sobel, tile, mask) computed per record.
   * `masks`: random inpainting masks (box, brush, outpaint, full) added per record.
+  * `mix`: `data.mix` (other sources interleaved with fixed fractions) and
+    `data.num_examples` (the first N records).
   * `pipeline`: shuffle, per-process slice, augment, batch, checkpointable state.
   * this package: `make_source`, the one entry that picks a source by name.
 
@@ -23,6 +25,7 @@ from diffjax.data.dreambooth import make_dreambooth_source
 from diffjax.data.folder import make_folder_source
 from diffjax.data.latents import make_latent_source
 from diffjax.data.masks import MASK_KINDS, MaskGenerator, MaskSource
+from diffjax.data.mix import LimitSource, MixSource, parse_mix
 from diffjax.data.pipeline import make_dataset, make_iterator
 from diffjax.data.sources import ArraySource, digits_source, load_digits_arrays
 from diffjax.data.tfds_source import make_tfds_source
@@ -48,6 +51,8 @@ def make_source(
     control: str = "",
     control_options: dict | None = None,
     masks: dict | None = None,
+    mix: str = "",
+    num_examples: int = 0,
     **kwargs,
 ):
     """Builds the source named by `config.data.source`, checking its shape.
@@ -65,6 +70,11 @@ def make_source(
       masks: an inpainting run's `MaskGenerator` fields (`masks`, `seed`, `min_size`,
         `max_size`, `max_strokes`, `brush_width`): the source is wrapped in a
         `MaskSource` that adds a random `mask` to every record; None = no masks.
+      mix: `config.data.mix`: other sources interleaved with `source` with fixed
+        fractions of the stream (`diffjax.data.mix`; '' = none). Each is built with
+        these same options, checked for the same shape and class count.
+      num_examples: `config.data.num_examples`: only the first N records of `source`
+        (before any mix); 0 = all. N larger than the source is an error naming both.
       **kwargs: source-specific options (`name`, `data_dir`, ...).
     """
     options = dict(control_options or {})
@@ -95,6 +105,42 @@ def make_source(
             "the step)."
         )
     generator = None if masks is None else MaskGenerator(**masks)  # bad options fail first
+    entries = parse_mix(mix)  # a malformed mix fails before any source is read
+    if int(num_examples) < 0:
+        raise ValueError(f"data.num_examples must be >= 0 (0 = all records), got {num_examples}.")
+    src = _base_source(source, split, image_size, channels, kwargs)
+    if num_examples:
+        src = LimitSource(src, int(num_examples))
+    if entries:
+        parts, names = [src], [f"data.source={source!r}"]
+        for e in entries:
+            fields = {**kwargs, "split": split, **e.fields()}
+            where = e.split if e.source == "digits" else e.data_dir
+            names.append(f"the mix entry {e.source}:{where}")
+            try:
+                if (e.source == "latents") != (source == "latents"):
+                    raise ValueError(
+                        "latents mix only with latents (their records hold latents, not "
+                        "pixels); encode the other set with launch/encode_latents.py"
+                    )
+                parts.append(
+                    _base_source(
+                        e.source, fields.pop("split"), image_size, channels, fields, names[-1]
+                    )
+                )
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"data.mix entry {e.source}:{where}: {err}") from err
+        rest = 1.0 - sum(e.fraction for e in entries)
+        src = MixSource(parts, [rest] + [e.fraction for e in entries], names)
+    if control and control != "given":
+        src = ControlSource(src, control, channels=control_channels, **options)
+    if generator is not None:
+        src = MaskSource(src, generator)
+    return src
+
+
+def _base_source(source, split, image_size, channels, kwargs, what=None):
+    """The source named `source` built from `kwargs`, its image shape checked."""
     if source == "digits":
         src = digits_source(split)
     elif source in _MAKERS:
@@ -104,19 +150,18 @@ def make_source(
     shape = src[0]["image"].shape
     if shape != (image_size, image_size, channels):
         raise ValueError(
-            f"data.source={source!r} gives images of shape {shape}, but the config expects "
-            f"({image_size}, {image_size}, {channels}); set data.image_size/data.channels to match."
+            f"{what or f'data.source={source!r}'} gives images of shape {shape}, but the "
+            f"config expects ({image_size}, {image_size}, {channels}); set "
+            "data.image_size/data.channels to match."
         )
-    if control and control != "given":
-        src = ControlSource(src, control, channels=control_channels, **options)
-    if generator is not None:
-        src = MaskSource(src, generator)
     return src
 
 
 __all__ = [
     "CONTROLS",
     "MASK_KINDS",
+    "LimitSource",
+    "MixSource",
     "SOURCES",
     "ArraySource",
     "ControlSource",
@@ -128,4 +173,5 @@ __all__ = [
     "make_iterator",
     "make_dataset",
     "make_source",
+    "parse_mix",
 ]

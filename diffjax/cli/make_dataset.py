@@ -1,0 +1,615 @@
+"""Writes a model's samples as a dataset that training jobs read (synthetic data).
+
+    python launch/make_dataset.py --workdir=runs/digits --num_samples=1000 --out=/data/synth \
+        [--format=folder|array_record] [--labels=3,7] [--method=ddim --steps=20 \
+        --guidance=2.0 --seed=0 --batch_size=256] [--name=synth]
+    python launch/make_dataset.py --export_dir=EXPORT ... | --pretrained=PIPELINE_DIR ...
+    python launch/make_dataset.py --workdir=TEXT_RUN --prompts=prompts.txt ...
+
+Formats:
+
+* `folder` (default): `OUT/<class folder>/<index>.png` for class-conditional models,
+  `OUT/<index>.png` otherwise; text models get a `.txt` caption beside each image. Read
+  it back with `data.source='folder'`, `data.data_dir=OUT`: the folder source numbers
+  classes by sorted folder name, so folders are named to sort in label order (the
+  source data's class names when they already do, e.g. an image folder's; otherwise
+  `<label>_<name>`, e.g. `0_zero` ... `9_nine` for digits, or `<label>`), and the label
+  ids read back are the model's. (With `--labels` covering only some classes the folder
+  source renumbers those it finds; `array_record` keeps every id.)
+* `array_record`: a tfds dataset `OUT/<name>/1.0.0/` (`--name`, default OUT's basename)
+  with `image`, `label` (ClassLabel with every class name) and, for text models,
+  `caption`; records in generation order. Read it with `data.source='tfds'`,
+  `data.name=<name>`, `data.data_dir=OUT` (or mix it in: `data.mix='tfds:OUT:0.5'`).
+
+Classes are balanced by default (labels cycle 0..K-1); `--labels` restricts them (cycled);
+`--prompts=FILE.txt` (one prompt per line, cycled) drives a text model. Images are
+generated batch by batch (sharded over the devices, `Generator.batches`) and streamed to
+disk: memory is bounded by one batch.
+
+Resume: `OUT/meta.json` is written first, with the arguments, and updated after every
+batch (`done`). Rerunning the same command after a kill continues at the next batch; the
+noise of image i depends only on `--seed` and its batch, so the files are identical to
+an uninterrupted run's, with no index missing or repeated. A rerun with other arguments
+(or another model) is refused, naming the difference. Every file is written atomically
+(a temporary name, then `os.replace`). `array_record` stages each batch in
+`OUT/.staging/` and builds the tfds dataset when all are done (tfds itself moves the
+finished dataset into place); `meta.json`'s `complete` turns true only at the very end,
+so a killed run never looks finished.
+
+`meta.json`: the model (kind, path, checkpoint step, SHA-256 of its params / weights),
+the sampler (method, steps, guidance), seed, num_samples, batch size, format, class
+names and folders, images per class, `done` and `complete`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from diffjax.cli.common import parse_labels, run, setup_logging
+
+FORMATS = ("folder", "array_record")
+META = "meta.json"
+STAGING = ".staging"
+META_VERSION = 1
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to sample from (EMA params).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export directory to sample from.")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", None, "A diffusers pipeline directory (model_index.json) to sample from."
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (--workdir; default: latest good).")
+_NUM = flags.DEFINE_integer("num_samples", None, "Number of images.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
+_FORMAT = flags.DEFINE_enum("format", "folder", list(FORMATS), "Dataset format.")
+_NAME = flags.DEFINE_string(
+    "name", None, "array_record: the tfds dataset name (default: --out's basename)."
+)
+_LABELS = flags.DEFINE_list(
+    "labels", None, "Class labels to draw (cycled); default: every class in turn (balanced)."
+)
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "Text models: a .txt file of prompts, one per line (cycled)."
+)
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "--pretrained: the negative prompt.")
+_METHOD = flags.DEFINE_string("method", None, "Sampler (default: the model's sample.method).")
+_STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the model's).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "CFG scale (default: the model's).")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "Images per device call (default 256; 16 with --pretrained)."
+)
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def _safe(name: str) -> str:
+    """`name` usable as one folder name (path separators and odd characters -> '_')."""
+    out = re.sub(r"[^\w.\- ]", "_", str(name)).strip().lstrip(".")
+    return out or "_"
+
+
+def class_folders(class_names: Sequence[str], num_classes: int) -> list[str]:
+    """Folder names of labels 0..K-1 that sort in label order (see the module docstring).
+
+    The class names themselves when they are distinct, filesystem-safe and already
+    sorted; else `<label>_<name>` (label zero-padded), or `<label>` without names.
+    """
+    names = [str(n) for n in class_names]
+    width = len(str(max(num_classes - 1, 0)))
+    if len(names) == num_classes and num_classes:
+        if names == sorted(names) and len(set(names)) == len(names):
+            if all(_safe(n) == n for n in names):
+                return names
+        return [f"{i:0{width}d}_{_safe(n)}" for i, n in enumerate(names)]
+    return [f"{i:0{width}d}" for i in range(num_classes)]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a prompts file, whitespace collapsed."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [" ".join(line.split()) for line in f]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"--prompts={path} holds no prompts (one per line).")
+    return prompts
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _atomic_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    _atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _from_batch(first: int) -> Iterator[None]:
+    """Makes `Generator.batches` / `PretrainedGenerator.batches` start at batch `first`.
+
+    Both draw their batches from `sample_fn.noise_batches`, whose batch b has noise and
+    sampler key from (seed, b) only; this drops batches before `first` there (their
+    noise draw is cheap), so no image before them is sampled. A stopgap until the
+    generators take a start batch themselves.
+    """
+    if first <= 0:
+        yield
+        return
+    from diffjax import generate, sample_fn
+    from diffjax.pretrained import pipeline
+
+    original = sample_fn.noise_batches
+
+    def skipping(*args, **kwargs):
+        for b, item in enumerate(original(*args, **kwargs)):
+            if b >= first:
+                yield item
+
+    saved = (generate.noise_batches, pipeline.noise_batches)
+    generate.noise_batches = pipeline.noise_batches = skipping
+    try:
+        yield
+    finally:
+        generate.noise_batches, pipeline.noise_batches = saved
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} before, {b!r} now")
+    return out
+
+
+def _layout(gen, labels, prompts, class_names: Sequence[str]) -> dict:
+    """Which labels, folders and captions the dataset has."""
+    k = int(gen.num_classes)
+    labelled = k > 0 and not prompts and not isinstance(labels, str)
+    folders = class_folders(class_names, k) if labelled else []
+    return {"labelled": labelled, "num_classes": k if labelled else 0, "folders": folders}
+
+
+def _captions(gen, prompts, class_names) -> list[str] | None:
+    """Caption of each label (prompt index for --prompts), or None for a model without text."""
+    if prompts:
+        return list(prompts)
+    from diffjax import experiment
+
+    config = gen.config
+    if experiment.conditioning_kind(config) != "text" or not getattr(gen, "num_classes", 0):
+        return None
+    try:
+        from diffjax.data.captions import class_caption_list
+
+        return class_caption_list(config.data)
+    except (ValueError, FileNotFoundError, KeyError):
+        return None
+
+
+def write_dataset(
+    gen,
+    out: str,
+    *,
+    num_samples: int,
+    args: dict[str, Any],
+    model: dict[str, Any],
+    fmt: str = "folder",
+    seed: int = 0,
+    batch_size: int = 256,
+    labels: Sequence[int] | str | None = None,
+    prompts: Sequence[str] | None = None,
+    class_names: Sequence[str] = (),
+    name: str | None = None,
+    batch_kwargs: dict | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generates `num_samples` images with `gen` into the dataset `out` (resumable).
+
+    Args:
+      gen: a `Generator` or `PretrainedGenerator`.
+      out: the dataset directory.
+      num_samples: images to write.
+      args: what must match on a resume (the command's arguments).
+      model: the model's record (path, step, sha256); must match on a resume too.
+      fmt: `folder` or `array_record`.
+      seed, batch_size, labels, prompts: as for `gen.batches` (batch size rounded down
+        to a multiple of the device count).
+      class_names: names of labels 0..K-1 ([] = none).
+      name: array_record: the tfds name (default: `out`'s basename).
+      batch_kwargs: further `gen.batches` keywords (e.g. `negative_prompt`).
+      stop_after: stop (raising `KeyboardInterrupt`, as a kill would) after this many
+        new batches; tests use it.
+      progress: show a progress bar.
+
+    Returns:
+      The final `meta.json` contents.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}.")
+    if num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {num_samples}.")
+    out = os.path.abspath(os.path.expanduser(out))
+    name = name or os.path.basename(os.path.normpath(out))
+    if fmt == "array_record" and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(
+            f"The tfds dataset name {name!r} must be lowercase letters, digits and '_', "
+            "starting with a letter; pass --name=... (or rename --out)."
+        )
+    ndev = int(gen.mesh.devices.size)
+    bs = max(ndev, batch_size - batch_size % ndev)
+    layout = _layout(gen, labels, prompts, class_names)
+    captions = _captions(gen, prompts, class_names)
+    args = {**args, "batch_size": bs, "format": fmt, "num_samples": int(num_samples)}
+    if fmt == "array_record":
+        args["name"] = name
+    meta_path = os.path.join(out, META)
+    meta = _start(out, meta_path, args, model, layout, class_names, captions, gen)
+    if meta["complete"]:
+        print(f"{out} is already complete ({num_samples} images); nothing to do.")
+        return meta
+    width = len(str(num_samples - 1))
+    num_batches = -(-num_samples // bs)
+    first = meta["done"] // bs
+    counts = list(meta["counts"])
+    is_main = _is_main()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_batches, initial=first, desc="make_dataset", unit="batch")
+    stream = gen.batches(
+        num_samples,
+        seed=seed,
+        batch_size=bs,
+        **({"labels": labels} if labels is not None else {}),
+        **({"prompts": list(prompts)} if prompts else {}),
+        **(batch_kwargs or {}),
+    )
+    new = 0
+    with _from_batch(first):
+        for b, (imgs, labs) in enumerate(stream, start=first):
+            start = b * bs
+            if is_main:
+                if fmt == "folder":
+                    _write_folder_batch(out, imgs, labs, start, width, layout, captions)
+                else:
+                    _write_staged_batch(out, b, imgs, labs, start, captions)
+                if layout["labelled"]:
+                    for lab, c in zip(*np.unique(labs, return_counts=True), strict=True):
+                        counts[int(lab)] += int(c)
+                else:
+                    counts[0] += len(imgs)
+                meta.update(done=min(num_samples, start + len(imgs)), counts=counts)
+                meta["counts_by_folder"] = _by_folder(counts, layout)
+                _write_json(meta_path, meta)
+            if bar is not None:
+                bar.update(1)
+            new += 1
+            if stop_after is not None and new >= stop_after and b + 1 < num_batches:
+                raise KeyboardInterrupt(f"stopped after {new} batch(es) (stop_after)")
+    if bar is not None:
+        bar.close()
+    if is_main:
+        if fmt == "array_record":
+            _build_tfds(out, name, num_batches, gen.image_shape, layout, class_names, captions)
+        meta["complete"] = True
+        _write_json(meta_path, meta)
+        shutil.rmtree(os.path.join(out, STAGING), ignore_errors=True)
+    return meta
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _by_folder(counts: list[int], layout: dict) -> dict[str, int]:
+    if not layout["labelled"]:
+        return {".": int(counts[0])}
+    return {f: int(c) for f, c in zip(layout["folders"], counts, strict=True) if c}
+
+
+def _start(out, meta_path, args, model, layout, class_names, captions, gen) -> dict:
+    """The dataset's meta.json: read and checked against this run, or written new."""
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        diff = _differences(meta.get("args", {}), args) + _differences(
+            {k: v for k, v in meta.get("model", {}).items() if k in ("path", "step", "sha256")},
+            {k: v for k, v in model.items() if k in ("path", "step", "sha256")},
+        )
+        if diff:
+            raise ValueError(
+                f"{out} was started with other arguments ({'; '.join(diff)}). Rerun with the "
+                "recorded ones to finish it, or write to a new --out (or delete it)."
+            )
+        return meta
+    if os.path.isdir(out) and os.listdir(out):
+        raise ValueError(
+            f"{out} exists, is not empty and has no {META}: not a make_dataset directory. "
+            "Choose a new or empty --out."
+        )
+    os.makedirs(out, exist_ok=True)
+    sc = gen.config.sample
+    meta = {
+        "version": META_VERSION,
+        "args": args,
+        "model": model,
+        "sampler": {
+            "method": str(sc.get("method", "")),
+            "num_steps": int(sc.num_steps),
+            "guidance": float(sc.guidance),
+        },
+        "seed": args.get("seed"),
+        "num_samples": args["num_samples"],
+        "format": args["format"],
+        "image_shape": [int(v) for v in gen.image_shape],
+        "num_classes": layout["num_classes"],
+        "class_names": [str(n) for n in class_names] if layout["labelled"] else [],
+        "class_folders": layout["folders"],
+        "captions": bool(captions),
+        "counts": [0] * max(layout["num_classes"], 1),
+        "counts_by_folder": {},
+        "done": 0,
+        "complete": False,
+    }
+    _write_json(meta_path, meta)
+    return meta
+
+
+def _write_folder_batch(out, imgs, labs, start, width, layout, captions) -> None:
+    for j, (img, lab) in enumerate(zip(imgs, labs, strict=True)):
+        directory = out
+        if layout["labelled"]:
+            directory = os.path.join(out, layout["folders"][int(lab)])
+        os.makedirs(directory, exist_ok=True)
+        stem = os.path.join(directory, f"{start + j:0{width}d}")
+        if captions:
+            _atomic_bytes(stem + ".txt", (captions[int(lab) % len(captions)] + "\n").encode())
+        _atomic_bytes(stem + ".png", _png(img))
+
+
+def _write_staged_batch(out, b, imgs, labs, start, captions) -> None:
+    staging = os.path.join(out, STAGING)
+    os.makedirs(staging, exist_ok=True)
+    arrays = {"images": imgs, "labels": labs.astype(np.int64), "start": np.int64(start)}
+    _atomic_bytes(os.path.join(staging, f"batch_{b:08d}.npz"), _npz(**arrays))
+
+
+def _build_tfds(out, name, num_batches, image_shape, layout, class_names, captions) -> None:
+    """The tfds ArrayRecord dataset `out/name/1.0.0` from the staged batches."""
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    staging = os.path.join(out, STAGING)
+    shutil.rmtree(os.path.join(out, name), ignore_errors=True)  # a killed build's leftovers
+    features: dict[str, Any] = {"image": tfds.features.Image(shape=tuple(image_shape))}
+    if layout["labelled"]:
+        names = [str(n) for n in class_names] or layout["folders"]
+        features["label"] = tfds.features.ClassLabel(names=names)
+    if captions:
+        features["caption"] = tfds.features.Text()
+
+    ds_name = name
+
+    class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = ds_name
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description="Samples written by diffjax's launch/make_dataset.py (meta.json).",
+                features=tfds.features.FeaturesDict(features),
+                disable_shuffling=True,  # record i = image i
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for b in range(num_batches):
+                with np.load(os.path.join(staging, f"batch_{b:08d}.npz")) as z:
+                    imgs, labs, start = z["images"], z["labels"], int(z["start"])
+                for j, (img, lab) in enumerate(zip(imgs, labs, strict=True)):
+                    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+                    ex: dict[str, Any] = {"image": pil}
+                    if layout["labelled"]:
+                        ex["label"] = int(lab)
+                    if captions:
+                        ex["caption"] = captions[int(lab) % len(captions)]
+                    yield start + j, ex
+
+    builder = _Builder(data_dir=out, file_format="array_record")
+    builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def _args() -> dict[str, Any]:
+    """The arguments a resume must repeat."""
+    prompts = read_prompts(_PROMPTS.value) if _PROMPTS.value else None
+    return {
+        "workdir": _abspath(_WORKDIR.value),
+        "export_dir": _abspath(_EXPORT_DIR.value),
+        "pretrained": _abspath(_PRETRAINED.value),
+        "step": _STEP.value,
+        "method": _METHOD.value,
+        "steps": _STEPS.value,
+        "guidance": _GUIDANCE.value,
+        "seed": _SEED.value,
+        "labels": _LABELS.value,
+        "prompts_sha256": (
+            hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None
+        ),
+        "negative_prompt": _NEGATIVE.value,
+    }
+
+
+def _abspath(p: str | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(p)) if p else None
+
+
+def _source_class_names(config) -> list[str]:
+    """The class names of a run's training data ([] when it has none)."""
+    try:
+        from diffjax.data.captions import class_names
+
+        d = config.data
+        return class_names(d.source, name=d.name, data_dir=d.data_dir)
+    except (ValueError, FileNotFoundError, KeyError, OSError):
+        return []
+
+
+def _load(labels):
+    """(generator, model record, class names, batch kwargs, default batch size)."""
+    overrides = dict(method=_METHOD.value, num_steps=_STEPS.value, guidance=_GUIDANCE.value)
+    if _PRETRAINED.value:
+        from diffjax.pretrained import pipeline, safetensors_io
+
+        pipe = pipeline.load_pipeline(_PRETRAINED.value, method=_METHOD.value)
+        default_guidance = {"text": 7.5, "label": 4.0}.get(pipe.kind, 1.0)
+        gen = pipeline.PretrainedGenerator(
+            pipe,
+            num_steps=_STEPS.value or 50,
+            guidance=default_guidance if _GUIDANCE.value is None else _GUIDANCE.value,
+        )
+        sha = None
+        for part in ("unet", "transformer"):
+            d = os.path.join(_PRETRAINED.value, part)
+            if os.path.isdir(d):
+                sha = safetensors_io.weights_sha256(d)
+                break
+        model = {"kind": "pretrained", "path": _abspath(_PRETRAINED.value), "step": 0}
+        model["sha256"] = sha
+        extra = {"negative_prompt": _NEGATIVE.value} if pipe.kind == "text" else {}
+        return gen, model, [], extra, 16
+    if _NEGATIVE.value:
+        raise ValueError("--negative_prompt applies to --pretrained only.")
+    from diffjax import experiment, generate
+    from diffjax.pretrained.frozen import tree_sha256
+
+    if _WORKDIR.value:
+        from diffjax.rundir import load_workdir_config
+
+        config = load_workdir_config(_WORKDIR.value)
+        experiment.require_diffusion(config, _WORKDIR.value, "make_dataset.py")
+        gen = generate.Generator.from_workdir(
+            _WORKDIR.value, step=_STEP.value, config=config, **overrides
+        )
+        kind, path = "workdir", _WORKDIR.value
+    else:
+        if _STEP.value is not None:
+            raise ValueError("--step applies to --workdir; an export has one step.")
+        gen = generate.Generator.from_export(_EXPORT_DIR.value, **overrides)
+        kind, path = "export", _EXPORT_DIR.value
+    model = {
+        "kind": kind,
+        "path": _abspath(path),
+        "step": int(gen.step),
+        "sha256": tree_sha256(gen.params),
+    }
+    return gen, model, _source_class_names(gen.config), {}, 256
+
+
+def main(argv):
+    del argv
+    setup_logging()
+    sources = [v for v in (_WORKDIR.value, _EXPORT_DIR.value, _PRETRAINED.value) if v]
+    if len(sources) != 1:
+        raise ValueError("Pass exactly one of --workdir, --export_dir or --pretrained.")
+    if _LABELS.value and _PROMPTS.value:
+        raise ValueError("Pass --labels or --prompts, not both.")
+    labels = parse_labels(_LABELS.value)
+    if labels == "none":
+        raise ValueError(
+            "--labels=none (the null class) makes an unlabelled set from a class-conditional "
+            "model; use launch/sample.py for that, or pass class ids."
+        )
+    prompts = read_prompts(_PROMPTS.value) if _PROMPTS.value else None
+    args = _args()
+    gen, model, class_names, extra, default_bs = _load(labels)
+    if labels and gen.num_classes and _FORMAT.value == "folder":
+        missing = sorted(set(range(gen.num_classes)) - set(labels))
+        if missing:
+            print(
+                f"Note: --labels leaves out classes {missing[:10]}{'...' if len(missing) > 10 else ''}; "
+                "data.source='folder' numbers the class folders it finds 0..k-1, so its "
+                "label ids will not be the model's. --format=array_record keeps them."
+            )
+    sc = gen.config.sample
+    print(
+        f"Writing {_NUM.value} samples of {model['kind']} {model['path']} (step {model['step']}; "
+        f"{sc.get('method', '')} {sc.num_steps} steps, guidance {sc.guidance}) to {_OUT.value} "
+        f"({_FORMAT.value})."
+    )
+    meta = write_dataset(
+        gen,
+        _OUT.value,
+        num_samples=_NUM.value,
+        args=args,
+        model=model,
+        fmt=_FORMAT.value,
+        seed=_SEED.value,
+        batch_size=_BATCH.value or default_bs,
+        labels=labels,
+        prompts=prompts,
+        class_names=class_names,
+        name=_NAME.value,
+        batch_kwargs=extra,
+    )
+    where = _OUT.value
+    if meta["format"] == "array_record":
+        read = f"data.source='tfds' data.name={meta['args']['name']} data.data_dir={where}"
+    else:
+        read = f"data.source='folder' data.data_dir={where}"
+    print(f"Done: {meta['done']} images in {where} ({meta['counts_by_folder']}). Read with {read}.")
+
+
+def entry() -> None:
+    """Console-script entry point (`diffjax-make-dataset`)."""
+    run(main)
