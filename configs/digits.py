@@ -60,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.num_samples = 1000
     c.eval.batch_size = 500
     c.eval.digits_metrics = True
+    c.eval.memorization = True  # nearest training digits, copy fraction (digits features)
+    c.eval.cas = True  # classification accuracy score beside the real-data baseline
 
     if arg == "quick":
         c.model.kwargs.base_channels = 16

@@ -99,3 +99,103 @@ def digits_metrics(images_uint8: np.ndarray, labels: np.ndarray | None) -> dict[
         out["conditional_accuracy"] = float(np.mean(predicted == np.asarray(labels)))
     out["class_histogram"] = np.bincount(predicted, minlength=10).tolist()
     return out
+
+
+# The classification accuracy score's test set: the odd half of the real digits (the
+# `half1` split); the real baseline trains on the even half (`half0`).
+CAS_TEST = "digits half1 (899 real digits)"
+
+
+def _cas_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    images, labels = load_digits_arrays()
+    return images[0::2], labels[0::2], images[1::2], labels[1::2]
+
+
+@functools.lru_cache(maxsize=8)
+def _real_baseline(n: int, seed: int) -> tuple[float, int]:
+    train_x, train_y, test_x, test_y = _cas_split()
+    n = min(n, len(train_y))
+    pick = np.sort(np.random.default_rng(seed).permutation(len(train_y))[:n])
+    clf = DigitsClassifier(train_x[pick], train_y[pick], seed=seed)
+    return float(np.mean(clf.predict(test_x) == test_y)), n
+
+
+def classification_accuracy_score(
+    images_uint8: np.ndarray, labels: np.ndarray, *, seed: int = 0, baseline: bool = True
+) -> dict[str, float | int | str]:
+    """Classification accuracy score (Ravuri & Vinyals 2019) of labelled digits.
+
+    Fits the digits classifier (`DigitsClassifier`'s MLP recipe) on the given images and
+    their labels only, and reports its accuracy on real digits it never saw. Beside it,
+    `cas_real_baseline` is the same recipe fit on as many real digits (a random subset of
+    the even half, at most its 899) and tested on the same real digits.
+
+    Args:
+      images_uint8: [N, 8, 8, 1] images (generated, or any labelled set).
+      labels: [N] their classes 0..9 (for samples: the requested classes).
+      seed: the classifier's initialization and the baseline's subset.
+      baseline: also fit the real baseline (cached per size and seed).
+
+    Returns:
+      {'cas', 'cas_num_train', 'cas_test'} (+ 'cas_real_baseline',
+      'cas_real_baseline_num_train').
+
+    Note: the real test digits are the odd half (`half1`) of the 1,797 digits; a model
+    trained on `data.split='half0'` never saw them, one trained on all digits (the
+    default) did, which favours its samples.
+    """
+    images_uint8 = np.asarray(images_uint8)
+    labels = np.asarray(labels).astype(np.int64)
+    if images_uint8.shape[1:] != (8, 8, 1) or images_uint8.dtype != np.uint8:
+        raise ValueError(
+            f"the classification accuracy score needs uint8 [N, 8, 8, 1] digits, got "
+            f"{images_uint8.dtype} {images_uint8.shape}."
+        )
+    if labels.shape != (len(images_uint8),):
+        raise ValueError(f"labels must have shape [{len(images_uint8)}], got {labels.shape}.")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"digit labels must lie in 0..9, got {sorted(set(labels.tolist()))}.")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the classification accuracy score needs images of at least 2 classes.")
+    _, _, test_x, test_y = _cas_split()
+    clf = DigitsClassifier(images_uint8, labels, seed=seed)
+    out: dict[str, float | int | str] = {
+        "cas": float(np.mean(clf.predict(test_x) == test_y)),
+        "cas_num_train": int(len(labels)),
+        "cas_test": CAS_TEST,
+    }
+    if baseline:
+        acc, n = _real_baseline(len(labels), seed)
+        out["cas_real_baseline"] = acc
+        out["cas_real_baseline_num_train"] = n
+    return out
+
+
+def load_labelled_digits(root: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, 8, 8, 1] images and digit labels of a folder of class sub-folders.
+
+    The layout `launch/make_dataset.py --format=folder` writes (`ROOT/<class>/<i>.png`,
+    read with `data.source='folder'`); the class folders must be named by digit (`0`..`9`)
+    or digit name (`zero`..`nine`), so that labels are digits whatever their sort order.
+    Images of another size are resized as the folder source does.
+    """
+    from diffjax.data.folder import FolderSource
+    from diffjax.data.sources import DIGIT_NAMES
+    from diffjax.images import to_uint8
+
+    src = FolderSource(root, image_size=8, channels=1)
+    names = list(src.class_names)
+    if not names:
+        raise ValueError(f"{root} has no class sub-folders; the score needs labelled digits.")
+    if all(n in DIGIT_NAMES for n in names):
+        digit = [DIGIT_NAMES.index(n) for n in names]
+    elif all(n.isdigit() and 0 <= int(n) <= 9 for n in names):
+        digit = [int(n) for n in names]
+    else:
+        raise ValueError(
+            f"{root}'s class folders {names[:10]} are not digits; name them 0..9 or "
+            f"{DIGIT_NAMES[0]}..{DIGIT_NAMES[-1]}."
+        )
+    images = np.stack([to_uint8(src[i]["image"]) for i in range(len(src))])
+    labels = np.asarray(digit, np.int64)[np.asarray(src.labels)]
+    return images, labels

@@ -10,15 +10,33 @@ from typing import Any
 import numpy as np
 
 
+class EvalMetrics(dict):
+    """The metrics of one evaluation (a plain dict, JSON-ready) and its `figures`: uint8
+    images keyed by name (`memorization`: the closest sample/training pairs), which
+    `write_eval` writes beside the JSON as step_XXXXXXXX_<name>.png."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.figures: dict[str, np.ndarray] = {}
+
+
 def evaluate_generator(
     generator, *, num_samples: int, batch_size: int, seed: int = 0
-) -> dict[str, Any]:
+) -> EvalMetrics:
     """Generates `num_samples` images with `generator` and computes the configured metrics.
 
     Args:
       generator: a `diffjax.generate.Generator`; its config's `eval` section picks metrics:
         `digits_metrics` (conditional accuracy + Fréchet distance in a digits
-        classifier's feature space), `reference_stats` + `inception_weights` (FID).
+        classifier's feature space), `reference_stats` + `inception_weights` (FID),
+        `memorization` (nearest training images and the copy fraction, against the
+        training set `config.data` describes), `cas` (classification accuracy score of
+        a class-conditional digits model). Class balance is reported for class-conditional
+        and digits-judged models.
+
+    Returns:
+      `EvalMetrics`: the JSON-ready metrics, with the memorization pairs' grid in
+      `.figures` (written by `write_eval`).
     """
     config = generator.config
     check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
@@ -28,20 +46,24 @@ def evaluate_generator(
     )
     sample_seconds = time.perf_counter() - start
     conditional = generator.num_classes > 0
-    metrics: dict[str, Any] = {
-        "step": int(generator.step),
-        "num_samples": int(num_samples),
-        "sampler": {
-            "method": config.sample.method,
-            "num_steps": int(config.sample.num_steps),
-            "guidance": float(config.sample.guidance),
-        },
-        "sample_seconds": sample_seconds,
-    }
+    metrics = EvalMetrics(
+        {
+            "step": int(generator.step),
+            "num_samples": int(num_samples),
+            "sampler": {
+                "method": config.sample.method,
+                "num_steps": int(config.sample.num_steps),
+                "guidance": float(config.sample.guidance),
+            },
+            "sample_seconds": sample_seconds,
+        }
+    )
+    judged = None
     if config.eval.digits_metrics:
         from diffjax.eval.digits import digits_metrics
 
         metrics.update(digits_metrics(images, labels if conditional else None))
+        judged = np.asarray(metrics["class_histogram"])
     if config.eval.reference_stats:
         metrics.update(
             fid_metrics(
@@ -51,7 +73,111 @@ def evaluate_generator(
                 batch_size=min(batch_size, len(images)),
             )
         )
+    train_labels = None
+    if config.eval.get("memorization", False):
+        from diffjax.eval import memorization
+
+        features = memorization.resolve_features(
+            config.eval.memorization_features,
+            inception_weights=config.eval.inception_weights,
+            digits_metrics=bool(config.eval.digits_metrics),
+            image_shape=images.shape[1:],
+        )
+        source = training_source(config, images.shape[1:])
+        found, grid, train_labels = memorization.memorization_metrics(
+            images,
+            source,
+            features=features,
+            threshold=float(config.eval.copy_threshold),
+            inception_weights=config.eval.inception_weights,
+            num_examples=int(config.eval.memorization_num_train),
+            batch_size=min(batch_size, 1024),
+        )
+        metrics["memorization"] = found
+        metrics.figures["memorization"] = grid
+    if conditional or judged is not None:
+        if train_labels is None and judged is not None:
+            from diffjax.eval.memorization import source_labels
+
+            train_labels = source_labels(training_source(config, images.shape[1:]))
+        k = max(generator.num_classes, 0 if judged is None else len(judged))
+        metrics["class_balance"] = class_balance(
+            k,
+            requested=np.asarray(labels) if conditional else None,
+            judged=judged,
+            train=train_labels,
+        )
+    if config.eval.get("cas", False) and conditional and config.eval.digits_metrics:
+        from diffjax.eval.digits import classification_accuracy_score
+
+        metrics.update(classification_accuracy_score(images, np.asarray(labels), seed=seed))
     return metrics
+
+
+def training_source(config, image_shape) -> Any:
+    """The run's training source (`config.data`, with `data.num_examples` and `data.mix`
+    as the run trained) at the generated images' shape (a latent run's pixels)."""
+    from diffjax import data as data_lib
+
+    fields = config.data.to_dict()
+    if fields.get("source") == "latents":
+        raise ValueError(
+            "eval.memorization compares samples with training images, but data.source="
+            "'latents' holds latents; set eval.memorization=False, or point data.* at the "
+            "images the latents were encoded from."
+        )
+    if fields.get("source") == "dreambooth" and "dreambooth" in config:
+        fields["dreambooth"] = config.dreambooth.to_dict()
+    fields["image_size"], _, fields["channels"] = image_shape
+    return data_lib.make_source(**fields)
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Total-variation distance 0.5 * sum |p - q| of two histograms (each normalized)."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    if p.shape != q.shape or p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError(f"total_variation needs two non-empty histograms, got {p} and {q}.")
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def class_balance(
+    num_classes: int,
+    *,
+    requested: np.ndarray | None = None,
+    judged: np.ndarray | None = None,
+    train: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Class histograms of an evaluation and the judged classes' distance to training.
+
+    Args:
+      num_classes: K.
+      requested: [N] classes the samples were generated for (None: unconditional).
+      judged: [K] histogram of the classes a classifier assigns to the samples (None:
+        no classifier for this data).
+      train: [M] labels of the training records (None: unknown).
+
+    Returns:
+      {'requested', 'judged', 'train'} histograms (lists of K counts, or None) and
+      'tv_to_train': the total-variation distance between the judged and the training
+      class distributions (None unless both are known).
+    """
+
+    def hist(x):
+        return (
+            None if x is None else np.bincount(np.asarray(x), minlength=num_classes)[:num_classes]
+        )
+
+    judged_h = None if judged is None else np.asarray(judged)[:num_classes]
+    train_h = hist(train)
+    out: dict[str, Any] = {
+        "requested": None if requested is None else hist(requested).tolist(),
+        "judged": None if judged_h is None else judged_h.tolist(),
+        "train": None if train_h is None else train_h.tolist(),
+        "tv_to_train": None,
+    }
+    if judged_h is not None and train_h is not None:
+        out["tv_to_train"] = total_variation(judged_h, train_h)
+    return out
 
 
 def check_eval_inputs(reference_stats: str, inception_weights: str) -> None:
@@ -109,6 +235,20 @@ def fid_metrics(
     }
 
 
+def write_figures(metrics: dict[str, Any], stem: str) -> dict[str, Any]:
+    """Writes an `EvalMetrics`' figures as STEM_<name>.png; returns the metrics entries
+    that name them (`memorization.pairs_png`: the file's base name)."""
+    from diffjax.images import save_grid
+
+    updates: dict[str, Any] = {}
+    for name, grid in getattr(metrics, "figures", {}).items():
+        path = save_grid(grid[None], f"{stem}_{name}.png", ncols=1)
+        entry = dict(metrics.get(name) or {})
+        entry["pairs_png"] = os.path.basename(path)
+        updates[name] = entry
+    return updates
+
+
 def write_eval(workdir: str, step: int, metrics: dict[str, Any]) -> str:
     """Writes workdir/eval/step_XXXXXXXX.json atomically; returns its path.
 
@@ -119,6 +259,7 @@ def write_eval(workdir: str, step: int, metrics: dict[str, Any]) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"step_{int(step):08d}.json")
     record = dict(metrics)
+    record.update(write_figures(metrics, path[: -len(".json")]))
     if os.path.exists(path):
         try:
             with open(path) as f:
