@@ -119,7 +119,7 @@ def test_inpainting_matches_diffusers_and_keeps_pixels(refs, request, case, pipe
     np.testing.assert_array_equal(images[~regen], arrays["images"][~regen])
 
 
-def test_strength_one_repaint_and_the_run_cache(refs, sd_pipe):
+def test_strength_one_kept_pixels_and_the_run_cache(refs, sd_pipe):
     cases, arrays = refs
     gen = _gen(sd_pipe, 5.0)
     prompts = cases["img2img_g5"]["prompts"]
@@ -127,26 +127,21 @@ def test_strength_one_repaint_and_the_run_cache(refs, sd_pipe):
     plain, _ = gen.generate(2, prompts=prompts, noise=noise)
     same, _ = gen.generate(2, prompts=prompts, noise=noise, edit=Edit(arrays["images"]))
     np.testing.assert_array_equal(same, plain)  # strength 1 = plain sampling, bit for bit
-    # RePaint with a mask that is not aligned to the latent cells ('any' downsampling
-    # regenerates every latent a masked pixel touches): the kept pixels are exact.
-    masks = arrays["masks_free"][:1]  # one mask for both images
+    # A mask that is not aligned to the latent cells ('any' downsampling regenerates every
+    # latent a masked pixel touches), one mask for both images: the kept pixels are exact.
+    masks = arrays["masks_free"][:1]
     keep = np.broadcast_to((masks < 128)[..., None], plain.shape)
-    n_runs = len(gen._runs)
-    edit = Edit(arrays["images"], masks=masks, inpaint="repaint", jump_length=3, jump_n_sample=2)
+    edit = Edit(arrays["images"], masks=masks, strength=0.6)
     out, _ = gen.generate(2, prompts=prompts, seed=3, edit=edit)
     np.testing.assert_array_equal(out[keep], arrays["images"][keep])
     assert np.abs(out[~keep].astype(int) - arrays["images"][~keep]).mean() > 5
-    assert len(gen._runs) == n_runs + 1
-    # The same static options with other arrays: no new compiled run.
-    again = Edit(
-        arrays["images"][::-1],
-        masks=masks[:, ::-1],
-        inpaint="repaint",
-        jump_length=3,
-        jump_n_sample=2,
-    )
-    gen.generate(2, prompts=prompts, edit=again)
-    assert len(gen._runs) == n_runs + 1
+    # One compiled run per set of static options (and mask or not), whatever the arrays.
+    run = gen._runner(edit)
+    assert gen._runner(Edit(arrays["images"][::-1], masks=masks[:, ::-1], strength=0.6)) is run
+    assert gen._runner(Edit(arrays["images"], strength=0.6)) is not run
+    repaint = Edit(arrays["images"], masks=masks, inpaint="repaint", jump_length=3)
+    assert gen._runner(repaint) is not run
+    assert gen._runner(Edit(arrays["images"], strength=1.0)) is gen._runner(None)
 
 
 def test_inversion_round_trip(sd_pipe):
@@ -186,8 +181,10 @@ def test_inversion_round_trip(sd_pipe):
     noise = flat.invert(imgs, prompts=prompts, negative_prompt="blurry")
     assert noise.shape == (2, 8, 8, 4) and np.abs(noise).max() > 0.1
     back, _ = flat.generate(2, prompts=prompts, negative_prompt="blurry", noise=noise)
-    lat = pipeline.encode_with(sd_pipe.vae, vae, images_lib.uint8_to_float(imgs))
-    recon = images_lib.to_uint8(pipeline.decode_latents(sd_pipe, vae, lat))
+    reconstruct = jax.jit(
+        lambda v, x: pipeline.decode_latents(sd_pipe, v, pipeline.encode_with(sd_pipe.vae, v, x))
+    )
+    recon = images_lib.to_uint8(reconstruct(vae, images_lib.uint8_to_float(imgs)))
     assert np.abs(back.astype(int) - recon).max() <= 1
 
 

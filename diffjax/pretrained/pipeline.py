@@ -494,6 +494,11 @@ class PretrainedGenerator:
         self.controlnets = tuple(controlnets)
         self.guess_mode = bool(guess_mode)
         self.controlnet_scale = self._check_controlnets(controlnet_scale)
+        if self.controlnets and pipe.inpainting:
+            raise ValueError(
+                f"{pipe.path} has an SD-inpainting U-Net: ControlNets (made for a "
+                "text-to-image U-Net's input) do not drive it here; drop --controlnet."
+            )
         apply_fn, den_params = pipe.denoiser.module.apply, pipe.denoiser.params
         window = None
         if self.controlnets:
@@ -881,7 +886,8 @@ def _uses_images(edit: Edit | None) -> bool:
 def describe(pipe: Pipeline) -> str:
     """One line for logs: the pipeline, its denoiser and scheduler."""
     return (
-        f"{pipe.class_name} from {pipe.path} ({pipe.kind or 'unconditional'}; scheduler "
+        f"{pipe.class_name} from {pipe.path} ({pipe.kind or 'unconditional'}"
+        f"{', inpainting U-Net' if pipe.inpainting else ''}; scheduler "
         f"{pipe.scheduler_config.get('_class_name', '?')} -> {pipe.scheduler.method}, "
         f"prediction {pipe.scheduler.prediction})"
     )
