@@ -351,6 +351,22 @@ def _by_folder(counts: list[int], layout: dict) -> dict[str, int]:
     return {f: int(c) for f, c in zip(layout["folders"], counts, strict=True) if c}
 
 
+def check_resume(out: str, args: dict[str, Any]) -> None:
+    """Refuses at once (before any model is loaded) when `out/meta.json` records other
+    values for the arguments in `args`; the rest are checked by `write_dataset`."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(out)), META)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        recorded = json.load(f).get("args", {})
+    diff = _differences({k: recorded.get(k) for k in args}, args)
+    if diff:
+        raise ValueError(
+            f"{out} was started with other arguments ({'; '.join(diff)}). Rerun with the "
+            "recorded ones to finish it, or write to a new --out (or delete it)."
+        )
+
+
 def _start(out, meta_path, args, model, layout, class_names, captions, gen) -> dict:
     """The dataset's meta.json: read and checked against this run, or written new."""
     if os.path.isfile(meta_path):
@@ -572,6 +588,10 @@ def main(argv):
         )
     prompts = read_prompts(_PROMPTS.value) if _PROMPTS.value else None
     args = _args()
+    early = {**args, "format": _FORMAT.value, "num_samples": _NUM.value}
+    if _FORMAT.value == "array_record":
+        early["name"] = _NAME.value or os.path.basename(os.path.normpath(_abspath(_OUT.value)))
+    check_resume(_OUT.value, early)
     gen, model, class_names, extra, default_bs = _load(labels)
     if labels and gen.num_classes and _FORMAT.value == "folder":
         missing = sorted(set(range(gen.num_classes)) - set(labels))
