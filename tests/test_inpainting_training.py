@@ -170,16 +170,30 @@ def _flops_of_inpainting(monkeypatch):
 def test_digits_inpaint_trains_restores_and_samples(tmp_path, _flops_of_inpainting):
     from diffjax.generate import Generator
 
-    c = get_config("quick")
-    c.train.update(num_steps=4, checkpoint_every_steps=2, batch_size=16)
-    c.sample.update(num_images=0, num_steps=2)  # Generator below samples
-    workdir = str(tmp_path / "run")
+    def config(steps):
+        c = get_config("quick")
+        # A schedule that does not depend on num_steps: one train step program for all runs.
+        c.train.update(num_steps=steps, checkpoint_every_steps=2, batch_size=16)
+        c.train.lr_schedule = "constant"
+        c.sample.update(num_images=0, num_steps=2)  # Generator below samples
+        return c
+
+    c = config(4)
+    workdir, part = str(tmp_path / "run"), str(tmp_path / "part")
     train_and_evaluate(c, workdir)
-    config = rundir.load_workdir_config(workdir)
-    assert experiment.is_inpainting(config) and config.inpainting.masks == c.inpainting.masks
+    saved = rundir.load_workdir_config(workdir)
+    assert experiment.is_inpainting(saved) and saved.inpainting.masks == c.inpainting.masks
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-    state, step, _ = rundir.load_state(config, workdir, mesh)
+    state, step, _ = rundir.load_state(saved, workdir, mesh)
     assert step == 4 and state.params["conv_in"]["kernel"].shape[2] == 3
+    # Interrupted at step 2 and resumed: bitwise the same (the masks of the restored
+    # stream position included).
+    train_and_evaluate(config(2), part)
+    train_and_evaluate(config(4), part)
+    resumed, step, _ = rundir.load_state(saved, part, mesh)
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The plain digits model is another model: its config cannot restore these checkpoints.
     plain = get_config("quick")
     plain.inpainting.enabled = False
@@ -190,7 +204,7 @@ def test_digits_inpaint_trains_restores_and_samples(tmp_path, _flops_of_inpainti
     gen = Generator.from_workdir(workdir, num_steps=2)
     images, _ = gen.generate(3, batch_size=8)
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
-    cond = experiment.sampling_condition(config, np.arange(3))
+    cond = experiment.sampling_condition(saved, np.arange(3))
     np.testing.assert_array_equal(cond["concat"][..., 0], 1.0)
     np.testing.assert_array_equal(cond["concat"][..., 1], 0.0)
 
