@@ -4,6 +4,8 @@ digits.py)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,6 +139,23 @@ def test_classification_accuracy_score(tmp_path):
     assert got == {(real_x[i].tobytes(), int(real_y[i])) for i in range(60)}
     with pytest.raises(ValueError, match="0..9"):
         classification_accuracy_score(real_x, real_y + 1)
+    # The command: the same score of the folder, as JSON.
+    out = tmp_path / "cas.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "launch", "evaluate.py"),
+            f"--cas_dataset={tmp_path}",
+            f"--out={out}",
+        ],
+        check=True,
+        cwd=root,
+        capture_output=True,
+    )
+    report = json.load(open(out))
+    assert report["cas"] == classification_accuracy_score(x, y, baseline=False)["cas"]
+    assert report["cas_num_train"] == report["cas_real_baseline_num_train"] == 60
 
 
 def test_evaluation_json_of_a_small_data_digits_run(tmp_path):

@@ -147,8 +147,12 @@ def _evaluate_pretrained() -> None:
         pipe, num_steps=asked.sample.num_steps, guidance=asked.sample.guidance
     )
     generator.config.eval = asked.eval
-    if asked.eval.memorization:  # the training set to search is the one --config.data names
-        generator.config.data = asked.data
+    # The training set that eval.memorization searches: the --config.data.* fields given
+    # (the pipeline's own data fields, its image shape and classes, stay as they are).
+    for arg in sys.argv[1:] if asked.eval.memorization else ():
+        if arg.startswith("--config.data."):
+            name = arg[len("--config.data.") :].split("=")[0]
+            generator.config.data[name] = asked.data[name]
     lora_note = f" with LoRA {lora_files.describe_files(loras)}" if loras else ""
     print(f"Evaluating {pipeline.describe(pipe)}{lora_note}")
     metrics = evaluate_generator(

@@ -40,6 +40,23 @@ def evaluate_generator(
     """
     config = generator.config
     check_eval_inputs(config.eval.reference_stats, config.eval.inception_weights)
+    features = None
+    if config.eval.get("memorization", False):  # bad settings fail before sampling
+        from diffjax.eval import memorization
+
+        features = memorization.resolve_features(
+            config.eval.memorization_features,
+            inception_weights=config.eval.inception_weights,
+            digits_metrics=bool(config.eval.digits_metrics),
+            image_shape=generator.image_shape,
+        )
+        memorization.check_threshold(float(config.eval.copy_threshold))
+        if config.data.source == "latents":
+            raise ValueError(
+                "eval.memorization compares samples with training images, but data.source="
+                "'latents' holds latents; set eval.memorization=False, or point data.* at "
+                "the images the latents were encoded from."
+            )
     start = time.perf_counter()
     images, labels = generator.generate(
         num_samples, seed=seed, batch_size=batch_size, progress=True
@@ -74,15 +91,7 @@ def evaluate_generator(
             )
         )
     train_labels = None
-    if config.eval.get("memorization", False):
-        from diffjax.eval import memorization
-
-        features = memorization.resolve_features(
-            config.eval.memorization_features,
-            inception_weights=config.eval.inception_weights,
-            digits_metrics=bool(config.eval.digits_metrics),
-            image_shape=images.shape[1:],
-        )
+    if features is not None:
         source = training_source(config, images.shape[1:])
         found, grid, train_labels = memorization.memorization_metrics(
             images,
@@ -120,12 +129,6 @@ def training_source(config, image_shape) -> Any:
     from diffjax import data as data_lib
 
     fields = config.data.to_dict()
-    if fields.get("source") == "latents":
-        raise ValueError(
-            "eval.memorization compares samples with training images, but data.source="
-            "'latents' holds latents; set eval.memorization=False, or point data.* at the "
-            "images the latents were encoded from."
-        )
     if fields.get("source") == "dreambooth" and "dreambooth" in config:
         fields["dreambooth"] = config.dreambooth.to_dict()
     fields["image_size"], _, fields["channels"] = image_shape

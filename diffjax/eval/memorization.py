@@ -363,6 +363,15 @@ def _training_features(source, features_key, featurize, num_examples, batch_size
 # ----------------------------------------------------------------------------- the metric
 
 
+def check_threshold(threshold: float) -> None:
+    """`eval.copy_threshold` is a ratio of distances in (0, 1]."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(
+            f"eval.copy_threshold must lie in (0, 1] (a ratio d(nearest) / d(second "
+            f"nearest); 1/3 is the published criterion), got {threshold}."
+        )
+
+
 def memorization_metrics(
     images_uint8: np.ndarray,
     source: Any,
@@ -392,8 +401,7 @@ def memorization_metrics(
       or None when the records have none).
     """
     images_uint8 = np.asarray(images_uint8)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"eval.copy_threshold must lie in (0, 1], got {threshold}.")
+    check_threshold(threshold)
     shape = tuple(source[0]["image"].shape)
     if shape != images_uint8.shape[1:]:
         raise ValueError(
