@@ -1,13 +1,17 @@
-"""Evaluating generated samples: digits metrics and FID, written as one JSON per step."""
+"""Evaluating generated samples: digits metrics, FID, memorization (copies of training
+images), class balance and the classification accuracy score, one JSON per step."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class EvalMetrics(dict):
@@ -44,18 +48,13 @@ def evaluate_generator(
     if config.eval.get("memorization", False):  # bad settings fail before sampling
         from diffjax.eval import memorization
 
-        features = memorization.resolve_features(
-            config.eval.memorization_features,
-            inception_weights=config.eval.inception_weights,
-            digits_metrics=bool(config.eval.digits_metrics),
-            image_shape=generator.image_shape,
-        )
         memorization.check_threshold(float(config.eval.copy_threshold))
-        if config.data.source == "latents":
-            raise ValueError(
-                "eval.memorization compares samples with training images, but data.source="
-                "'latents' holds latents; set eval.memorization=False, or point data.* at "
-                "the images the latents were encoded from."
+        if config.data.source != "latents":
+            features = memorization.resolve_features(
+                config.eval.memorization_features,
+                inception_weights=config.eval.inception_weights,
+                digits_metrics=bool(config.eval.digits_metrics),
+                image_shape=generator.image_shape,
             )
     start = time.perf_counter()
     images, labels = generator.generate(
@@ -91,6 +90,12 @@ def evaluate_generator(
             )
         )
     train_labels = None
+    if config.eval.get("memorization", False) and features is None:
+        log.warning("eval.memorization skipped: data.source='latents' holds no images.")
+        metrics["memorization"] = {
+            "skipped": "data.source='latents' holds latents, not the training images; "
+            "evaluate with data.* pointing at the images they were encoded from"
+        }
     if features is not None:
         source = training_source(config, images.shape[1:])
         found, grid, train_labels = memorization.memorization_metrics(
@@ -125,13 +130,15 @@ def evaluate_generator(
 
 def training_source(config, image_shape) -> Any:
     """The run's training source (`config.data`, with `data.num_examples` and `data.mix`
-    as the run trained) at the generated images' shape (a latent run's pixels)."""
+    as the run trained) at the generated images' shape (a latent run's pixels; a
+    `latents` source keeps its own shape: its records are latents)."""
     from diffjax import data as data_lib
 
     fields = config.data.to_dict()
     if fields.get("source") == "dreambooth" and "dreambooth" in config:
         fields["dreambooth"] = config.dreambooth.to_dict()
-    fields["image_size"], _, fields["channels"] = image_shape
+    if fields.get("source") != "latents":
+        fields["image_size"], _, fields["channels"] = image_shape
     return data_lib.make_source(**fields)
 
 
