@@ -334,6 +334,18 @@ def test_sd_inpainting_pipeline_fine_tunes_as_an_inpainting_run(sd_inpaint, rgb_
     _, metrics = jax.eval_shape(parts.train_step, state, batch, st.params)
     assert metrics["loss"].shape == ()
 
+    # A LoRA over the inpainting U-Net trains through the same 9-channel input.
+    lora = sd_config("quick")
+    lora.pretrained, lora.data.data_dir, lora.data.image_size = sd_inpaint, rgb_dir, 4
+    lora.sample.num_images, lora.lora.rank = 0, 2
+    lora = stage.apply_pretrained(lora)
+    experiment.check_config(lora)
+    parts = rundir.build_components(lora, mesh, prepare=st.prepare, null_context=st.null_context)
+    state = jax.eval_shape(lambda k: parts.init(k, unbox=True), jax.random.key(0))
+    frozen = {**st.params, "base": parts.model_shapes}
+    _, metrics = jax.eval_shape(parts.train_step, state, batch, frozen)
+    assert metrics["loss"].shape == () and "conv_in" in parts.model_shapes
+
     # A text-to-image pipeline with inpainting.enabled is refused, naming the fix.
     plain = sd_config("quick")
     plain.pretrained, plain.data.data_dir = SD, rgb_dir
