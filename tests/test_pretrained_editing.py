@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from diffjax import images as images_lib
+from diffjax import parallel
 from diffjax.diffusion import editing
 from diffjax.pretrained import pipeline
 from diffjax.sample_fn import Edit
@@ -29,6 +30,7 @@ ROOT = os.path.join(FIXTURES, "pipeline_editing")
 SD = os.path.join(FIXTURES, "pipelines", "tiny-sd")
 DIGITS = os.path.join(FIXTURES, "digits_diffusers")
 TOL = 2e-5  # measured: 0.9e-6 to 3.5e-6 (float32 CPU vs torch)
+B = 8  # the batch every run here compiles for (conftest's 8 CPU devices)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,16 @@ def _gen(pipe, guidance, steps=10):
 
 
 def _decoded(gen, edit, noise, prompts):
-    """`batches`' float output before uint8 (decoded, the known pixels pasted), [0, 1]."""
-    idx = np.arange(len(noise))
+    """`batches`' float output before uint8 (decoded, the known pixels pasted), [0, 1],
+    run as `batches(batch_size=B)` runs it (B = 8 devices: the same compiled program)."""
+    n = len(noise)
+    idx = np.arange(B)
+    z = np.concatenate([noise, np.zeros((B - n, *noise.shape[1:]), noise.dtype)])
     cond, null, _ = gen._conditions(idx, None, prompts, "")
     pixels, masks = edit.pixels(idx)
-    x = gen._runner(edit)(
-        gen.params, jnp.asarray(noise), cond, null, jax.random.key(0), pixels, masks
-    )
-    return np.clip((np.asarray(x, np.float64) + 1.0) / 2.0, 0.0, 1.0)
+    args = jax.device_put((z, cond, null, pixels, masks), parallel.batch_sharding(gen.mesh))
+    x = gen._runner(edit)(gen.params, *args[:3], jax.random.key(0), *args[3:])
+    return np.clip((np.asarray(x, np.float64)[:n] + 1.0) / 2.0, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("case", ["img2img_g1", "img2img_g5"])
@@ -91,7 +95,9 @@ def test_img2img_matches_diffusers(refs, sd_pipe, case):
     want = arrays[f"{case}_images"]
     assert np.abs(got - want).max() < TOL
     # The uint8 images of batches are these.
-    images, _ = gen.generate(2, prompts=c["prompts"], noise=arrays[f"{case}_noise"], edit=edit)
+    images, _ = gen.generate(
+        2, prompts=c["prompts"], noise=arrays[f"{case}_noise"], edit=edit, batch_size=B
+    )
     np.testing.assert_array_equal(images, images_lib.to_uint8(got * 2.0 - 1.0))
 
 
@@ -115,7 +121,7 @@ def test_inpainting_matches_diffusers_and_keeps_pixels(refs, request, case, pipe
     got = _decoded(gen, edit, noise, c["prompts"])
     regen = np.broadcast_to((masks >= 128)[..., None], got.shape)
     assert np.abs(got - arrays[f"{case}_images"])[regen].max() < TOL
-    images, _ = gen.generate(2, prompts=c["prompts"], noise=noise, edit=edit)
+    images, _ = gen.generate(2, prompts=c["prompts"], noise=noise, edit=edit, batch_size=B)
     np.testing.assert_array_equal(images[~regen], arrays["images"][~regen])
 
 
@@ -124,15 +130,17 @@ def test_strength_one_kept_pixels_and_the_run_cache(refs, sd_pipe):
     gen = _gen(sd_pipe, 5.0)
     prompts = cases["img2img_g5"]["prompts"]
     noise = arrays["img2img_g5_noise"]
-    plain, _ = gen.generate(2, prompts=prompts, noise=noise)
-    same, _ = gen.generate(2, prompts=prompts, noise=noise, edit=Edit(arrays["images"]))
+    plain, _ = gen.generate(2, prompts=prompts, noise=noise, batch_size=B)
+    same, _ = gen.generate(
+        2, prompts=prompts, noise=noise, edit=Edit(arrays["images"]), batch_size=B
+    )
     np.testing.assert_array_equal(same, plain)  # strength 1 = plain sampling, bit for bit
     # A mask that is not aligned to the latent cells ('any' downsampling regenerates every
     # latent a masked pixel touches), one mask for both images: the kept pixels are exact.
     masks = arrays["masks_free"][:1]
     keep = np.broadcast_to((masks < 128)[..., None], plain.shape)
     edit = Edit(arrays["images"], masks=masks, strength=0.6)
-    out, _ = gen.generate(2, prompts=prompts, seed=3, edit=edit)
+    out, _ = gen.generate(2, prompts=prompts, seed=3, edit=edit, batch_size=B)
     np.testing.assert_array_equal(out[keep], arrays["images"][keep])
     assert np.abs(out[~keep].astype(int) - arrays["images"][~keep]).mean() > 5
     # One compiled run per set of static options (and mask or not), whatever the arrays.
@@ -162,9 +170,9 @@ def test_inversion_round_trip(sd_pipe):
     gen = pipeline.PretrainedGenerator(digits, num_steps=50, guidance=1.0)
     imgs = images_lib.to_uint8(ref["images_guidance_1"] * 2.0 - 1.0)
     labels = ref["labels"].tolist()
-    noise = gen.invert(imgs, labels=labels, batch_size=3)  # two batches, the last padded
+    noise = gen.invert(imgs, labels=labels, batch_size=B)
     assert noise.shape == (5, 8, 8, 1) and noise.dtype == np.float32
-    back, _ = gen.generate(5, labels=labels, noise=noise)
+    back, _ = gen.generate(5, labels=labels, noise=noise, batch_size=B)
     psnr = 10 * np.log10(255.0**2 / np.mean((back.astype(np.float64) - imgs) ** 2))
     assert psnr >= 30.0, psnr
 
@@ -178,9 +186,9 @@ def test_inversion_round_trip(sd_pipe):
     flat.params = (den, vae)
     imgs = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
     prompts = ["a photo of a cat", "a red car on the street"]
-    noise = flat.invert(imgs, prompts=prompts, negative_prompt="blurry")
+    noise = flat.invert(imgs, prompts=prompts, negative_prompt="blurry", batch_size=B)
     assert noise.shape == (2, 8, 8, 4) and np.abs(noise).max() > 0.1
-    back, _ = flat.generate(2, prompts=prompts, negative_prompt="blurry", noise=noise)
+    back, _ = flat.generate(2, prompts=prompts, negative_prompt="blurry", noise=noise, batch_size=B)
     reconstruct = jax.jit(
         lambda v, x: pipeline.decode_latents(sd_pipe, v, pipeline.encode_with(sd_pipe.vae, v, x))
     )
