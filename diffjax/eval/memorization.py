@@ -22,7 +22,7 @@ image would otherwise have d2 = d1 = 0 and escape the test).
 Feature spaces (`eval.memorization_features`):
 
   * `pixels`: the uint8 pixels / 255, flattened (as Carlini et al. and Gu et al. on
-    CIFAR-10);
+    CIFAR-10); images over 64x64 are 2x2-averaged down to at most 64x64 first;
   * `digits`: the hidden layer of the digits classifier (`diffjax.eval.digits`);
   * `inception`: the FID Inception's 2048-d pool features (`eval.inception_weights`);
   * `auto`: `inception` when weights are given, else `digits` for 8x8x1 digits runs
@@ -226,12 +226,25 @@ def resolve_features(
     return features
 
 
+# Pixel features of larger images are 2x2-averaged down to at most this size (64x64x3 =
+# 12,288 numbers a sample; a 256x256 one would be 196,608).
+_MAX_PIXEL_SIZE = 64
+
+
+def _pixel_features(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32) / np.float32(255.0)
+    while max(x.shape[1:3]) > _MAX_PIXEL_SIZE and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    return x.reshape(len(x), -1)
+
+
 def featurizer(
     features: str, *, inception_weights: str = "", batch_size: int = 500
 ) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 [B, H, W, C] -> float32 [B, D] features of a resolved feature space."""
     if features == "pixels":
-        return lambda x: np.asarray(x, np.float32).reshape(len(x), -1) / np.float32(255.0)
+        return _pixel_features
     if features == "digits":
         from diffjax.eval.digits import reference
 
@@ -413,7 +426,9 @@ def memorization_metrics(
     queries = featurize(images_uint8)
     key = (features, inception_weights)
     references, done = _training_features(source, key, featurize, num_examples, batch_size)
-    dist, idx = nearest_neighbours(queries, references, k=_TOP_K)
+    # About 64 MiB of training features a device step (4096 rows of 2048 Inception ones).
+    chunk = int(np.clip((64 << 20) // (4 * queries.shape[1]), 256, 8192))
+    dist, idx = nearest_neighbours(queries, references, k=_TOP_K, chunk_size=chunk)
     train_indices, train_labels, num_records = done()
     nearest = train_indices[idx[:, 0]]
     ratio = copy_ratio(dist)
