@@ -190,7 +190,7 @@ def test_digits_inpaint_trains_restores_and_samples(tmp_path, _flops_of_inpainti
     from diffjax.generate import Generator
 
     c = get_config("quick")
-    c.train.update(num_steps=4, checkpoint_every_steps=2, batch_size=16)
+    c.train.update(num_steps=4, checkpoint_every_steps=4, batch_size=16)
     c.sample.update(num_images=0, num_steps=2)  # Generator below samples
     workdir = str(tmp_path / "run")
     train_and_evaluate(c, workdir)
