@@ -121,7 +121,8 @@ def evaluate_generator(
             judged=judged,
             train=train_labels,
         )
-    if config.eval.get("cas", False) and conditional and config.eval.digits_metrics:
+    cas = config.eval.get("cas", False) and conditional and config.eval.digits_metrics
+    if cas and len(np.unique(labels)) > 1:  # a classifier needs two classes to learn
         from diffjax.eval.digits import classification_accuracy_score
 
         metrics.update(classification_accuracy_score(images, np.asarray(labels), seed=seed))
