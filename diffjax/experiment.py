@@ -764,14 +764,14 @@ def _check_inpainting(config: ml_collections.ConfigDict, base) -> None:
             "latents of whole images. Train from the images (data.source='folder', 'tfds' or "
             "'digits' with latent.vae: they are encoded in the step)."
         )
-    if config.latent.vae and (config.sample.num_images > 0 or config.eval.every_steps > 0):
-        # Their sampling needs the VAE latents of the masked image (`inpaint_concat`),
-        # which the training-time grid and evaluation do not build yet.
+    if config.latent.vae and config.sample.num_images > 0:
+        # Its samples need the VAE latents of a masked image (`inpaint_concat`), which the
+        # training-time grid does not build yet (the Generator, hence evaluation, does).
         raise ValueError(
             "A latent inpainting model samples with the VAE latents of a masked image; the "
-            "training-time sample grid and evaluation do not make them yet. Set "
-            "--config.sample.num_images=0 and --config.eval.every_steps=0, and inpaint with "
-            "`launch/sample.py --workdir=RUN --init_images=IMGS.npz --mask=MASKS.npz`."
+            "training-time sample grid does not make them yet. Set "
+            "--config.sample.num_images=0 (periodic evaluation and `launch/sample.py "
+            "--workdir=RUN [--init_images=IMGS.npz --mask=MASKS.npz]` do make them)."
         )
     c, want = config.data.channels, model_input_channels(config)
     kwargs = denoiser_kwargs(config)
@@ -828,6 +828,7 @@ def _check_autoencoder(config: ml_collections.ConfigDict, base) -> None:
     ]
     if config.eval.digits_metrics:
         unused.append("eval.digits_metrics")
+    unused += [f"eval.{n}" for n in ("memorization", "cas") if config.eval.get(n, False)]
     if unused:
         raise ValueError(
             f"{', '.join(unused)} do not apply to task='autoencoder' (no diffusion, no "

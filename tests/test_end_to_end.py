@@ -364,7 +364,7 @@ def test_periodic_evaluation_tracks_the_best_params(tmp_path):
     config.eval.batch_size = 20
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir)
-    reports = sorted(os.listdir(os.path.join(workdir, "eval")))
+    reports = sorted(f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json"))
     assert reports == ["best.json", "step_00000004.json", "step_00000008.json"]
     best = json.load(open(os.path.join(workdir, "eval", "best.json")))
     values = {
