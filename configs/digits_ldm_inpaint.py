@@ -28,6 +28,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     inpaint = load_config_file(os.path.join(os.path.dirname(__file__), "digits_inpaint.py"), arg)
     c.inpainting = inpaint.inpainting
     c.model.kwargs.out_channels = 4  # the input has 9 channels: latents, mask, masked latents
-    c.sample.num_images = 0
-    c.eval.every_steps = 0
+    c.sample.num_images = 0  # no training-time grid (it would need masked-image latents)
     return c
