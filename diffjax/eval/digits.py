@@ -171,12 +171,25 @@ def classification_accuracy_score(
     return out
 
 
+def _folder_digit(name: str) -> int | None:
+    """The digit a class folder names: `7`, `seven` or `7_seven`; None otherwise."""
+    from diffjax.data.sources import DIGIT_NAMES
+
+    if name in DIGIT_NAMES:
+        return DIGIT_NAMES.index(name)
+    head, _, tail = name.partition("_")
+    if head.isdigit() and 0 <= int(head) <= 9 and tail in ("", DIGIT_NAMES[int(head)]):
+        return int(head)
+    return None
+
+
 def load_labelled_digits(root: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, 8, 8, 1] images and digit labels of a folder of class sub-folders.
 
     The layout `launch/make_dataset.py --format=folder` writes (`ROOT/<class>/<i>.png`,
-    read with `data.source='folder'`); the class folders must be named by digit (`0`..`9`)
-    or digit name (`zero`..`nine`), so that labels are digits whatever their sort order.
+    read with `data.source='folder'`); the class folders must be named by digit (`0`..`9`),
+    digit name (`zero`..`nine`) or both (`0_zero`..`9_nine`, make_dataset's names), so
+    that labels are digits whatever their sort order.
     Images of another size are resized as the folder source does.
     """
     from diffjax.data.folder import FolderSource
@@ -187,14 +200,12 @@ def load_labelled_digits(root: str) -> tuple[np.ndarray, np.ndarray]:
     names = list(src.class_names)
     if not names:
         raise ValueError(f"{root} has no class sub-folders; the score needs labelled digits.")
-    if all(n in DIGIT_NAMES for n in names):
-        digit = [DIGIT_NAMES.index(n) for n in names]
-    elif all(n.isdigit() and 0 <= int(n) <= 9 for n in names):
-        digit = [int(n) for n in names]
-    else:
+    digit = [_folder_digit(n) for n in names]
+    if None in digit:
         raise ValueError(
-            f"{root}'s class folders {names[:10]} are not digits; name them 0..9 or "
-            f"{DIGIT_NAMES[0]}..{DIGIT_NAMES[-1]}."
+            f"{root}'s class folders {names[:10]} are not digits; name them 0..9, "
+            f"{DIGIT_NAMES[0]}..{DIGIT_NAMES[-1]} or 0_{DIGIT_NAMES[0]}..9_{DIGIT_NAMES[-1]} "
+            "(what launch/make_dataset.py writes)."
         )
     images = np.stack([to_uint8(src[i]["image"]) for i in range(len(src))])
     labels = np.asarray(digit, np.int64)[np.asarray(src.labels)]
