@@ -18,7 +18,7 @@ import pytest
 
 from configs.digits import get_config
 from diffjax import data
-from diffjax.cli.make_dataset import check_resume, class_folders, write_dataset
+from diffjax.cli.make_dataset import Captions, check_resume, class_folders, write_dataset
 from diffjax.data.sources import DIGIT_NAMES
 from diffjax.generate import Generator
 from diffjax.images import to_uint8
@@ -95,6 +95,13 @@ def test_class_folders_sort_in_label_order():
         assert folders == sorted(folders)
 
 
+def test_captions_follow_the_prompt_cycle_or_the_class():
+    prompts = Captions(["a", "b", "c"], by_index=True)  # --prompts: image i, prompt i % 3
+    assert [prompts(i, 0) for i in range(4)] == ["a", "b", "c", "a"]
+    classes = Captions(["zero", "one"], by_index=False)  # a text model's class captions
+    assert classes(7, 1) == "one"
+
+
 def test_folder_reads_back_with_the_generated_pixels_and_labels(folder, expected):
     images, labels = expected
     meta = json.load(open(os.path.join(folder, "meta.json")))
@@ -127,7 +134,12 @@ def test_killed_then_rerun_is_identical_to_an_uninterrupted_run(gen, folder, fmt
         _write(gen, out, fmt=fmt, stop_after=2)
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert not meta["complete"] and meta["done"] == 2 * BS
+    # What a kill during a write leaves: a temporary file, never renamed into place.
+    stray = os.path.join(out, ".staging" if fmt == "array_record" else "0_zero", "x.png.tmp99")
+    with open(stray, "wb") as f:
+        f.write(b"partial")
     _write(gen, out, fmt=fmt)
+    assert not os.path.exists(stray)
     if fmt == "folder":
         assert _files(out) == _files(folder)
         assert sum(f.endswith(".png") for f in _files(out)) == N

@@ -128,6 +128,9 @@ def read_prompts(path: str) -> list[str]:
 # ---------------------------------------------------------------------------- files
 
 
+_TMP = re.compile(r"\.tmp\d+$")  # what `_atomic_bytes` writes before its os.replace
+
+
 def _atomic_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -209,10 +212,21 @@ def _layout(gen, labels, prompts, class_names: Sequence[str]) -> dict:
     return {"labelled": labelled, "num_classes": k if labelled else 0, "folders": folders}
 
 
-def _captions(gen, prompts, class_names) -> list[str] | None:
-    """Caption of each label (prompt index for --prompts), or None for a model without text."""
+class Captions:
+    """The caption of image i: `texts[i % len]` (prompts, cycled as the generator cycles
+    them) or, for a text model drawing its classes, `texts[label]` (class captions)."""
+
+    def __init__(self, texts: Sequence[str], by_index: bool):
+        self.texts, self.by_index = list(texts), bool(by_index)
+
+    def __call__(self, index: int, label: int) -> str:
+        return self.texts[(index if self.by_index else label) % len(self.texts)]
+
+
+def _captions(gen, prompts) -> Captions | None:
+    """How images are captioned (None: a model without text)."""
     if prompts:
-        return list(prompts)
+        return Captions(prompts, by_index=True)
     from diffjax import experiment
 
     config = gen.config
@@ -221,7 +235,7 @@ def _captions(gen, prompts, class_names) -> list[str] | None:
     try:
         from diffjax.data.captions import class_caption_list
 
-        return class_caption_list(config.data)
+        return Captions(class_caption_list(config.data), by_index=False)
     except (ValueError, FileNotFoundError, KeyError):
         return None
 
@@ -279,7 +293,7 @@ def write_dataset(
     ndev = int(gen.mesh.devices.size)
     bs = max(ndev, batch_size - batch_size % ndev)
     layout = _layout(gen, labels, prompts, class_names)
-    captions = _captions(gen, prompts, class_names)
+    captions = _captions(gen, prompts)
     args = {**args, "batch_size": bs, "format": fmt, "num_samples": int(num_samples)}
     if fmt == "array_record":
         args["name"] = name
@@ -288,11 +302,13 @@ def write_dataset(
     if meta["complete"]:
         print(f"{out} is already complete ({num_samples} images); nothing to do.")
         return meta
+    is_main = _is_main()
+    if is_main:
+        _remove_partial_files(out)
     width = len(str(num_samples - 1))
     num_batches = -(-num_samples // bs)
     first = meta["done"] // bs
     counts = list(meta["counts"])
-    is_main = _is_main()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -337,6 +353,15 @@ def write_dataset(
         _write_json(meta_path, meta)
         shutil.rmtree(os.path.join(out, STAGING), ignore_errors=True)
     return meta
+
+
+def _remove_partial_files(out: str) -> None:
+    """Deletes the temporary files of writes a kill interrupted (never renamed into place)."""
+    for directory, dirnames, names in os.walk(out):
+        dirnames[:] = [d for d in dirnames if d != "downloads"]
+        for n in names:
+            if _TMP.search(n):
+                os.remove(os.path.join(directory, n))
 
 
 def _is_main() -> bool:
@@ -423,7 +448,7 @@ def _write_folder_batch(out, imgs, labs, start, width, layout, captions) -> None
         os.makedirs(directory, exist_ok=True)
         stem = os.path.join(directory, f"{start + j:0{width}d}")
         if captions:
-            _atomic_bytes(stem + ".txt", (captions[int(lab) % len(captions)] + "\n").encode())
+            _atomic_bytes(stem + ".txt", (captions(start + j, int(lab)) + "\n").encode())
         _atomic_bytes(stem + ".png", _png(img))
 
 
@@ -476,7 +501,7 @@ def _build_tfds(out, name, num_batches, image_shape, layout, class_names, captio
                     if layout["labelled"]:
                         ex["label"] = int(lab)
                     if captions:
-                        ex["caption"] = captions[int(lab) % len(captions)]
+                        ex["caption"] = captions(start + j, int(lab))
                     yield start + j, ex
 
     builder = _Builder(data_dir=out, file_format="array_record")

@@ -4,13 +4,14 @@
 each: a comma-separated list of `SOURCE:LOCATION:FRACTION` entries,
 
     folder:/data/synth_digits:0.5                 half the stream from a folder
-    tfds:/data/synth:0.3                          a tfds ArrayRecord dataset (name = basename)
+    tfds:/data/synth:0.3                          a tfds ArrayRecord dataset (see below)
     tfds:synth@/data/tfds:0.3                     ... with an explicit name@data_dir
     folder:/data/a:0.25,latents:/data/b.npz:0.25  several sources
     digits:half1:0.2                              digits (LOCATION = the split)
 
-LOCATION is the source's `data.data_dir` (folder, latents, tfds, with the tfds name
-defaulting to the directory's basename, or `NAME@DATA_DIR`), or the split for digits.
+LOCATION is the source's `data.data_dir` (folder, latents, tfds), or the split for
+digits. A tfds LOCATION is `NAME@DATA_DIR`, or `DATA_DIR` alone: the name is then the
+one `launch/make_dataset.py` recorded in `DATA_DIR/meta.json`, else DATA_DIR's basename.
 Every other option (image size, channels, num_classes, tokenizer ...) is `data.*`'s.
 Each FRACTION lies in (0, 1) and they sum to less than 1; `data.source` gets the rest.
 
@@ -32,6 +33,7 @@ same number of classes (label ids are taken as they are: an image folder written
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -58,6 +60,20 @@ class MixEntry:
         if self.split:
             out["split"] = self.split
         return out
+
+
+def _tfds_name(data_dir: str) -> str:
+    """The tfds name in `data_dir`: the one `launch/make_dataset.py` recorded in its
+    meta.json, else the directory's basename."""
+    path = os.path.expanduser(data_dir)
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            name = json.load(f).get("args", {}).get("name")
+        if isinstance(name, str) and name:
+            return name
+    except (OSError, ValueError, AttributeError):
+        pass
+    return os.path.basename(os.path.normpath(path))
 
 
 def parse_mix(spec: str) -> list[MixEntry]:
@@ -100,8 +116,7 @@ def parse_mix(spec: str) -> list[MixEntry]:
         elif source == "tfds":
             name, at, data_dir = location.partition("@")
             if not at:
-                data_dir = location
-                name = os.path.basename(os.path.normpath(os.path.expanduser(location)))
+                data_dir, name = location, _tfds_name(location)
             entries.append(MixEntry(source, fraction, data_dir=data_dir, name=name))
         else:
             entries.append(MixEntry(source, fraction, data_dir=location))
