@@ -298,17 +298,21 @@ def write_dataset(
     if fmt == "array_record":
         args["name"] = name
     meta_path = os.path.join(out, META)
-    meta = _start(out, meta_path, args, model, layout, class_names, captions, gen)
-    if meta["complete"]:
+    # Only process 0 touches the files; the others learn where to start from it.
+    is_main = _is_main()
+    meta: dict = {}
+    if is_main:
+        meta = _start(out, meta_path, args, model, layout, class_names, captions, gen)
+    done, complete = _from_main(meta.get("done", 0), meta.get("complete", False))
+    if complete:
         print(f"{out} is already complete ({num_samples} images); nothing to do.")
         return meta
-    is_main = _is_main()
     if is_main:
         _remove_partial_files(out)
     width = len(str(num_samples - 1))
     num_batches = -(-num_samples // bs)
-    first = meta["done"] // bs
-    counts = list(meta["counts"])
+    first = done // bs
+    counts = list(meta.get("counts", []))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -362,6 +366,18 @@ def _remove_partial_files(out: str) -> None:
         for n in names:
             if _TMP.search(n):
                 os.remove(os.path.join(directory, n))
+
+
+def _from_main(done: int, complete: bool) -> tuple[int, bool]:
+    """Process 0's (done, complete) on every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return int(done), bool(complete)
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.broadcast_one_to_all(np.asarray([done, int(complete)], np.int64))
+    return int(got[0]), bool(got[1])
 
 
 def _is_main() -> bool:
