@@ -10,8 +10,8 @@ inpainting's layout).
 Unlike configs/digits_ldm.py it trains on the digits' pixels (not pre-encoded latents):
 the frozen VAE (`latent.vae`) encodes each batch's digits and their masked copies in the
 train step, and the 8x8 mask is downsampled to the 4x4 latent grid (nearest, as
-diffusers' inpainting pipelines). No training-time grid (`sample.num_images=0`): its
-samples need the masked image's latents. `arg` may be `quick` (a few steps, for tests).
+diffusers' inpainting pipelines). Its sample grid draws whole digits (a mask of ones and
+the latents of a zero image). `arg` may be `quick` (a few steps, for tests).
 """
 
 import os
@@ -28,5 +28,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     inpaint = load_config_file(os.path.join(os.path.dirname(__file__), "digits_inpaint.py"), arg)
     c.inpainting = inpaint.inpainting
     c.model.kwargs.out_channels = 4  # the input has 9 channels: latents, mask, masked latents
-    c.sample.num_images = 0  # no training-time grid (it would need masked-image latents)
     return c

@@ -764,15 +764,6 @@ def _check_inpainting(config: ml_collections.ConfigDict, base) -> None:
             "latents of whole images. Train from the images (data.source='folder', 'tfds' or "
             "'digits' with latent.vae: they are encoded in the step)."
         )
-    if config.latent.vae and config.sample.num_images > 0:
-        # Its samples need the VAE latents of a masked image (`inpaint_concat`), which the
-        # training-time grid does not build yet (the Generator, hence evaluation, does).
-        raise ValueError(
-            "A latent inpainting model samples with the VAE latents of a masked image; the "
-            "training-time sample grid does not make them yet. Set "
-            "--config.sample.num_images=0 (periodic evaluation and `launch/sample.py "
-            "--workdir=RUN [--init_images=IMGS.npz --mask=MASKS.npz]` do make them)."
-        )
     c, want = config.data.channels, model_input_channels(config)
     kwargs = denoiser_kwargs(config)
     if config.model.name == "sd_unet":

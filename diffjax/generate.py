@@ -299,13 +299,9 @@ class Generator:
         fills in the full mask). Without masks the whole image is regenerated."""
         if not experiment.is_inpainting(self.config):
             return None
-        if edit is not None and edit.masks is not None:
-            img, mask = edit.pixels(idx)
-        elif self.decoder is None:
-            return None
-        else:  # a latent model's plain generation: everything masked, the image zeroed
-            h, w, c = self.image_shape
-            img, mask = np.zeros((len(idx), h, w, c), np.float32), np.ones((len(idx), h, w, 1))
+        if edit is None or edit.masks is None:
+            return full_mask_concat(self.config, self.decoder, len(idx))
+        img, mask = edit.pixels(idx)
         if self.decoder is None:
             return experiment.inpaint_concat(self.config, img, mask)
         return experiment.inpaint_concat(
@@ -409,6 +405,19 @@ def data_controls(
     records = [source[i % len(source)] for i in range(n)]
     labels = np.asarray([r.get("labels", 0) for r in records], np.int32)
     return np.stack([r["control"] for r in records]).astype(np.float32), labels
+
+
+def full_mask_concat(config: ml_collections.ConfigDict, decoder: Any, n: int) -> Any:
+    """An inpainting model's mask and masked image for plain generation (everything
+    regenerated: the `full` training masks): None for a pixel model (`sampling_condition`
+    fills it in), the mask of ones and the VAE latents of a zero image for a latent one."""
+    if decoder is None:
+        return None
+    h, w, c = decoder.image_shape(experiment.image_shape(config))
+    zeros, ones = np.zeros((n, h, w, c), np.float32), np.ones((n, h, w, 1), np.float32)
+    return experiment.inpaint_concat(
+        config, zeros, ones, encode=decoder.encode, factor=decoder.factor
+    )
 
 
 def latent_decoder(config: ml_collections.ConfigDict, mesh, recorded: dict | None = None):

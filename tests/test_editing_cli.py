@@ -23,7 +23,7 @@ from configs.digits import get_config
 from configs.digits_inpaint import get_config as inpaint_config
 from diffjax import experiment, parallel
 from diffjax.data import digits_source
-from diffjax.generate import Generator, latent_decoder
+from diffjax.generate import Generator, full_mask_concat, latent_decoder
 from diffjax.images import to_uint8
 from diffjax.sample_fn import Edit, make_sample_fn
 from diffjax.train import train_and_evaluate
@@ -234,3 +234,12 @@ def test_latent_model_edits_latents_and_pastes_kept_pixels():
     )
     latents = gen.decoder.encode(jnp.asarray(imgs, jnp.float32) / 127.5 - 1.0)
     np.testing.assert_allclose(np.asarray(arrays["inpaint_known"]), np.asarray(latents), atol=1e-5)
+    # A latent inpainting model generating whole images (its grid, plain samples) sees a
+    # mask of ones beside the VAE latents of a zero image.
+    c = gen.config.copy_and_resolve_references()
+    c.inpainting.enabled = True
+    full = np.asarray(full_mask_concat(c, gen.decoder, 2))
+    assert full.shape == (2, 4, 4, 5)
+    np.testing.assert_array_equal(full[..., 0], 1.0)
+    zero = gen.decoder.encode(jnp.zeros((2, 8, 8, 3)))
+    np.testing.assert_allclose(full[..., 1:], np.asarray(zero), atol=1e-6)

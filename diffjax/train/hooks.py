@@ -23,7 +23,7 @@ import numpy as np
 from diffjax import experiment, export, images, parallel
 from diffjax.checkpoint import Checkpointer
 from diffjax.eval.evaluate import evaluate_generator, write_eval
-from diffjax.generate import Generator, data_controls, latent_decoder
+from diffjax.generate import Generator, data_controls, full_mask_concat, latent_decoder
 from diffjax.rundir import Components
 from diffjax.sample_fn import cycle_labels, make_sample_fn
 from diffjax.train.writers import MetricWriter
@@ -372,7 +372,10 @@ def make_grid_sampler(config, parts: Components, workdir: str, mesh, *, write: b
         shape = experiment.image_shape(config)
         pixels = shape if decoder is None else decoder.image_shape(shape)
         control, labels = data_controls(config, pixels, n)
-    ids = jax.device_put(experiment.sampling_condition(config, labels, control), rep)
+    concat = None
+    if experiment.is_inpainting(config):  # whole images (a latent model's need its VAE)
+        concat = full_mask_concat(config, decoder, n)
+    ids = jax.device_put(experiment.sampling_condition(config, labels, control, concat), rep)
 
     def grid(params, stage, step: int) -> str | None:
         cond, null = ids, None
