@@ -75,10 +75,13 @@ def _serialized_sampler(
 
     (b,) = jax.export.symbolic_shape("b")
     shape = experiment.image_shape(config)
+    # An inpainting model's mask and masked image: a traced input like the labels.
+    channels = experiment.inpaint_concat_channels(config)
+    concat = np.zeros((1, *shape[:2], channels), np.float32) if channels else None
     noise = jax.ShapeDtypeStruct((b, *shape), jnp.float32)
     cond = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype),
-        experiment.sampling_condition(config, np.zeros((1,), np.int32)),
+        experiment.sampling_condition(config, np.zeros((1,), np.int32), concat=concat),
     )
     args = (
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
@@ -354,6 +357,13 @@ def export_diffusers(
             + (f"text.encoder={config.text.encoder!r}, latent.vae={config.latent.vae!r}")
             + ". Export it with the default format."
         )
+    if experiment.is_inpainting(config) and not stable_diffusion:
+        raise ExportError(
+            "--format=diffusers: diffusers has no pipeline for a pixel-space or DiT "
+            "inpainting model (its input carries the mask and masked image); export it with "
+            "the default format. (An sd_unet inpainting run is written as a "
+            "StableDiffusionInpaintPipeline.)"
+        )
     if experiment.conditioning_kind(config) == "text" and not stable_diffusion:
         raise ExportError(
             "--format=diffusers: text-conditioned diffjax models have no diffusers "
@@ -408,6 +418,8 @@ def export_diffusers(
     pipeline_class = {"dit": "DiTPipeline", "sd_unet": "StableDiffusionPipeline"}.get(
         name, "DDIMPipeline"
     )
+    if stable_diffusion and experiment.is_inpainting(config):
+        pipeline_class = "StableDiffusionInpaintPipeline"  # the 9-channel U-Net's
     components = {
         component: ("diffusers", class_name),
         "scheduler": ("diffusers", sched_cfg["_class_name"]),

@@ -37,20 +37,16 @@ def main(argv):
     config = load_config(_CONFIG)
     import jax
 
-    from diffjax import models
+    from diffjax import experiment
     from diffjax.models.summary import model_summary
 
-    model = models.build_model(
-        config.model.name,
-        **config.model.kwargs.to_dict(),
-        dtype=config.model.dtype,
-        remat_policy=config.model.remat_policy,
-    )
+    model = experiment.build_model(config)
+    channels = experiment.model_input_channels(config)  # an inpainting model's too
     batch = _BATCH.value or config.train.batch_size
     summary = model_summary(
         model,
         image_size=config.data.image_size,
-        channels=config.data.channels,
+        channels=channels,
         text_len=config.data.max_text_len,
         batch_size=batch,
         compile_memory=_COMPILE_MEMORY.value,
@@ -59,7 +55,7 @@ def main(argv):
         model=config.model.name,
         dtype=config.model.dtype,
         remat_policy=config.model.remat_policy,
-        input_shape=[config.data.image_size, config.data.image_size, config.data.channels],
+        input_shape=[config.data.image_size, config.data.image_size, channels],
         backend=jax.default_backend(),
     )
     print(json.dumps(summary, sort_keys=True))
