@@ -786,9 +786,18 @@ def _check_inpainting(config: ml_collections.ConfigDict, base) -> None:
 
 
 def _check_train_counts(config: ml_collections.ConfigDict) -> None:
+    """The training counts, and the data fields that pick records (before the run
+    directory is written: a bad `data.mix` would otherwise fail when the data loads)."""
     for name in ("num_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
         if config.train[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}.")
+    if config.data.get("num_examples", 0) < 0:
+        raise ValueError(
+            f"data.num_examples must be >= 0 (0 = all records), got {config.data.num_examples}."
+        )
+    from diffjax.data.mix import parse_mix
+
+    parse_mix(config.data.get("mix", ""))
 
 
 def _check_autoencoder(config: ml_collections.ConfigDict, base) -> None:

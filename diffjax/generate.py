@@ -161,6 +161,7 @@ class Generator:
         prompts: Sequence[str] | None = None,
         control: np.ndarray | None = None,
         edit: Edit | None = None,
+        first_batch: int = 0,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, C], labels int32 [n]) batch by batch, in order.
 
@@ -183,13 +184,23 @@ class Generator:
         edits the images' VAE latents (posterior mean) under the mask downsampled to the
         latent grid (a latent is regenerated when any of its pixels is), and the kept
         pixels are pasted back after decoding.
+
+        `first_batch` starts at that batch (of `batch_size`, rounded to the device count),
+        yielding what an uninterrupted run yields from there (a resumed dataset).
         """
         conditions = self._conditioner(num_samples, labels, prompts, control)
         sample_fn = self.sample_fn if edit is None else self._edit_fn(edit)
         sharding = parallel.batch_sharding(self.mesh)
         shape = experiment.image_shape(self.config)
         for start, n, z, key in noise_batches(
-            num_samples, batch_size, self.mesh, shape, seed=seed, noise=noise, progress=progress
+            num_samples,
+            batch_size,
+            self.mesh,
+            shape,
+            seed=seed,
+            noise=noise,
+            progress=progress,
+            first_batch=first_batch,
         ):
             idx = np.arange(start, start + z.shape[0])
             cond, lab = conditions(idx, edit)

@@ -268,6 +268,7 @@ def noise_batches(
     seed: int = 0,
     noise: np.ndarray | None = None,
     progress: bool = False,
+    first_batch: int = 0,
 ):
     """The batches of a sampling run: yields `(start, n, noise, key)` in order.
 
@@ -276,6 +277,8 @@ def noise_batches(
     to a multiple of the mesh's device count. `noise` [batch, *shape] is drawn from
     `seed` and the batch index, so image i does not depend on the device count; a given
     `noise` [num_samples, *shape] (checked) replaces the draw. `key` is the sampler's.
+    `first_batch` skips the batches before it (a resumed run: batch b is the same
+    whichever batch the run starts at).
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
@@ -283,12 +286,12 @@ def noise_batches(
     ndev = mesh.devices.size
     batch_size = max(ndev, batch_size - batch_size % ndev)
     key = jax.random.key(seed)
-    starts = range(0, num_samples, batch_size)
+    batches = list(enumerate(range(0, num_samples, batch_size)))[first_batch:]
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True)
-    for b, start in enumerate(starts):
+        batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
+    for b, start in batches:
         n = min(batch_size, num_samples - start)
         k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
         z = jax.random.normal(k_noise, (batch_size, *shape), jnp.float32)

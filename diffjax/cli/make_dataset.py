@@ -43,13 +43,12 @@ names and folders, images per class, `done` and `complete`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -158,36 +157,6 @@ def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _from_batch(first: int) -> Iterator[None]:
-    """Makes `Generator.batches` / `PretrainedGenerator.batches` start at batch `first`.
-
-    Both draw their batches from `sample_fn.noise_batches`, whose batch b has noise and
-    sampler key from (seed, b) only; this drops batches before `first` there (their
-    noise draw is cheap), so no image before them is sampled. A stopgap until the
-    generators take a start batch themselves.
-    """
-    if first <= 0:
-        yield
-        return
-    from diffjax import generate, sample_fn
-    from diffjax.pretrained import pipeline
-
-    original = sample_fn.noise_batches
-
-    def skipping(*args, **kwargs):
-        for b, item in enumerate(original(*args, **kwargs)):
-            if b >= first:
-                yield item
-
-    saved = (generate.noise_batches, pipeline.noise_batches)
-    generate.noise_batches = pipeline.noise_batches = skipping
-    try:
-        yield
-    finally:
-        generate.noise_batches, pipeline.noise_batches = saved
 
 
 # ---------------------------------------------------------------------------- writer
@@ -325,29 +294,29 @@ def write_dataset(
         **({"labels": labels} if labels is not None else {}),
         **({"prompts": list(prompts)} if prompts else {}),
         **(batch_kwargs or {}),
+        first_batch=first,
     )
     new = 0
-    with _from_batch(first):
-        for b, (imgs, labs) in enumerate(stream, start=first):
-            start = b * bs
-            if is_main:
-                if fmt == "folder":
-                    _write_folder_batch(out, imgs, labs, start, width, layout, captions)
-                else:
-                    _write_staged_batch(out, b, imgs, labs, start, captions)
-                if layout["labelled"]:
-                    for lab, c in zip(*np.unique(labs, return_counts=True), strict=True):
-                        counts[int(lab)] += int(c)
-                else:
-                    counts[0] += len(imgs)
-                meta.update(done=min(num_samples, start + len(imgs)), counts=counts)
-                meta["counts_by_folder"] = _by_folder(counts, layout)
-                _write_json(meta_path, meta)
-            if bar is not None:
-                bar.update(1)
-            new += 1
-            if stop_after is not None and new >= stop_after and b + 1 < num_batches:
-                raise KeyboardInterrupt(f"stopped after {new} batch(es) (stop_after)")
+    for b, (imgs, labs) in enumerate(stream, start=first):
+        start = b * bs
+        if is_main:
+            if fmt == "folder":
+                _write_folder_batch(out, imgs, labs, start, width, layout, captions)
+            else:
+                _write_staged_batch(out, b, imgs, labs, start, captions)
+            if layout["labelled"]:
+                for lab, c in zip(*np.unique(labs, return_counts=True), strict=True):
+                    counts[int(lab)] += int(c)
+            else:
+                counts[0] += len(imgs)
+            meta.update(done=min(num_samples, start + len(imgs)), counts=counts)
+            meta["counts_by_folder"] = _by_folder(counts, layout)
+            _write_json(meta_path, meta)
+        if bar is not None:
+            bar.update(1)
+        new += 1
+        if stop_after is not None and new >= stop_after and b + 1 < num_batches:
+            raise KeyboardInterrupt(f"stopped after {new} batch(es) (stop_after)")
     if bar is not None:
         bar.close()
     if is_main:

@@ -155,7 +155,7 @@ def class_count(source) -> int | None:
 class LimitSource:
     """The first `n` records of `source` (`data.num_examples`).
 
-    Other public attributes are the wrapped source's; `labels` is cut to `n`.
+    Other public attributes are the wrapped source's; `labels` and `images` are cut to `n`.
     """
 
     def __init__(self, source, n: int):
@@ -193,6 +193,13 @@ class LimitSource:
     def labels(self) -> np.ndarray | None:
         labels = getattr(self._source, "labels", None)
         return None if labels is None else np.asarray(labels)[: self._n]
+
+    @property
+    def images(self) -> np.ndarray | None:
+        """The wrapped source's in-memory images (digits, arrays), cut to `n`; None
+        for sources that read their files per record."""
+        images = getattr(self._source, "images", None)
+        return None if images is None else images[: self._n]
 
 
 def _check_compatible(names: list[str], sources: list) -> None:

@@ -749,6 +749,7 @@ class PretrainedGenerator:
         progress: bool = False,
         control: Sequence[np.ndarray] | np.ndarray | None = None,
         edit: Edit | None = None,
+        first_batch: int = 0,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (uint8 images [n, H, W, 3], labels int32 [n]) batch by batch.
 
@@ -763,6 +764,8 @@ class PretrainedGenerator:
         `round(...)`: equal when `strength * steps` is whole), inpainting with
         `edit.masks` (255 = regenerate), whose kept pixels come back exactly. An
         SD-inpainting pipeline (`pipe.inpainting`) needs `edit` with masks.
+
+        `first_batch` starts at that batch, as `Generator.batches` does.
         """
         self._check_edit(edit)
         run = self._runner(edit)
@@ -775,6 +778,7 @@ class PretrainedGenerator:
             seed=seed,
             noise=noise,
             progress=progress,
+            first_batch=first_batch,
         ):
             idx = np.arange(start, start + z.shape[0])
             cond, null, lab = self._conditions(idx, labels, prompts, negative_prompt)
