@@ -27,13 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.digits import get_config as base_config  # noqa: E402
+from benchmarks.digits_common import held_out, train_half0_base  # noqa: E402
 from configs.digits_controlnet import get_config as controlnet_config  # noqa: E402
 from diffjax.data.control import make_control  # noqa: E402
-from diffjax.data.sources import digits_source  # noqa: E402
 from diffjax.eval.digits import reference  # noqa: E402
 from diffjax.generate import Generator  # noqa: E402
-from diffjax.images import to_uint8  # noqa: E402
 from diffjax.train import train_and_evaluate  # noqa: E402
 
 
@@ -49,13 +47,6 @@ def edge_correlation(samples: np.ndarray, controls: np.ndarray) -> np.ndarray:
     return out
 
 
-def held_out(n: int) -> tuple[np.ndarray, np.ndarray]:
-    src = digits_source("half1")
-    n = min(n, len(src))
-    images = np.stack([to_uint8(src[i]["image"]) for i in range(n)])
-    return images, np.asarray([src[i]["labels"] for i in range(n)], np.int32)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/controlnet_digits")
@@ -66,15 +57,7 @@ def main() -> None:
     root = os.path.abspath(args.root)
     base, cn = os.path.join(root, "base"), os.path.join(root, "controlnet")
     timings = {}
-    if not os.path.isdir(os.path.join(base, "checkpoints")):
-        c = base_config()
-        c.data.split = "half0"
-        c.eval.every_steps = 0
-        if args.base_steps:
-            c.train.num_steps = args.base_steps
-        t = time.perf_counter()
-        train_and_evaluate(c, base)
-        timings["base_s"] = time.perf_counter() - t
+    train_half0_base(base, args.base_steps, timings)
     if not os.path.isdir(os.path.join(cn, "checkpoints")):
         c = controlnet_config()
         c.base_workdir = base

@@ -168,6 +168,8 @@ def guided_model_fn(
 
 # Options of `samplers.sample` that `editing.invert` takes too (the rest are refused there).
 INVERT_OPTIONS = ("placement", "rho", "clip_x0", "dynamic_threshold", "t_final")
+# `make_sample_fn`'s options that `guided_model_fn` takes.
+GUIDANCE_OPTIONS = ("guidance", "guidance_rescale", "num_classes", "control_window", "guess_mode")
 
 
 def make_invert_fn(
@@ -177,31 +179,23 @@ def make_invert_fn(
     method: str,
     num_steps: int,
     prediction: str = "epsilon",
-    guidance: float = 1.0,
-    guidance_rescale: float = 0.0,
-    num_classes: int = 0,
-    control_window: tuple[float, float] | None = None,
-    guess_mode: bool = False,
     jit: bool = True,
-    **sampler_kwargs: Any,
+    **kwargs: Any,
 ) -> Callable[..., jax.Array]:
     """Builds `invert_fn(params, images, cond, null_cond=None) -> noise`, the inverse of
     `make_sample_fn`'s `sample_fn` with the same arguments (`editing.invert`: DDIM or
     DPM-Solver++(2M) inversion with the condition and guidance used). `images` are in
     model space (latents for latent models); the noise is what `sample_fn` starts from.
-    Sampler options inversion has no use for (eta, churn) are dropped: it is
-    deterministic."""
-    options = {k: v for k, v in sampler_kwargs.items() if k in INVERT_OPTIONS}
+    `kwargs` are `make_sample_fn`'s: the guidance options (`GUIDANCE_OPTIONS`) and the
+    sampler options inversion takes (`INVERT_OPTIONS`); the others (eta, churn) are
+    dropped: inversion is deterministic."""
+    options = {k: v for k, v in kwargs.items() if k in INVERT_OPTIONS}
     guided = functools.partial(
         guided_model_fn,
         apply_fn,
         schedule,
         prediction=prediction,
-        guidance=guidance,
-        guidance_rescale=guidance_rescale,
-        num_classes=num_classes,
-        control_window=control_window,
-        guess_mode=guess_mode,
+        **{k: v for k, v in kwargs.items() if k in GUIDANCE_OPTIONS},
     )
 
     def invert_fn(params, images, cond, null_cond=None):

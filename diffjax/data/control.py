@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from diffjax.data.sources import SourceWrapper
 from diffjax.images import to_uint8
 
 CONTROLS = ("edges", "sobel", "tile", "mask", "given")
@@ -181,7 +182,7 @@ def make_control(
     return out.reshape(*lead, h, w, channels)
 
 
-class ControlSource:
+class ControlSource(SourceWrapper):
     """Any random-access source with `"control"` added to each record.
 
     The control is `make_control` of the record's `image` (float32 [-1, 1], turned back
@@ -232,18 +233,6 @@ class ControlSource:
             f"ControlSource({self._source!r}, kind={self._kind!r}, "
             f"channels={self._channels}, {opts})"
         )
-
-    def __getattr__(self, name: str):
-        # Only public names are forwarded; dunders and privates (looked up while
-        # unpickling, before `_source` exists) are not.
-        if name.startswith("_") or "_source" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["_source"], name)
-
-    @property
-    def source(self):
-        """The wrapped source."""
-        return self._source
 
     @property
     def kind(self) -> str:

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from diffjax.data.sources import SourceWrapper
+
 MASK_KINDS = ("box", "brush", "outpaint", "full")
 DEFAULT_MASKS = "box:0.3,brush:0.4,outpaint:0.15,full:0.15"
 # Mixed into every mask's seed, so masks do not share a stream with other seeded draws.
@@ -215,7 +217,7 @@ def _full(gen: MaskGenerator, rng: np.random.Generator, h: int, w: int) -> np.nd
 _DRAW = {"box": _box, "brush": _brush, "outpaint": _outpaint, "full": _full}
 
 
-class MaskSource:
+class MaskSource(SourceWrapper):
     """Any random-access source with `"mask"` (float32 [H, W, 1], 1 = regenerate) added to
     each record: record `i` gets mask `i` of `generator`, at its image's size.
 
@@ -247,18 +249,6 @@ class MaskSource:
 
     def __repr__(self) -> str:
         return f"MaskSource({self._source!r}, {self._generator!r})"
-
-    def __getattr__(self, name: str):
-        # Only public names are forwarded; dunders and privates (looked up while
-        # unpickling, before `_source` exists) are not.
-        if name.startswith("_") or "_source" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["_source"], name)
-
-    @property
-    def source(self):
-        """The wrapped source."""
-        return self._source
 
     @property
     def generator(self) -> MaskGenerator:

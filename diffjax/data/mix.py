@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from diffjax.data.sources import SourceWrapper
+
 # Sources a mix entry may name.
 MIX_SOURCES = ("digits", "folder", "tfds", "latents")
 
@@ -152,7 +154,7 @@ def class_count(source) -> int | None:
     return None
 
 
-class LimitSource:
+class LimitSource(SourceWrapper):
     """The first `n` records of `source` (`data.num_examples`).
 
     Other public attributes are the wrapped source's; `labels` and `images` are cut to `n`.
@@ -178,16 +180,6 @@ class LimitSource:
 
     def __repr__(self) -> str:
         return f"LimitSource({self._source!r}, n={self._n})"
-
-    def __getattr__(self, name: str):
-        if name.startswith("_") or "_source" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["_source"], name)
-
-    @property
-    def source(self):
-        """The wrapped source."""
-        return self._source
 
     @property
     def labels(self) -> np.ndarray | None:

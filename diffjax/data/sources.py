@@ -91,3 +91,22 @@ def digits_source(split: str = "train") -> ArraySource:
     elif split != "train":
         raise ValueError(f"digits has splits 'train', 'half0', 'half1'; got {split!r}.")
     return ArraySource(images, labels, name=f"digits:{split}")
+
+
+class SourceWrapper:
+    """Base of sources that wrap another (`self._source`) and change some records or
+    attributes: every other public attribute is the wrapped source's."""
+
+    _source: Any
+
+    def __getattr__(self, name: str):
+        # Only public names are forwarded; dunders and privates (looked up while
+        # unpickling, before `_source` exists) are not.
+        if name.startswith("_") or "_source" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_source"], name)
+
+    @property
+    def source(self):
+        """The wrapped source."""
+        return self._source
