@@ -96,7 +96,10 @@ def test_feature_space_choice():
     kw = dict(inception_weights="", digits_metrics=True, image_shape=(8, 8, 1))
     assert memorization.resolve_features("auto", **kw) == "digits"
     assert memorization.resolve_features("auto", **{**kw, "digits_metrics": False}) == "pixels"
-    assert memorization.resolve_features("auto", **{**kw, "inception_weights": "w"}) == "inception"
+    # A digits run keeps the digits features with Inception weights; other runs take them.
+    assert memorization.resolve_features("auto", **{**kw, "inception_weights": "w"}) == "digits"
+    other = {**kw, "inception_weights": "w", "image_shape": (32, 32, 3)}
+    assert memorization.resolve_features("auto", **other) == "inception"
     with pytest.raises(ValueError, match="inception_weights"):
         memorization.resolve_features("inception", **kw)
     with pytest.raises(ValueError, match="8x8x1"):
