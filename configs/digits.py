@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sample.num_images = 20
         c.eval.num_samples = 100
         c.eval.batch_size = 100
+        # Tests evaluate tiny runs many times; the memorization search and CAS fits are
+        # tested on their own (tests/test_memorization.py).
+        c.eval.memorization = False
+        c.eval.cas = False
     elif arg:
         raise ValueError(f"configs/digits.py takes no argument or 'quick', got {arg!r}.")
     return c

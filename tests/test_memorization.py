@@ -185,7 +185,9 @@ def test_evaluation_json_of_a_small_data_digits_run(tmp_path):
     )
     c.sample.num_steps = 2
     c.data.num_examples = 10
-    assert c.eval.memorization and c.eval.cas and c.eval.memorization_features == "auto"
+    assert get_config().eval.memorization and get_config().eval.cas  # the digits default
+    c.eval.update(memorization=True, cas=True)  # (quick turns them off)
+    assert c.eval.memorization_features == "auto"
     model, schedule = experiment.build_model(c), experiment.build_schedule(c)
     params = nn.meta.unbox(experiment.make_init_fn(model, c)(jax.random.key(0)))
     generator = Generator(
