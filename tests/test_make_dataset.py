@@ -18,7 +18,7 @@ import pytest
 
 from configs.digits import get_config
 from diffjax import data
-from diffjax.cli.make_dataset import Captions, check_resume, class_folders, write_dataset
+from diffjax.synthetic import Captions, check_resume, class_folders, write_dataset
 from diffjax.data.sources import DIGIT_NAMES
 from diffjax.generate import Generator
 from diffjax.images import to_uint8
