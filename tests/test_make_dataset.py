@@ -18,10 +18,10 @@ import pytest
 
 from configs.digits import get_config
 from diffjax import data
-from diffjax.synthetic import Captions, check_resume, class_folders, write_dataset
 from diffjax.data.sources import DIGIT_NAMES
 from diffjax.generate import Generator
 from diffjax.images import to_uint8
+from diffjax.synthetic import Captions, check_resume, class_folders, write_dataset
 from diffjax.train import train_and_evaluate
 from tests.conftest import xla_flags
 
