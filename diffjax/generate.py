@@ -249,7 +249,7 @@ class Generator:
         """
         self._require_editing("inversion")
         imgs = np.asarray(images_u8)
-        Edit(imgs).check(self.image_shape, "this model")
+        Edit(imgs).check(self.image_shape, "this model", flag="--images")
         n_total = len(imgs)
         method = method or "ddim"
         key = ("invert", method)

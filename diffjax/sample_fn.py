@@ -320,17 +320,20 @@ class Edit:
     jump_length: int = 10
     jump_n_sample: int = 10
 
-    def check(self, image_shape: Sequence[int], what: str = "the model") -> None:
-        """Refuses inputs that do not fit images of `image_shape` [H, W, C], naming the fix."""
+    def check(
+        self, image_shape: Sequence[int], what: str = "the model", flag: str = "--init_images"
+    ) -> None:
+        """Refuses inputs that do not fit images of `image_shape` [H, W, C], naming the fix
+        (`flag`: how the user gave the images, e.g. invert.py's `--images`)."""
         h, w, c = (int(v) for v in image_shape)
         imgs = np.asarray(self.images)
         if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1:] != (h, w, c):
             raise ValueError(
-                f"--init_images must hold uint8 images [N, {h}, {w}, {c}] ({what}'s output "
+                f"{flag} must hold uint8 images [N, {h}, {w}, {c}] ({what}'s output "
                 f"size and channels), got {imgs.dtype} {list(imgs.shape)}."
             )
         if not len(imgs):
-            raise ValueError("--init_images holds no image.")
+            raise ValueError(f"{flag} holds no image.")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"--strength must lie in (0, 1], got {self.strength}.")
         if self.inpaint not in INPAINT_MODES:

@@ -50,8 +50,8 @@ def test_quick_cpu_suite_measures_and_writes_json(tmp_path):
     assert exp["name"] == "sampler" and exp["ratio"] > 0
     # The Python loop of jitted DPM-Solver++(2M) steps is the same algorithm, compiled
     # differently: float32 rounding, amplified by 1/alpha ~ 150 at the first step (x0
-    # from an epsilon net at t = 999), differs by 1.5e-4 on this machine's CPU (it passed
-    # under 1e-4 on earlier ones): 1e-3 is still three orders below the images' scale.
+    # from an epsilon net at t = 999), differs by 1.5e-4 on an AVX-512 CPU (under 1e-4
+    # without AVX-512): 1e-3 is still three orders below the images' scale.
     assert exp["max_abs_diff_vs_python_loop"] < 1e-3
     counts = exp["compiles_once_per_shape"]
     assert counts["same_shape_3_calls"] == {"traces": 1, "compiles": 1}

@@ -117,7 +117,7 @@ def test_bad_edit_inputs_fail_clearly(gen, digits):
         gen.generate(2, edit=Edit(imgs, strength=0.0))
     with pytest.raises(ValueError, match="repaint needs --mask"):
         gen.generate(2, edit=Edit(imgs, inpaint="repaint"))
-    with pytest.raises(ValueError, match="uint8 images"):
+    with pytest.raises(ValueError, match="--images must hold uint8 images"):
         gen.invert(imgs.astype(np.float32))
 
 

@@ -204,7 +204,7 @@ def test_clear_errors(refs, sd_pipe, inpaint_pipe):
         next(gen.batches(1, prompts=["x"], edit=Edit(imgs, masks=np.zeros((1, 8, 8), np.uint8))))
     with pytest.raises(ValueError, match=r"--init_images must hold uint8 images \[N, 16, 16, 3\]"):
         next(gen.batches(1, prompts=["x"], edit=Edit(np.zeros((1, 32, 32, 3), np.uint8))))
-    with pytest.raises(ValueError, match=r"--init_images must hold uint8 images \[N, 16, 16, 3\]"):
+    with pytest.raises(ValueError, match=r"--images must hold uint8 images \[N, 16, 16, 3\]"):
         gen.invert(np.zeros((1, 32, 32, 3), np.uint8), prompts=["x"])
     with pytest.raises(ValueError, match="inversion supports .*'ddim'.* not 'euler'"):
         gen.invert(imgs, prompts=["x"], method="euler")

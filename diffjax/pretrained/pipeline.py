@@ -831,7 +831,9 @@ class PretrainedGenerator:
             )
         imgs = np.asarray(images_u8)
         Edit(imgs).check(
-            self.image_shape, f"the pipeline at --height/--width {self.image_shape[:2]}"
+            self.image_shape,
+            f"the pipeline at --height/--width {self.image_shape[:2]}",
+            flag="--images",
         )
         method = method or "ddim"
         if method not in editing.INVERSION_METHODS:
