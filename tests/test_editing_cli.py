@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from configs.digits import get_config
-from configs.digits_inpaint import get_config as inpaint_config
 from diffjax import experiment, parallel
 from diffjax.data import digits_source
 from diffjax.generate import Generator, full_mask_concat, latent_decoder
@@ -175,25 +174,6 @@ def test_command_line_inpaint_invert_and_sample_back(run, digits, tmp_path):
         "sample.py", f"--workdir={run}", f"--mask={tmp_path / 'masks.npz'}", "--out=x.npz"
     )
     assert rc == 1 and "pass --init_images too" in log
-
-
-def test_inpainting_run_sees_the_mask_and_keeps_known_pixels(digits, tmp_path):
-    """A run trained as an inpainting model (configs/digits_inpaint.py) gets the mask and
-    masked image beside its state when editing, and whole-image masks otherwise."""
-    workdir = str(tmp_path / "inpaint")
-    c = _tiny(inpaint_config("quick"))
-    c.train.num_steps = 2
-    train_and_evaluate(c, workdir)
-    gen = Generator.from_workdir(workdir, method="ddim")
-    imgs, labels = digits
-    masks = _bottom_half(8)
-    out, _ = gen.generate(8, seed=1, labels=labels, batch_size=8, edit=Edit(imgs, masks))
-    np.testing.assert_array_equal(out[:, :4], imgs[:, :4])
-    concat = gen._inpaint_concat(Edit(imgs, masks), np.arange(8))
-    np.testing.assert_array_equal(np.asarray(concat[..., 0]), masks / 255)
-    np.testing.assert_array_equal(np.asarray(concat[:, 4:, :, 1]), 0.0)  # masked: zeroed
-    plain, _ = gen.generate(8, seed=1, labels=labels, batch_size=8)  # the full mask
-    assert plain.shape == imgs.shape
 
 
 def _latent_generator():

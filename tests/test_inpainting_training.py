@@ -29,8 +29,10 @@ from diffjax import experiment, parallel, rundir
 from diffjax.data.masks import MASK_KINDS, MaskGenerator, MaskSource, parse_masks
 from diffjax.data.pipeline import make_dataset
 from diffjax.diffusion import editing
+from diffjax.images import to_uint8
 from diffjax.models import autoencoder_kl
 from diffjax.pretrained import safetensors_io, stage
+from diffjax.sample_fn import Edit
 from diffjax.train import train_and_evaluate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -197,6 +199,16 @@ def test_digits_inpaint_trains_restores_and_samples(tmp_path):
     cond = experiment.sampling_condition(saved, np.arange(3))
     np.testing.assert_array_equal(cond["concat"][..., 0], 1.0)
     np.testing.assert_array_equal(cond["concat"][..., 1], 0.0)
+    # Editing with a mask: the model sees it and the masked digit; kept pixels are exact.
+    src = data_lib.digits_source("half1")
+    digits = np.stack([to_uint8(src[i]["image"]) for i in range(8)])
+    masks = np.zeros((8, 8, 8), np.uint8)
+    masks[:, 4:] = 255
+    out, _ = gen.generate(8, seed=1, batch_size=8, edit=Edit(digits, masks))
+    np.testing.assert_array_equal(out[:, :4], digits[:, :4])
+    concat = np.asarray(gen._inpaint_concat(Edit(digits, masks), np.arange(8)))
+    np.testing.assert_array_equal(concat[..., 0], masks / 255)
+    np.testing.assert_array_equal(concat[:, 4:, :, 1], 0.0)  # the region to regenerate
 
 
 # ----------------------------------------------------------------------------- latent
