@@ -26,7 +26,7 @@ import numpy as np
 from diffjax import experiment, export, images, parallel, rundir
 from diffjax.data.captions import prompt_condition
 from diffjax.diffusion import editing
-from diffjax.sample_fn import Edit, make_invert_fn, make_sample_fn, noise_batches
+from diffjax.sample_fn import Edit, index_batches, make_invert_fn, make_sample_fn, noise_batches
 
 
 @dataclasses.dataclass
@@ -260,15 +260,9 @@ class Generator:
         conditions = self._conditioner(n_total, labels, prompts, control)
         sharding = parallel.batch_sharding(self.mesh)
         out = []
-        ndev = self.mesh.devices.size
-        batch_size = max(ndev, batch_size - batch_size % ndev)
-        starts = range(0, n_total, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="invert", unit="batch", dynamic_ncols=True)
-        for start in starts:
-            idx = np.arange(start, start + batch_size)
+        for _, idx in index_batches(
+            n_total, batch_size, self.mesh, progress=progress, desc="invert"
+        ):
             # An inpainting model inverts as a whole-image generator (mask of ones).
             cond, _ = conditions(idx)
             x = self._model_space(images.uint8_to_float(imgs[idx % n_total]))
@@ -276,9 +270,9 @@ class Generator:
             if self.stage is None:
                 z = invert_fn(self.params, x, cond)
             else:
-                null = self.stage.null_condition(batch_size)
+                null = self.stage.null_condition(len(idx))
                 z = invert_fn(self.params, x, self.stage.conditions(cond), null)
-            out.append(np.asarray(parallel.gather(z), np.float32)[: n_total - start])
+            out.append(np.asarray(parallel.gather(z), np.float32)[: n_total - idx[0]])
         return np.concatenate(out)
 
     def _require_editing(self, what: str) -> None:

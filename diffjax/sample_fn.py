@@ -274,24 +274,44 @@ def noise_batches(
     `first_batch` skips the batches before it (a resumed run: batch b is the same
     whichever batch the run starts at).
     """
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
     given = check_noise(noise, num_samples, shape)
-    ndev = mesh.devices.size
-    batch_size = max(ndev, batch_size - batch_size % ndev)
     key = jax.random.key(seed)
-    batches = list(enumerate(range(0, num_samples, batch_size)))[first_batch:]
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
-    for b, start in batches:
-        n = min(batch_size, num_samples - start)
+    for b, idx in index_batches(
+        num_samples, batch_size, mesh, progress=progress, desc="sample", first_batch=first_batch
+    ):
+        start, n = int(idx[0]), min(len(idx), num_samples - int(idx[0]))
         k_noise, k_sample = jax.random.split(jax.random.fold_in(key, b))
-        z = jax.random.normal(k_noise, (batch_size, *shape), jnp.float32)
+        z = jax.random.normal(k_noise, (len(idx), *shape), jnp.float32)
         if given is not None:
             z = jnp.concatenate([jnp.asarray(given[start : start + n]), z[n:]])
         yield start, n, z, k_sample
+
+
+def index_batches(
+    num_items: int,
+    batch_size: int,
+    mesh: Any,
+    *,
+    progress: bool = False,
+    desc: str = "sample",
+    first_batch: int = 0,
+):
+    """Fixed-size batches of item indices: yields `(b, idx)`, `idx` int [batch] running
+    on from batch `b`'s first item (the tail's run past `num_items`: the caller cycles or
+    pads them and drops their results), from `first_batch` on. `batch_size` is rounded
+    down to a multiple of the mesh's device count (at least one per device): one
+    compiled shape for the whole run."""
+    if num_items <= 0:
+        raise ValueError(f"the number of images must be positive, got {num_items}.")
+    ndev = mesh.devices.size
+    batch_size = max(ndev, batch_size - batch_size % ndev)
+    batches = list(enumerate(range(0, num_items, batch_size)))[first_batch:]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True)
+    for b, start in batches:
+        yield b, np.arange(start, start + batch_size)
 
 
 INPAINT_MODES = ("blend", "repaint")

@@ -57,7 +57,7 @@ from diffjax.models import autoencoder_kl, clip_text, registry, sd_unet
 from diffjax.models.controlnet import Controlled
 from diffjax.pretrained import convert, diffusers_dit, diffusers_unet2d, safetensors_io
 from diffjax.pretrained import scheduler as scheduler_lib
-from diffjax.sample_fn import Edit, make_invert_fn, make_sample_fn, noise_batches
+from diffjax.sample_fn import Edit, index_batches, make_invert_fn, make_sample_fn, noise_batches
 from diffjax.text.clip_bpe import CLIPTokenizer
 
 TEXT_PIPELINES = (
@@ -842,22 +842,16 @@ class PretrainedGenerator:
             )
         run = self._inverter(method)
         n_total = len(imgs)
-        ndev = self.mesh.devices.size
-        batch_size = max(ndev, batch_size - batch_size % ndev)
         sharding = parallel.batch_sharding(self.mesh)
-        starts = range(0, n_total, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="invert", unit="batch", dynamic_ncols=True)
         out = []
-        for start in starts:
-            idx = np.arange(start, start + batch_size)
+        for _, idx in index_batches(
+            n_total, batch_size, self.mesh, progress=progress, desc="invert"
+        ):
             cond, null, _ = self._conditions(idx, labels, prompts, negative_prompt)
             pixels = images.uint8_to_float(imgs[idx % n_total])
             pixels, cond, null = jax.device_put((pixels, cond, null), sharding)
             z = run(self.params, pixels, cond, null)
-            out.append(np.asarray(parallel.gather(z), np.float32)[: n_total - start])
+            out.append(np.asarray(parallel.gather(z), np.float32)[: n_total - idx[0]])
         return np.concatenate(out)
 
     def _inverter(self, method: str) -> Callable:
